@@ -418,3 +418,186 @@ def test_unsupported_model_raises_naming_supported_families():
         projected_params(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
     with pytest.raises(ValueError, match="roles"):
         projected_params(tiny_opt(), roles=("x",))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data.py and train.py: tiny models saved to and loaded from local folders, the real loading path.
+
+import json  # noqa: E402  (grouped with the tests that use them)
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import data  # noqa: E402
+import train  # noqa: E402
+
+WORDS = ("a fine movie with great acting and a terrible plot it was good bad okay very the film story "
+         "this is so dull lovely boring fun superb awful").split()
+SENTENCES = {1: ["a fine movie", "great acting", "lovely story", "so fun", "superb film", "this is good",
+                 "very lovely", "a superb story", "fun acting", "good film"],
+             0: ["a terrible plot", "so dull", "boring story", "awful film", "this is bad", "very boring",
+                 "a dull movie", "bad acting", "awful plot", "dull story"]}
+
+
+def write_task(folder, rows=None, header="sentence\tlabel"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = rows or [f"{s}\t{label}" for label, ss in SENTENCES.items() for s in ss]
+    for split in ("train", "dev", "test"):
+        (folder / f"{split}.tsv").write_text("\n".join([header] + rows) + "\n")
+    return folder
+
+
+def save_tiny(folder, kind):
+    tok = data.build_tokenizer([" ".join(WORDS), "it was . ?"])
+    torch.manual_seed(0)
+    if kind == "causal":
+        model = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                         num_attention_heads=4, max_position_embeddings=64,
+                                         word_embed_proj_dim=32, dropout=0.0, pad_token_id=tok.pad_token_id))
+    else:
+        model = RobertaForMaskedLM(RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                 intermediate_size=64, num_attention_heads=4,
+                                                 max_position_embeddings=66, pad_token_id=tok.pad_token_id,
+                                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {"causal": save_tiny(root / "opt", "causal"), "masked": save_tiny(root / "roberta", "masked"),
+            "data": str(write_task(root / "sst2"))}
+
+
+def run_train(assets, out, *extra, kind="causal"):
+    args = ["--model", assets[kind], "--task", "sst-2", "--data_dir", assets["data"], "--out_dir", str(out),
+            "--batch_size", "4", "--interval", "2", "--proj_iters", "2", "--lr", "1e-3"] + list(extra)
+    return train.main(args)
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_train_runs_every_method_and_writes_results(assets, tmp_path, kind):
+    assert run_train(assets, tmp_path / "out", "--method", "all", "--steps", "3", "--eval_every", "2",
+                     "--save", kind=kind) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["methods"]) == {"fo", "zo", "dizo"}
+    for method, r in results["methods"].items():
+        for key in ("zero_shot_acc", "best_dev_acc", "test_acc", "steps", "forward_passes", "wall_s",
+                    "peak_mem_mb", "device", "history"):
+            assert key in r, (method, key)
+        assert r["steps"] == 3 and r["status"] == "done"
+        assert [h["step"] for h in r["history"]] == [0, 2, 3]
+        assert all(0 <= r[k] <= 1 for k in ("zero_shot_acc", "best_dev_acc", "test_acc"))
+    passes = {m: r["forward_passes"] for m, r in results["methods"].items()}
+    assert passes == {"fo": 3, "zo": 6, "dizo": 6 + 2 * 2}  # one projection phase (κ = 2) of M = 2
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+    cls = OPTForCausalLM if kind == "causal" else RobertaForMaskedLM
+    cls.from_pretrained(tmp_path / "out" / "model" / "dizo")  # --save wrote a loadable model
+
+
+def two_examples():
+    return [data.Example(("a fine movie",), 1), data.Example(("so dull",), 0)]
+
+
+@pytest.mark.parametrize("words", [(" terrible", " great"), (" very bad", " very good")])
+def test_causal_loss_equals_hand_computation(assets, words):
+    """Mean log-prob of each candidate's tokens after the prompt, CE over candidates; by hand, one unpadded
+    sequence at a time. Single-token words take the one-sequence-per-example path, the others do not."""
+    from transformers import AutoTokenizer
+
+    task = data.get_task("sst-2", label_words=",".join(words))
+    tok = AutoTokenizer.from_pretrained(assets["causal"])
+    model = OPTForCausalLM.from_pretrained(assets["causal"]).eval()
+    loss_fn = train.PromptLoss(task, tok, "causal", torch.device("cpu"))
+    enc = loss_fn.encode(two_examples())
+    with torch.no_grad():
+        got = loss_fn.loss(model, enc, [0, 1])
+        scores = []
+        for ex in two_examples():
+            prompt = tok(data.causal_prompt(task, ex))["input_ids"]
+            row = []
+            for w in words:
+                cand = tok(w, add_special_tokens=False)["input_ids"]
+                logp = model(input_ids=torch.tensor([prompt + cand])).logits[0].log_softmax(-1)
+                row.append(sum(float(logp[len(prompt) - 1 + j, c]) for j, c in enumerate(cand)) / len(cand))
+            scores.append(row)
+        expected = torch.nn.functional.cross_entropy(torch.tensor(scores), torch.tensor([1, 0]))
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_masked_loss_equals_hand_computation(assets):
+    from transformers import AutoTokenizer
+
+    task = data.get_task("sst-2")
+    tok = AutoTokenizer.from_pretrained(assets["masked"])
+    model = RobertaForMaskedLM.from_pretrained(assets["masked"]).eval()
+    loss_fn = train.PromptLoss(task, tok, "masked", torch.device("cpu"))
+    enc = loss_fn.encode(two_examples())
+    words = [tok(w, add_special_tokens=False)["input_ids"][0] for w in task.label_words]
+    with torch.no_grad():
+        got = loss_fn.loss(model, enc, [0, 1])
+        rows = []
+        for ex in two_examples():
+            ids = tok(data.masked_prompt(task, ex, tok.mask_token))["input_ids"]
+            logits = model(input_ids=torch.tensor([ids])).logits[0, ids.index(tok.mask_token_id)]
+            rows.append(logits[words])
+        expected = torch.nn.functional.cross_entropy(torch.stack(rows), torch.tensor([1, 0]))
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_read_tsv_and_sample_k_per_class(tmp_path):
+    folder = write_task(tmp_path / "d")
+    task = data.get_task("sst-2")
+    rows = data.read_tsv(str(folder / "train.tsv"), task)
+    assert len(rows) == 20 and rows[0] == data.Example(("a fine movie",), 1)
+    a = data.load_splits(str(folder), task, k=3, data_seed=1)
+    b = data.load_splits(str(folder), task, k=3, data_seed=1)
+    c = data.load_splits(str(folder), task, k=3, data_seed=2)
+    assert a == b and a["train"] != c["train"]
+    assert sorted(e.label for e in a["train"]) == [0, 0, 0, 1, 1, 1]
+
+
+def test_pair_task_reads_glue_rte_columns(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA man rests.\tentailment\n")
+    task = data.get_task("rte")
+    ex = data.read_tsv(str(path), task)[0]
+    assert ex == data.Example(("A man sleeps.", "A man rests."), 0)
+    assert data.causal_prompt(task, ex).endswith('"A man rests." is true? Yes or No?\n')
+    assert data.masked_prompt(task, ex, "<mask>") == "A man sleeps.?<mask>, A man rests."
+
+
+@pytest.mark.parametrize("content, message", [
+    ("sentence\tlabel\ngood film\t1\nbad film\n", r"train\.tsv:3: expected 2 tab-separated columns, got 1"),
+    ("sentence\tlabel\ngood film\t7\n", r"train\.tsv:2: label '7' is not a label"),
+    ("", r"train\.tsv: empty file"),
+])
+def test_read_tsv_rejects_bad_files_with_file_and_line(tmp_path, content, message):
+    (tmp_path / "train.tsv").write_text(content)
+    with pytest.raises(data.DataError, match=message):
+        data.read_tsv(str(tmp_path / "train.tsv"), data.get_task("sst-2"))
+
+
+def test_builtin_model_is_built_once_and_loads_like_any_hub_model(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("DIZO_CACHE", str(tmp_path))
+    monkeypatch.setitem(train.TINY, "pretrain_steps", 3)  # the recipe, shortened: the path is what is tested
+    folder = train.builtin_model()
+    assert Path(folder).parent == tmp_path and (Path(folder) / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert model.config.model_type == "opt" and len(tok) == model.config.vocab_size
+    stamp = (Path(folder) / "model.safetensors").stat().st_mtime_ns
+    assert train.builtin_model() == folder  # cached: not rebuilt
+    assert (Path(folder) / "model.safetensors").stat().st_mtime_ns == stamp
+    task = data.get_task("toy")
+    splits = data.builtin_splits(0)
+    assert data.builtin_splits(0) == splits and len(splits["test"]) >= 200
+    # the task's words are all known to the embedded tokenizer
+    for ex in splits["train"][:50]:
+        assert tok.unk_token_id not in tok(data.causal_prompt(task, ex))["input_ids"]
