@@ -428,6 +428,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import data  # noqa: E402
@@ -601,3 +602,200 @@ def test_builtin_model_is_built_once_and_loads_like_any_hub_model(tmp_path, monk
     # the task's words are all known to the embedded tokenizer
     for ex in splits["train"][:50]:
         assert tok.unk_token_id not in tok(data.causal_prompt(task, ex))["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reliability: bad input is one line and exit code 2 with nothing written; faults lose nothing; resume is exact.
+
+def bad_folder(tmp_path, what):
+    folder = tmp_path / what
+    if what == "no_config":
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(b"")
+    elif what == "not_lm":
+        from transformers import ViTConfig
+        ViTConfig(architectures=["ViTModel"]).save_pretrained(folder)
+    elif what == "remote_code":
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(
+            {"model_type": "mystery", "auto_map": {"AutoConfig": "modeling_mystery.MysteryConfig"}}))
+    return str(folder)
+
+
+def data_variant(tmp_path, what):
+    folder = write_task(tmp_path / what)
+    if what == "no_dev":
+        (folder / "dev.tsv").unlink()
+    elif what == "empty":
+        (folder / "train.tsv").write_text("")
+    elif what == "malformed":
+        (folder / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film 0\n")
+    elif what == "bad_label":
+        (folder / "test.tsv").write_text("sentence\tlabel\ngood film\tpositive\n")
+    return str(folder)
+
+
+BAD_INPUTS = [  # (flags, what the one line must say)
+    (["--method", "sgd"], "--method must be one of"),
+    (["--task", "nosuch"], "unknown task 'nosuch'"),
+    (["--dtype", "fp64"], "--dtype must be one of"),
+    (["--dtype", "fp16"], "--dtype fp16 needs a GPU"),
+    (["--model", "no-such-org/no-such-model-xyz"], "offline?"),
+    (["--model", "@no_config"], "no config.json"),
+    (["--model", "@not_lm"], "neither a causal nor a masked language model"),
+    (["--model", "@remote_code"], "trust_remote_code"),
+    (["--data_dir", "/no/such/dir"], "no such data folder"),
+    (["--data_dir", "#no_dev"], "dev.tsv"),
+    (["--data_dir", "#empty"], "train.tsv: empty file"),
+    (["--data_dir", "#malformed"], "train.tsv:3: expected 2 tab-separated columns"),
+    (["--data_dir", "#bad_label"], "test.tsv:2: label 'positive' is not a label"),
+    (["--k", "50"], "asked for k=50 examples per class"),
+    (["--model", "masked", "--label_words", " very bad, very good"], "single-token label words"),
+    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--eps", "0"], "--eps must be > 0"),
+    (["--tau", "1.5"], "--tau must be in (0, 1)"),
+    (["--interval", "0"], "--interval must be >= 1"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--steps", "-1"], "--steps must be >= 0"),
+    (["--resume"], "nothing to resume"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUTS, ids=[" ".join(f) for f, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, flags, message):
+    args = {"--model": assets["causal"], "--task": "sst-2", "--data_dir": assets["data"],
+            "--out_dir": str(tmp_path / "out"), "--steps": "2"}
+    switches = [f for f in flags if f == "--resume"]
+    for key, value in zip(flags[::2], flags[1::2]):
+        if value.startswith("@"):
+            value = bad_folder(tmp_path, value[1:])
+        elif value.startswith("#"):
+            value = data_variant(tmp_path, value[1:])
+        elif value == "masked":
+            value = assets["masked"]
+        args[key] = value
+    argv = [x for kv in args.items() for x in kv] + switches
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_from_the_shell_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--method", "sgd", "--out_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.strip() == (
+        "error: --method must be one of fo, zo, dizo, all; got 'sgd'")
+
+
+def test_existing_run_is_not_overwritten_without_overwrite(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--method", "zo", "--steps", "1") == 0
+    before = (out / "results.json").read_text()
+    assert run_train(assets, out, "--method", "zo", "--steps", "2") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    assert run_train(assets, out, "--method", "zo", "--steps", "2", "--overwrite") == 0
+    assert json.loads((out / "results.json").read_text())["methods"]["zo"]["steps"] == 2
+
+
+@pytest.mark.parametrize("method", ["zo", "fo"])
+def test_non_finite_loss_stops_with_diverged_results_and_keeps_checkpoint(assets, tmp_path, capsys, method):
+    out = tmp_path / "out"
+    rc = run_train(assets, out, "--method", method, "--steps", "20", "--eval_every", "1", "--lr", "1e30")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "diverged" in err and "step" in err
+    r = json.loads((out / "results.json").read_text())["methods"][method]
+    assert r["status"] == "diverged" and "non-finite loss" in r["error"]
+    assert (out / "checkpoints" / method / "trainer_state.pt").exists()
+
+
+def interrupt_at_call(monkeypatch, n):
+    """Send this process SIGTERM from inside the n-th loss evaluation, as a user or a scheduler would."""
+    calls = {"n": 0}
+    original = train.PromptLoss.loss
+
+    def loss(self, *args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args)
+
+    monkeypatch.setattr(train.PromptLoss, "loss", loss)
+
+
+@pytest.mark.parametrize("method", ["zo", "dizo", "fo"])
+def test_interrupted_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys, method):
+    flags = ["--method", method, "--steps", "9", "--eval_every", "4", "--save"]
+    assert run_train(assets, tmp_path / "full", *flags) == 0
+    interrupt_at_call(monkeypatch, 6 if method == "fo" else 11)  # during step 6: FO 1 loss a step, ZO 2
+    assert run_train(assets, tmp_path / "cut", *flags) == 128 + signal.SIGTERM
+    assert "--resume" in capsys.readouterr().err
+    r = json.loads((tmp_path / "cut" / "results.json").read_text())["methods"][method]
+    assert r["status"] == "interrupted" and 0 < r["steps"] < 9
+    monkeypatch.undo()
+    assert run_train(assets, tmp_path / "cut", *flags, "--resume") == 0
+    from safetensors.torch import load_file
+    full = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    a = json.loads((tmp_path / "full" / "results.json").read_text())["methods"][method]
+    b = json.loads((tmp_path / "cut" / "results.json").read_text())["methods"][method]
+    assert (a["test_acc"], a["forward_passes"], a["steps"]) == (b["test_acc"], b["forward_passes"], b["steps"])
+
+
+def test_resume_refuses_changed_flags(assets, tmp_path, capsys):
+    assert run_train(assets, tmp_path / "o", "--method", "zo", "--steps", "2") == 0
+    assert run_train(assets, tmp_path / "o", "--method", "zo", "--steps", "2", "--seed", "5", "--resume") == 2
+    assert "flags differ from the saved run: seed" in capsys.readouterr().err
+
+
+def test_sigterm_from_outside_writes_results_and_checkpoint(assets, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", "--model", assets["causal"], "--task", "sst-2", "--data_dir",
+           assets["data"], "--method", "zo", "--steps", "1000000", "--eval_every", "5", "--out_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "zo" / "trainer_state.pt").exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert rc == 128 + signal.SIGTERM
+    r = json.loads((out / "results.json").read_text())["methods"]["zo"]
+    assert r["status"] == "interrupted" and r["steps"] >= 5
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    train.write_json(path, {"a": 1})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dumps", crash)  # killed while writing: the old file stays whole
+    with pytest.raises(KeyboardInterrupt):
+        train.write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    monkeypatch.undo()
+
+    folder = tmp_path / "model"
+    train.save_dir_atomically(folder, lambda tmp: (tmp.mkdir(), (tmp / "w").write_text("old")))
+
+    def half_write(tmp):
+        tmp.mkdir()
+        (tmp / "w").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.save_dir_atomically(folder, half_write)
+    assert (folder / "w").read_text() == "old"
+
+
+def test_remote_code_is_never_trusted_by_default():
+    assert train.parse_args([]).trust_remote_code is False

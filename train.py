@@ -219,6 +219,9 @@ def load_config(name, trust_remote_code):
         raise UsageError(f"--model {name}: not a local folder, and the hub could not be reached or has no "
                          "such model (offline?)")
     except ValueError as e:
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise UsageError(f"--model {name} needs its own Python code to load; pass --trust_remote_code "
+                             "only if you trust it")
         raise UsageError(f"--model {name}: {str(e).splitlines()[0]}")
 
 
