@@ -799,3 +799,17 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 
 def test_remote_code_is_never_trusted_by_default():
     assert train.parse_args([]).trust_remote_code is False
+
+
+def test_divergence_tracking_shows_zo_moves_every_matrix_alike(assets, tmp_path):
+    """PAPER.md §2: under ZO every entry gets the same scalar g times Gaussian noise, so ‖W_t - W_0‖/√n is
+    the same for every matrix (up to O(1/√n) noise); FO's differs from matrix to matrix."""
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--method", "zo", "--steps", "6", "--eval_every", "3",
+                     "--track_divergence") == 0
+    r = json.loads((out / "results.json").read_text())["methods"]["zo"]
+    div, sizes = r["history"][-1]["divergence"], r["matrix_sizes"]
+    per_entry = [d / math.sqrt(n) for role in "qkvo" for d, n in zip(div[role], sizes[role])]
+    assert len(per_entry) == 4 * 2 and min(per_entry) > 0
+    assert max(per_entry) / min(per_entry) < 1.15
+    assert (out / "divergence.png").stat().st_size > 1000

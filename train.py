@@ -448,11 +448,14 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB; the process's high-water
 
 
+ROLES = ("q", "k", "v", "o")
+
+
 def attention_divergence(model, anchor):
-    """‖W_t - W_0‖ of every attention Q, K, V and O matrix: {name: distance}."""
-    pairs = projected_params(model, roles=("q", "k", "v", "o"))
+    """‖W_t - W_0‖_F of every attention matrix (PAPER.md §2): {role: [layer 0, layer 1, ...]}."""
     with torch.no_grad():
-        return {n: float(torch.linalg.vector_norm((t - anchor[n]).float())) for n, t in pairs}
+        return {role: [float(torch.linalg.vector_norm((t - anchor[n]).float()))
+                       for n, t in projected_params(model, roles=(role,))] for role in ROLES}
 
 
 def make_optimizer(method, model, args, lr):
@@ -481,9 +484,12 @@ def train_method(method, model, loss_fn, splits, args, out_dir, resume_state):
     fresh = Batches(len(splits["train"].labels), args.batch_size, args.seed + 1)  # DiZO's γ-search batches
     anchor = None
     if args.track_divergence:
-        anchor = {n: t.detach().clone() for n, t in projected_params(model, roles=("q", "k", "v", "o"))}
+        anchor = {n: t.detach().clone() for n, t in projected_params(model, roles=ROLES)}
     r = {"method": method, "lr": args.lrs[method], "status": "running", "history": [], "steps": 0,
          "forward_passes": 0, "wall_s": 0.0}
+    if args.track_divergence:
+        r["matrix_sizes"] = {role: [t.numel() for _, t in projected_params(model, roles=(role,))]
+                             for role in ROLES}
     if resume_state is not None:
         opt.load_state_dict(resume_state["optimizer"])
         batches.load_state_dict(resume_state["batches"])
@@ -574,6 +580,30 @@ def plot_curves(results, path):
     ax_acc.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
     ax_loss.set(xlabel="step", ylabel="training loss (mean since last eval)", title="training loss")
     for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name("tmp-" + path.name)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_divergence(results, path):
+    """One panel per method: ‖W_T - W_0‖ of Q, K, V, O per layer at the last evaluation, each divided by
+    √(entries), so that ZO's size-only movement (η|g|√n per step, PAPER.md §2) shows as flat lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [(m, r) for m, r in results["methods"].items() if "divergence" in r["history"][-1]]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False)
+    for ax, (method, r) in zip(axes[0], methods):
+        last = r["history"][-1]
+        for role, dists in last["divergence"].items():
+            per_entry = [d / math.sqrt(n) for d, n in zip(dists, r["matrix_sizes"][role])]
+            ax.plot(range(len(dists)), per_entry, marker="o", label=role.upper())
+        ax.set(title=f"{method}, step {last['step']}", xlabel="layer", ylabel="‖W - W0‖ / √entries")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -684,6 +714,8 @@ def train_all(args, name, kind, tokenizer, loss_fn, splits, out_dir, results, de
             save_dir_atomically(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         del model
         plot_curves(results, out_dir / "curves.png")
+        if args.track_divergence:
+            plot_divergence(results, out_dir / "divergence.png")
     print_table(results)
     print(f"results: {out_dir / 'results.json'}, plot: {out_dir / 'curves.png'}")
     return 0
