@@ -1,0 +1,510 @@
+"""Time and memory of one training step: inference, a MeZO-style reference step, ZOSGD, DiZO and FO (AdamW).
+
+Every (shape, method) runs in a fresh process (forked on CPU, spawned on CUDA), so that one method's memory
+cannot hide in another's peak. Models are randomly initialised from a config (no download); the loss is a
+real one on a random batch: next-token cross-entropy for OPT, masked-LM cross-entropy (15% of positions)
+for RoBERTa.
+
+    python bench.py                                   # CPU fp32, tiny, opt-125m, roberta-base: ~6 min on 2 idle cores
+    python bench.py --shapes tiny --repeats 5         # a quick check
+    python bench.py --device cuda --dtype bf16 --shapes opt-1.3b
+
+What is measured, per (shape, method):
+  time    median seconds per step over --repeats timed steps, after --warmup untimed ones; on CUDA the device
+          is synchronised before and after each step.
+  memory  CPU: peak RSS (VmHWM) of the worker process, with the high-water mark reset after the model and
+          the batches are built and one forward pass has run (it creates thread pools and kernel caches that
+          every method needs); "extra" = peak - RSS at that moment, the memory the method needs on top of
+          the weights. CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats; "extra" =
+          that peak - memory_allocated at the reset.
+  DiZO    its ordinary steps are timed like ZOSGD's; one projection phase (M inner iterations, 2M forward
+          passes on fresh batches) is timed separately, and the per-step time is amortised over κ steps:
+          median ordinary step + phase / κ. Its peak covers both the ordinary steps and the phase.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from dizo import DiZO, ZOSGD, projected_params, projection_report
+
+# Random-init model shapes. OPT's defaults are facebook/opt-125m's config; roberta-base's config differs from
+# RobertaConfig's defaults in max_position_embeddings, type_vocab_size and layer_norm_eps.
+SHAPES = {
+    "tiny": ("opt", dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=512,
+                         vocab_size=600, word_embed_proj_dim=128, max_position_embeddings=512)),
+    "opt-125m": ("opt", dict()),
+    "roberta-base": ("roberta", dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                                     layer_norm_eps=1e-5)),
+    "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                             word_embed_proj_dim=2048)),
+}
+METHODS = ("inference", "mezo", "zosgd", "dizo", "fo")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LR_ZO, EPS_ZO, LR_FO = 1e-6, 1e-3, 1e-5  # MeZO's OPT defaults; the values do not change the cost
+MASK_FRACTION = 0.15  # masked-LM loss: share of positions masked (BERT's choice)
+TOLERANCE = 0.02  # memory targets allow 2% on the right-hand side
+MiB = 2 ** 20
+
+
+# ---------------------------------------------------------------------------------------------- model, data
+
+def build_model(shape, device, dtype):
+    from transformers import OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM
+
+    family, overrides = SHAPES[shape]
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: a 1.3B fp32 init on the CPU takes minutes
+        if family == "opt":
+            model = OPTForCausalLM(OPTConfig(**overrides))
+        else:
+            model = RobertaForMaskedLM(RobertaConfig(**overrides))
+    # eval: dropout off, or the two forward passes of a ZO step see different functions.
+    return model.to(dtype).eval().requires_grad_(True)
+
+
+def make_batch(model, batch, seq, gen):
+    """Random tokens and the labels of the model's own objective (-100 = position not scored)."""
+    cfg = model.config
+    longest = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.model_type == "roberta" else 0)
+    if seq > longest:  # RoBERTa's positions start after the padding index
+        raise ValueError(f"seq {seq} > {longest}, the longest sequence of this shape")
+    ids = torch.randint(4, cfg.vocab_size - 1, (batch, seq), generator=gen)  # no pad/bos/eos/mask tokens
+    if cfg.model_type == "roberta":
+        masked = torch.rand(batch, seq, generator=gen) < MASK_FRACTION
+        labels = torch.where(masked, ids, -100)
+        ids = torch.where(masked, cfg.vocab_size - 1, ids)  # the last token plays <mask>, as in roberta-base
+    else:  # next-token prediction: position t is scored on token t + 1
+        labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], dim=1)
+    device = next(model.parameters()).device
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
+
+
+def loss_fn(model, batch):
+    """Cross-entropy of the logits against the labels; flatten is a view, the upcast a no-op in fp32."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+
+
+# ------------------------------------------------------------------------------ the MeZO-style reference
+
+class MeZOStyle:
+    """The baseline: a ZO-SGD step written the way the released MeZO code writes it.
+
+    z is regenerated four times per step (+ε, -2ε, +ε to restore, then the update) from the GLOBAL torch RNG,
+    re-seeded with torch.manual_seed before each pass, one torch.normal per tensor, and every pass writes
+    `p.data = p.data + ...`, allocating a new tensor for each parameter. No weight decay (DiZO's code has none).
+    """
+
+    def __init__(self, params, lr, eps, seed=0):
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.eps = lr, eps
+        self.seeds = random.Random(seed)
+
+    def _perturb(self, seed, scaling_factor):
+        torch.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scaling_factor * z * self.eps
+
+    @torch.no_grad()
+    def step(self, closure):
+        seed = self.seeds.randrange(10 ** 9)
+        self._perturb(seed, 1)
+        loss_plus = closure()
+        self._perturb(seed, -2)
+        loss_minus = closure()
+        self._perturb(seed, 1)
+        grad = (float(loss_plus) - float(loss_minus)) / (2 * self.eps)
+        torch.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data - self.lr * (grad * z)
+        return loss_plus
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+def _rss_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory of whatever runs after reset(): the CUDA allocator's peak, or the process's peak RSS."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.baseline = 0
+        self.hwm_reset = True
+
+    def reset(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            return
+        try:  # hand freed heap back to the OS, so that the baseline is not inflated by the build's garbage
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.baseline = _rss_bytes("VmRSS")
+        try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.hwm_reset = False  # the peak then includes building the model: an upper bound
+
+    def peak(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _rss_bytes("VmHWM")
+
+
+# ------------------------------------------------------------------------------------------------- timing
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, warmup, repeats, device):
+    """Seconds of each of `repeats` calls of step(), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_inference(model, batch, fresh, args, device):
+    @torch.no_grad()
+    def step():
+        return float(loss_fn(model, batch))
+    return time_steps(step, args.warmup, args.repeats, device), {}
+
+
+def bench_mezo(model, batch, fresh, args, device):
+    opt = MeZOStyle(model.parameters(), lr=LR_ZO, eps=EPS_ZO)
+    return time_steps(lambda: opt.step(lambda: loss_fn(model, batch)), args.warmup, args.repeats, device), {}
+
+
+def bench_zosgd(model, batch, fresh, args, device):
+    opt = ZOSGD(model.parameters(), lr=LR_ZO, eps=EPS_ZO)
+    return time_steps(lambda: opt.step(lambda: loss_fn(model, batch)), args.warmup, args.repeats, device), {}
+
+
+def profile_zo_step(model, batch, args, device):
+    """Where a ZO step's time goes: a step is 3 passes over the parameters (z drawn into a scratch buffer
+    with normal_, then p.add_(z)) and 2 forward passes. Each part is timed on its own (median of
+    --repeats) and scaled to one step. Runs after the peak is read: its own buffer is not the step's."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    buf = torch.empty(max(p.numel() for p in params), device=device, dtype=params[0].dtype)
+    gen = torch.Generator(device=device)
+    zs = [buf[: p.numel()].view_as(p) for p in params]
+
+    def draw():
+        gen.manual_seed(0)
+        for z in zs:
+            z.normal_(generator=gen)
+
+    @torch.no_grad()
+    def add():
+        for p, z in zip(params, zs):  # z's values do not matter here, the memory traffic does
+            p.add_(z, alpha=0.0)
+
+    @torch.no_grad()
+    def forward():
+        return float(loss_fn(model, batch))
+
+    parts = {name: 3 * statistics.median(time_steps(fn, 0, args.repeats, device))
+             for name, fn in (("z_normal_3_passes_s", draw), ("add_3_passes_s", add))}
+    parts["forward_2_passes_s"] = 2 * statistics.median(time_steps(forward, 0, args.repeats, device))
+    return parts
+
+
+def bench_dizo(model, batch, fresh, args, device):
+    """Ordinary steps timed like ZOSGD's, then one projection phase timed on its own (see the docstring)."""
+    if args.warmup + args.repeats >= args.kappa:
+        raise ValueError("warmup + repeats must be < kappa: the ordinary steps are timed without a phase")
+    pairs = projected_params(model)
+    opt = DiZO(model.parameters(), pairs, lr=LR_ZO, eps=EPS_ZO, interval=args.kappa, proj_iters=args.proj_iters)
+    fresh_batches = iter(fresh)
+
+    def fresh_closure():
+        b = next(fresh_batches)
+        return lambda: loss_fn(model, b)
+
+    def closure():
+        return loss_fn(model, batch)
+
+    times = time_steps(lambda: opt.step(closure, fresh_closure), args.warmup, args.repeats, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    opt.project(fresh_closure)  # what step() runs after every κ-th step
+    _sync(device)
+    phase = time.perf_counter() - t0
+    step_s = statistics.median(times)
+    return times, {"ordinary_step_s": step_s, "phase_s": phase, "kappa": args.kappa,
+                   "proj_iters": args.proj_iters, "amortised_s": step_s + phase / args.kappa,
+                   **projection_report(pairs)}
+
+
+def bench_fo(model, batch, fresh, args, device):
+    opt = torch.optim.AdamW(model.parameters(), lr=LR_FO)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return time_steps(step, args.warmup, args.repeats, device), {}
+
+
+BENCH = {"inference": bench_inference, "mezo": bench_mezo, "zosgd": bench_zosgd, "dizo": bench_dizo,
+         "fo": bench_fo}
+
+
+def worker(shape, method, args):
+    """One (shape, method) in this process: build, warm up, reset the peak, run, report."""
+    args = argparse.Namespace(**vars(args))
+    if args.repeats is None:
+        args.repeats = default_repeats(shape, args.device)
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model = build_model(shape, device, dtype)
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(model, args.batch, args.seq, gen)
+    fresh = [make_batch(model, args.batch, args.seq, gen) for _ in range(args.proj_iters)]
+    params = list(model.parameters())
+    with torch.no_grad():  # the first forward creates thread pools and kernel caches, common to all methods
+        float(loss_fn(model, batch))
+    mem = PeakMemory(device)
+    mem.reset()
+    times, info = BENCH[method](model, batch, fresh, args, device)
+    peak = mem.peak()
+    if args.profile and method == "zosgd":
+        info["profile"] = profile_zo_step(model, batch, args, device)
+    median = statistics.median(times)
+    return {"shape": shape, "method": method, "repeats": args.repeats, "warmup": args.warmup, "times_s": times,
+            "median_s": info.get("amortised_s", median),
+            "peak_bytes": peak, "baseline_bytes": mem.baseline, "extra_bytes": peak - mem.baseline,
+            "hwm_reset": mem.hwm_reset, "n_params": sum(p.numel() for p in params),
+            "param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "largest_tensor_bytes": max(p.numel() * p.element_size() for p in params), **info}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def _mb(n):
+    return f"{n / MiB:,.0f}"
+
+
+def _verdict(ok):
+    return "PASS" if ok else "MISS"
+
+
+def table(rows):
+    by = {(r["shape"], r["method"]): r for r in rows}
+    lines = ["| shape | method | median s/step | ÷ two forwards | ÷ ZOSGD | extra MB | peak MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        inf, zo = by.get((r["shape"], "inference")), by.get((r["shape"], "zosgd"))
+        two_fwd = f"{r['median_s'] / (2 * inf['median_s']):.2f}" if inf else "-"
+        vs_zo = f"{r['median_s'] / zo['median_s']:.2f}" if zo else "-"
+        name = r["method"] + (" (amortised)" if r["method"] == "dizo" else "")
+        lines.append(f"| {r['shape']} | {name} | {r['median_s']:.4g} | {two_fwd} | {vs_zo} | "
+                     f"{_mb(r['extra_bytes'])} | {_mb(r['peak_bytes'])} |")
+    return "\n".join(lines)
+
+
+def targets(rows):
+    """The issue's targets, one line each, with PASS/MISS; plus the ratios that have no target."""
+    by = {(r["shape"], r["method"]): r for r in rows}
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        inf, mezo, zo, dz, fo = (by.get((shape, m)) for m in METHODS)
+        if inf and zo:
+            ratio = zo["median_s"] / (2 * inf["median_s"])
+            verdict = _verdict(ratio <= 1.5) if shape == "opt-125m" else "info (target is on opt-125m)"
+            out.append(f"[{shape}] ZOSGD step / two forwards = {ratio:.2f} (target <= 1.5): {verdict}")
+        if mezo and zo:
+            speedup = mezo["median_s"] / zo["median_s"]
+            out.append(f"[{shape}] MeZO-style / ZOSGD = {speedup:.2f}x (target >= 1.25x): "
+                       f"{_verdict(speedup >= 1.25)}")
+        if zo and "profile" in zo:
+            parts = zo["profile"]
+            rest = zo["median_s"] - sum(parts.values())
+            out.append(f"[{shape}] ZOSGD step {zo['median_s']:.4g} s = " + " + ".join(
+                f"{name[:-2]} {sec:.4g} s" for name, sec in parts.items()) + f" + rest {rest:.4g} s")
+        if dz and zo:
+            out.append(f"[{shape}] DiZO (amortised) / ZOSGD = {dz['median_s'] / zo['median_s']:.3f} "
+                       f"(ordinary step {dz['ordinary_step_s']:.4g} s, phase {dz['phase_s']:.4g} s with "
+                       f"M={dz['proj_iters']}, κ={dz['kappa']}): no target")
+        # Memory targets compare absolute peaks built on one baseline (the inference worker's), so that
+        # the small differences between the workers' baselines do not enter.
+        if inf and zo:
+            base, big = inf["baseline_bytes"], zo["largest_tensor_bytes"]
+            lhs, rhs = base + zo["extra_bytes"], (base + inf["extra_bytes"] + big) * (1 + TOLERANCE)
+            out.append(f"[{shape}] ZO peak {_mb(lhs)} MB <= inference peak {_mb(base + inf['extra_bytes'])} MB "
+                       f"+ largest tensor {_mb(big)} MB (+2%) = {_mb(rhs)} MB: {_verdict(lhs <= rhs)}")
+        if inf and zo and dz:
+            base, anchor = inf["baseline_bytes"], dz["anchor_bytes"]
+            lhs, rhs = base + dz["extra_bytes"], (base + zo["extra_bytes"] + anchor) * (1 + TOLERANCE)
+            out.append(f"[{shape}] DiZO peak {_mb(lhs)} MB <= ZO peak {_mb(base + zo['extra_bytes'])} MB "
+                       f"+ anchor {_mb(anchor)} MB (+2%) = {_mb(rhs)} MB: {_verdict(lhs <= rhs)}; "
+                       f"DiZO - ZO = {_mb(dz['extra_bytes'] - zo['extra_bytes'])} MB = "
+                       f"{(dz['extra_bytes'] - zo['extra_bytes']) / anchor:.2f} x anchor "
+                       f"({dz['matrices']} matrices, {dz['params'] / 1e6:.2f}M params)")
+        if inf and zo and dz and fo:
+            out.append(f"[{shape}] extra memory FO / ZO / DiZO / inference = {_mb(fo['extra_bytes'])} / "
+                       f"{_mb(zo['extra_bytes'])} / {_mb(dz['extra_bytes'])} / {_mb(inf['extra_bytes'])} MB; "
+                       f"peak FO / ZO / DiZO / inference = {fo['peak_bytes'] / inf['peak_bytes']:.2f} / "
+                       f"{zo['peak_bytes'] / inf['peak_bytes']:.2f} / {dz['peak_bytes'] / inf['peak_bytes']:.2f}"
+                       f" / 1.00")
+    return out
+
+
+def machine(args):
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+            "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="tiny,opt-125m,roberta-base",
+                   help=f"comma-separated, from {', '.join(SHAPES)}")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed steps per method (default: 10 for tiny, 2 for the others, on CPU; 10 on CUDA)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker")
+    p.add_argument("--kappa", type=int, default=50, help="DiZO interval κ for the amortisation (released: 50)")
+    p.add_argument("--proj-iters", type=int, default=10, help="DiZO M, inner iterations per phase (released: 10)")
+    p.add_argument("--profile", action="store_true",
+                   help="also split a ZOSGD step into z generation, in-place adds and forward passes")
+    p.add_argument("--out", default="runs/bench.json", help="JSON of every row (runs/ is git-ignored)")
+    args = p.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    for s in args.shapes.split(","):
+        if s not in SHAPES:
+            p.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+    for m in args.methods.split(","):
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    return args
+
+
+def default_repeats(shape, device):
+    if device == "cuda":
+        return 10
+    return 10 if shape == "tiny" else 2
+
+
+def _worker_entry(shape, method, args, conn):
+    """Body of the per-(shape, method) process: send back the row, or the traceback."""
+    try:
+        conn.send(("ok", worker(shape, method, args)))
+    except BaseException:  # noqa: BLE001 -- reported to the parent, which stops the run
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_isolated(shape, method, args):
+    """worker() in a fresh process. CPU: fork a parent that has imported torch and transformers but run
+    nothing (saves their import in every worker). CUDA: spawn, as CUDA cannot be used in a forked child."""
+    ctx = mp.get_context("spawn" if args.device == "cuda" else "fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker_entry, args=(shape, method, args, send))
+    proc.start()
+    send.close()
+    try:
+        status, payload = recv.recv()
+    except EOFError:
+        status, payload = "error", f"the worker died (exit code {proc.join() or proc.exitcode})"
+    proc.join()
+    if status != "ok":
+        sys.exit(f"worker {shape}:{method} failed:\n{payload}")
+    return payload
+
+
+def main():
+    args = parse_args()
+    if args.device == "cpu":
+        import transformers  # noqa: F401 -- imported once here, inherited by the forked workers
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    rows = []
+    for shape in args.shapes.split(","):
+        for method in args.methods.split(","):
+            t0 = time.perf_counter()
+            row = run_isolated(shape, method, args)
+            rows.append(row)
+            print(f"  {shape:>12} {method:<9} {row['median_s']:.4g} s/step, extra {_mb(row['extra_bytes'])} MB "
+                  f"({time.perf_counter() - t0:.0f} s in the worker)", file=sys.stderr, flush=True)
+    load_after = os.getloadavg()
+    info = machine(args)
+    lines = targets(rows)
+    peak_note = ("CUDA max_memory_allocated" if args.device == "cuda" else
+                 "peak RSS (VmHWM) of the worker process")
+    print(f"\nbatch {args.batch} x seq {args.seq}, {args.device}, {args.dtype}, torch {info['torch']}, "
+          f"{info['threads']} threads on {info['cpu_count']} cores ({info.get('gpu', info['cpu'])}); "
+          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+          f"{time.perf_counter() - start:.0f} s in all")
+    print(f"peak MB = {peak_note}; extra MB = peak - memory after building the model and the batches and one "
+          f"forward pass (the method's own memory); ratios use median s/step; "
+          f"DiZO = median ordinary step + one timed projection phase / κ\n")
+    print(table(rows))
+    print()
+    for line in lines:
+        print("- " + line)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "machine": info, "load_average_before": load_before,
+                   "load_average_after": load_after, "rows": rows, "targets": lines}, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
