@@ -129,7 +129,7 @@ def resolve_defaults(args):
 # Hugging Face folder, so that it loads through the same from_pretrained path as facebook/opt-125m.
 
 TINY = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=512,
-            max_position_embeddings=64, pretrain_steps=600, pretrain_lr=3e-3, pretrain_batch=32, seed=0)
+            max_position_embeddings=64, pretrain_steps=800, pretrain_lr=3e-3, pretrain_batch=32, seed=0)
 
 
 def cache_root():
