@@ -543,7 +543,8 @@ def train_method(method, model, loss_fn, splits, args, out_dir, resume_state):
             r["wall_s"] += time.perf_counter() - tic  # training time only: evaluation is the same for all
             r["forward_passes"] = passes["n"]
             model.eval()
-            entry = {"step": r["steps"], "loss": sum(losses) / len(losses), "dev_acc": None}
+            entry = {"step": r["steps"], "loss": sum(losses) / len(losses), "dev_acc": None,
+                     "forward_passes": r["forward_passes"], "wall_s": r["wall_s"]}
             if Stop.signum is None or r["steps"] % args.eval_every == 0:
                 entry["dev_acc"] = loss_fn.accuracy(model, splits["dev"])
             if anchor is not None:
