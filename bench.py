@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -402,6 +403,70 @@ def machine(args):
     return info
 
 
+# ------------------------------------------------------------------------------------ convergence study
+
+def load_study(folder):
+    """{run group: [per-seed result of its one method]} from folder/<group>-s<seed>/results.json."""
+    groups = {}
+    for path in sorted(Path(folder).glob("*/results.json")):
+        group = path.parent.name.rsplit("-s", 1)[0]
+        results = json.loads(path.read_text())
+        for r in results["methods"].values():
+            if r.get("status") == "done":
+                groups.setdefault(group, []).append(r)
+    return groups
+
+
+def first_reaching(r, target):
+    """The first evaluation whose dev accuracy is >= target, or None."""
+    return next((h for h in r["history"] if h["dev_acc"] is not None and h["dev_acc"] >= target), None)
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "never"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4g} ± {std:.2g}"
+
+
+def study(folder, target, plot):
+    """Steps, forward passes and training seconds to reach `target` dev accuracy, and test accuracy, per
+    group (mean ± std over seeds); and the mean dev-accuracy curves with a ±1 std band."""
+    groups = load_study(folder)
+    if not groups:
+        sys.exit(f"no finished runs in {folder}/*/results.json")
+    print(f"| run | seeds | zero-shot test | steps to dev ≥ {target} (reached) | forward passes | train s "
+          f"| final test acc | best dev acc |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for group, runs in groups.items():
+        hits = [first_reaching(r, target) for r in runs]
+        reached = [h for h in hits if h is not None]
+        print(f"| {group} | {len(runs)} | {mean_std([r['zero_shot_acc'] for r in runs])} "
+              f"| {mean_std([h['step'] for h in reached])} ({len(reached)}/{len(runs)}) "
+              f"| {mean_std([h.get('forward_passes') for h in reached])} "
+              f"| {mean_std([h.get('wall_s') for h in reached])} "
+              f"| {mean_std([r['test_acc'] for r in runs])} | {mean_std([r['best_dev_acc'] for r in runs])} |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for group, runs in groups.items():
+        steps = [h["step"] for h in runs[0]["history"] if h["dev_acc"] is not None]
+        curves = torch.tensor([[h["dev_acc"] for h in r["history"] if h["dev_acc"] is not None][:len(steps)]
+                               for r in runs])
+        mean, std = curves.mean(0), curves.std(0) if len(runs) > 1 else torch.zeros(len(steps))
+        ax.plot(steps, mean, label=f"{group} ({len(runs)} seeds)")
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    ax.axhline(target, color="gray", lw=0.8, ls="--")
+    ax.set(xlabel="step", ylabel="dev accuracy", title="embedded task: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=110)
+    print(f"\nwrote {plot}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -421,6 +486,10 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="also split a ZOSGD step into z generation, in-place adds and forward passes")
     p.add_argument("--out", default="runs/bench.json", help="JSON of every row (runs/ is git-ignored)")
+    p.add_argument("--study", metavar="DIR", default=None,
+                   help="instead of benchmarking, summarise train.py runs DIR/<run>-s<seed>/ (README)")
+    p.add_argument("--target", type=float, default=0.85, help="--study: dev accuracy to reach")
+    p.add_argument("--plot", default="runs/convergence.png", help="--study: the figure")
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -471,6 +540,8 @@ def run_isolated(shape, method, args):
 
 def main():
     args = parse_args()
+    if args.study is not None:
+        return study(args.study, args.target, args.plot)
     if args.device == "cpu":
         import transformers  # noqa: F401 -- imported once here, inherited by the forked workers
     load_before = os.getloadavg()
