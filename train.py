@@ -572,6 +572,17 @@ def train_method(method, model, loss_fn, splits, args, out_dir, resume_state):
 # ---------------------------------------------------------------------------------------------------------
 # Output: results.json, a plot, a table.
 
+def save_figure(fig, path):
+    """Write a matplotlib figure atomically, then free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name("tmp-" + path.name)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_curves(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -588,11 +599,7 @@ def plot_curves(results, path):
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name("tmp-" + path.name)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def plot_divergence(results, path):
@@ -612,11 +619,7 @@ def plot_divergence(results, path):
         ax.set(title=f"{method}, step {last['step']}", xlabel="layer", ylabel="‖W - W0‖ / √entries")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name("tmp-" + path.name)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def print_table(results):
