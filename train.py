@@ -477,9 +477,24 @@ def make_optimizer(method, model, args, lr):
                 proj_iters=args.proj_iters, proj_eps=args.proj_eps, proj_lr=args.proj_lr, tau=args.tau)
 
 
+def take_step(method, opt, step, closure, fresh_closure):
+    """One optimisation step, the only place where the methods differ; returns the loss."""
+    if method == "zo":
+        return opt.step(closure)
+    if method == "dizo":
+        return opt.step(closure, fresh_closure=fresh_closure)
+    loss = closure()
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"non-finite loss at FO step {step + 1}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def train_method(method, model, loss_fn, splits, args, out_dir, resume_state):
     """Train, evaluate every eval_every steps, checkpoint at each evaluation; returns the result dict.
-    Raises FloatingPointError (diverged) after checkpointing nothing new; returns early on a signal."""
+    Returns early on a signal, and with status "diverged" on a non-finite loss (the last checkpoint stays)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -524,19 +539,13 @@ def train_method(method, model, loss_fn, splits, args, out_dir, resume_state):
     bar = tqdm(range(r["steps"], steps), desc=method, initial=r["steps"], total=steps, dynamic_ncols=True)
     tic, losses = time.perf_counter(), []
     for step in bar:
-        idx = batches.next()
-        if method == "fo":
-            loss = closure_for(idx)()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"non-finite loss at FO step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        elif method == "zo":
-            loss = opt.step(closure_for(idx))
-        else:
-            loss = opt.step(closure_for(idx), fresh_closure=lambda: closure_for(fresh.next()))
-        losses.append(float(loss.detach()))
+        try:
+            loss = take_step(method, opt, step, closure_for(batches.next()), lambda: closure_for(fresh.next()))
+        except FloatingPointError as e:
+            bar.close()
+            r |= {"status": "diverged", "error": str(e), "forward_passes": passes["n"]}
+            return r
+        losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         r["steps"] = step + 1
         if r["steps"] % args.eval_every == 0 or r["steps"] == steps or Stop.signum is not None:
@@ -564,7 +573,8 @@ def train_method(method, model, loss_fn, splits, args, out_dir, resume_state):
     r["best_dev_acc"] = max(devs)
     r["test_acc"] = loss_fn.accuracy(model, splits["test"])
     r["peak_mem_mb"] = peak_memory_mb(device)
-    r["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    r["device"] = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                   f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     r["status"] = "done"
     return r
 
@@ -662,6 +672,17 @@ def prepare_out_dir(args):
     return out_dir, {"config": config, "methods": {}}
 
 
+@dataclass
+class Setup:
+    """What every method shares: the model's name and kind, its tokenizer, the loss and the encoded data."""
+    name: str
+    kind: str
+    tokenizer: object
+    loss_fn: PromptLoss
+    splits: dict
+    device: torch.device
+
+
 def run(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = data.get_task(args.task, template=args.template, label_words=args.label_words)
@@ -683,36 +704,32 @@ def run(args):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
+    setup = Setup(name, kind, tokenizer, loss_fn, splits, device)
     restore_signals = Stop.install()
     try:
-        return train_all(args, name, kind, tokenizer, loss_fn, splits, out_dir, results, device)
+        return train_all(args, setup, out_dir, results)
     finally:
         restore_signals()
 
 
-def train_all(args, name, kind, tokenizer, loss_fn, splits, out_dir, results, device):
+def train_all(args, setup, out_dir, results):
     for method in args.methods:
         previous = results["methods"].get(method)
         if previous is not None and previous["status"] in ("done", "diverged"):
             continue  # a diverged run would diverge again: rerun it with other flags in a new out_dir
-        model = load_model(name, kind, DTYPES[args.dtype], device, args.trust_remote_code)
+        model = load_model(setup.name, setup.kind, DTYPES[args.dtype], setup.device, args.trust_remote_code)
         resume_state = None
         if args.resume and previous is not None and previous["status"] in ("running", "interrupted"):
             resume_state = load_checkpoint(out_dir, method, model)
-        try:
-            r = train_method(method, model, loss_fn, splits, args, out_dir, resume_state)
-        except FloatingPointError as e:
-            r = results["methods"].get(method, {"method": method})
-            r |= {"status": "diverged", "error": str(e)}
-            results["methods"][method] = r
-            write_json(out_dir / "results.json", results)
-            print(f"error: {method} diverged: {e}. The last good checkpoint is in "
-                  f"{out_dir / 'checkpoints' / method}", file=sys.stderr)
-            return 1
+        r = train_method(method, model, setup.loss_fn, setup.splits, args, out_dir, resume_state)
         if Stop.signum is not None:
             r["status"] = "interrupted"
         results["methods"][method] = r
         write_json(out_dir / "results.json", results)
+        if r["status"] == "diverged":
+            print(f"error: {method} diverged: {r['error']}. The last good checkpoint is in "
+                  f"{out_dir / 'checkpoints' / method}", file=sys.stderr)
+            return 1
         if Stop.signum is not None:
             print(f"interrupted at {method} step {r['steps']}: results and a checkpoint are in {out_dir}; "
                   f"continue with the same flags and --resume", file=sys.stderr)
@@ -720,7 +737,8 @@ def train_all(args, name, kind, tokenizer, loss_fn, splits, out_dir, results, de
         if args.save:
             target = out_dir / "model" / method if len(args.methods) > 1 else out_dir / "model"
             target.parent.mkdir(parents=True, exist_ok=True)
-            save_dir_atomically(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+            save_dir_atomically(target, lambda tmp: (model.save_pretrained(tmp),
+                                                     setup.tokenizer.save_pretrained(tmp)))
         del model
         plot_curves(results, out_dir / "curves.png")
         if args.track_divergence:
