@@ -5,14 +5,14 @@ This module depends on torch alone. Read it beside the papers:
   DiZO  -- Tan et al., "Harmony in Divergence: Towards Fast, Accurate, and Memory-efficient Zeroth-order
            LLM Fine-tuning", arXiv 2502.03304 (NeurIPS 2025).
 
-Where each equation is computed
-  z ~ N(0, I), regenerated from a per-step seed           ZOSGD._perturb_          (seed replay, MeZO)
-  g = (L(θ + εz) - L(θ - εz)) / (2ε)                       ZOSGD.step               (DiZO eq. 1, SPSA, q = 1)
-  θ <- θ - η (g z + λ θ)                                   ZOSGD.step, fused pass   (DiZO eq. 2; λ: MeZO's weight decay)
-  Δ_l = θ_l - θ0_l,  s_l = ||Δ_l||_F                       DiZO.project             (DiZO §3, anchor θ0 = pretrained)
-  θ_l <- θ0_l + (γ_l / s_l) Δ_l = θ0_l + r_l Δ_l           DiZO._set_ratios_        (DiZO projection, ratio form)
-  γ search: SPSA on the per-matrix scalars, clipped        DiZO.project             (DiZO §3 as in the released code)
-  which matrices are projected                             projected_params         (released code: K and V)
+Where each equation is computed (PAPER.md sections in brackets)
+  z ~ N(0, I), regenerated from a per-step seed       ZOSGD._z, ZOSGD._perturb_   [§1, MeZO's seed replay]
+  g = (L(θ + εz) - L(θ - εz)) / (2ε)                   ZOSGD.step                  [§1, DiZO eq. 1, q = 1]
+  θ <- θ - η (g z + λ θ), restore and update fused     ZOSGD.step                  [§1, DiZO eq. 2]
+  Δ_l = θ_l - θ0_l,  s_l = ||Δ_l||_F                   DiZO.distances              [§3, θ0 = pretrained]
+  θ_l <- θ0_l + (γ_l / s_l) Δ_l = θ0_l + r_l Δ_l       DiZO._set_ratios_           [§3, projection]
+  γ search: clipped SPSA on per-matrix scalars         DiZO.project                [§3, as the released code]
+  which matrices are projected                         projected_params            [§4.1: K and V]
 
 Usage (any model, any loss):
 

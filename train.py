@@ -48,8 +48,8 @@ REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 200
 # Our tuned defaults for the embedded tiny model (README, "The embedded default"): ZO needs a far larger lr
 # on a 0.5M-parameter model than on billions of parameters, and diverges above about 3e-4.
 # FO converges within ~300 steps there, ZO needs ~1500 (measured: README, "The embedded default").
-BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4}, steps={"fo": 300, "zo": 1500, "dizo": 1500},
-                        eval_every=100)
+BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4},
+                        steps={"fo": 300, "zo": 1500, "dizo": 1500}, eval_every=100)
 
 
 def parse_args(argv=None):
