@@ -162,8 +162,9 @@ class DiZO(ZOSGD):
         ĝ = (ℓ+ - ℓ-) / (2 ε_γ)
         r_l <- clip(r_l - η_γ ĝ u_l, 1 - τ, 1 + τ)   (γ <- γ - η_γ s ĝ u in the released code, divided by s)
     and the final r is applied. Trial projections are undone exactly by copying back the weights saved at
-    the start of the phase (the released code divides, which drifts in fp16). That copy costs the size of
-    the projected matrices during the phase, on top of the anchor.
+    the start of the phase (the released code divides, which drifts in fp16). That copy lives in the idle z
+    scratch buffer as far as it fits (the buffer is the size of the largest tensor, e.g. the embedding), and
+    in new memory beyond that; so DiZO's extra memory is the anchor plus whatever part of the copy overflows.
 
     Arguments beyond ZOSGD's (defaults are the released code's, PAPER.md §3):
         projected   tensors to project, or (name, tensor) pairs as returned by projected_params().
@@ -223,10 +224,24 @@ class DiZO(ZOSGD):
         for m, a, s, r in zip(self.matrices, self.anchors, start, ratios.tolist()):
             m.copy_(a).lerp_(s, r)  # lerp(a, s, r) = a + r (s - a); works on views (GPT-2, NeoX)
 
+    def _saved_copies(self, tensors):
+        """Copies of `tensors`, placed in the z scratch buffers while they are idle (no new memory) as far as
+        they fit, in new tensors beyond that. The next ZO step overwrites the buffers with fresh z."""
+        used, copies = {}, []
+        for t in tensors:
+            key = (t.device, t.dtype)
+            buf, start = self._buffers.get(key), used.get(key, 0)
+            if buf is not None and start + t.numel() <= buf.numel():
+                copies.append(buf[start:start + t.numel()].view(t.shape).copy_(t))
+                used[key] = start + t.numel()
+            else:
+                copies.append(t.detach().clone())
+        return copies
+
     @torch.no_grad()
     def project(self, make_closure):
         """One projection phase: SPSA search of the ratios r_l (DiZO §3), then θ_l <- θ0_l + r_l Δ_l."""
-        start = [m.detach().clone() for m in self.matrices]  # for the exact undo of trial projections
+        start = self._saved_copies(self.matrices)  # for the exact undo of trial projections
         dist = self.distances()
         tau, eps_g = self.tau, self.proj_eps
         ratios = torch.ones_like(dist)  # re-initialisation: γ = ||Δ||, the identity

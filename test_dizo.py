@@ -257,6 +257,24 @@ def test_projection_with_zero_step_is_the_identity():
         assert torch.equal(m.detach(), b)  # r = 1 exactly, and trials are undone exactly
 
 
+def test_trial_projections_are_undone_exactly_from_the_idle_z_buffer():
+    """After ZO steps the z scratch buffer exists: the phase-start copy goes there (no new memory), and a
+    phase with η_γ = 0 must leave every projected matrix bit-identical, also for the copies that overflow."""
+    model = tiny_opt()
+    pairs = projected_params(model)
+    opt = DiZO(model.parameters(), pairs, lr=1e-2, proj_lr=0.0, interval=1000, proj_iters=3)
+    closure = lm_closure(model)
+    for _ in range(3):
+        opt.step(closure)
+    before = [t.detach().clone() for _, t in pairs]
+    buf = opt._buffers[(torch.device("cpu"), torch.float32)]
+    copies = opt._saved_copies(opt.matrices)
+    in_buffer = [c.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for c in copies]
+    assert in_buffer[0] and not in_buffer[-1]  # the buffer (64 x 32 embedding) holds 2 of the 4 matrices
+    opt.project(lambda: closure)
+    assert all(torch.equal(t, b) for (_, t), b in zip(pairs, before))
+
+
 @pytest.mark.parametrize("targets, expected", [
     ([1.1, 0.93], [1.1, 0.93]),  # best scales inside [1 - τ, 1 + τ]: the search converges to them
     ([1.6, 0.3], [1.2, 0.8]),    # outside: the search stops at the clip bound
