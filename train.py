@@ -119,6 +119,9 @@ def resolve_defaults(args):
             raise UsageError(f"--{name} must be {why}, got {getattr(args, name)}")
     if args.task is None:
         raise UsageError("--task is required with --data_dir (e.g. sst-2, rte, or custom with --template)")
+    sampling = [f"--{n}" for n in ("k", "num_train", "num_dev", "num_test") if getattr(args, n) is not None]
+    if sampling and args.data_dir is None:
+        raise UsageError(f"{', '.join(sampling)} sample a --data_dir; the built-in task has fixed splits")
     if args.task != "toy" and args.data_dir is None:
         raise UsageError(f"--task {args.task} needs --data_dir (a folder with train.tsv, dev.tsv, test.tsv)")
     return args
