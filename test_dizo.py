@@ -680,7 +680,9 @@ BAD_INPUTS = [  # (flags, what the one line must say)
 
 
 @pytest.mark.parametrize("flags, message", BAD_INPUTS, ids=[" ".join(f) for f, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, flags, message):
+def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, monkeypatch, flags, message):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as here: no hub; and no retries
     args = {"--model": assets["causal"], "--task": "sst-2", "--data_dir": assets["data"],
             "--out_dir": str(tmp_path / "out"), "--steps": "2"}
     switches = [f for f in flags if f == "--resume"]
