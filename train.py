@@ -623,15 +623,17 @@ def plot_divergence(results, path):
     import matplotlib.pyplot as plt
 
     methods = [(m, r) for m, r in results["methods"].items() if "divergence" in r["history"][-1]]
-    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False, sharey=True)
     for ax, (method, r) in zip(axes[0], methods):
         last = r["history"][-1]
         for role, dists in last["divergence"].items():
             per_entry = [d / math.sqrt(n) for d, n in zip(dists, r["matrix_sizes"][role])]
             ax.plot(range(len(dists)), per_entry, marker="o", label=role.upper())
-        ax.set(title=f"{method}, step {last['step']}", xlabel="layer", ylabel="‖W - W0‖ / √entries")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax.set(title=f"{method}, step {last['step']}", xlabel="layer", yscale="log",
+               xticks=range(len(dists)))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(ncol=4, fontsize=8)
+    axes[0][0].set_ylabel("‖W - W0‖ / √entries")
     save_figure(fig, path)
 
 
