@@ -9,6 +9,8 @@ arguments, the embedded default model, model loading, the prompt-based loss, the
 """
 
 import argparse
+import ctypes
+import gc
 import hashlib
 import json
 import math
@@ -32,6 +34,7 @@ METHODS = ("fo", "zo", "dizo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUILTIN = "builtin"  # --model value of the embedded tiny OPT
 MAX_LENGTH = 256  # tokens per prompt + label word; LM-BFF and MeZO prompts are far shorter
+EVAL_BATCH = 32  # examples per forward pass in evaluation; any value gives the same accuracy
 
 
 class UsageError(Exception):
@@ -65,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="learning rate (default per method and model)")
     p.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale ε")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the ZO directions")
-    p.add_argument("--data_seed", type=int, default=42, help="seed of the train/dev/test sampling")
+    p.add_argument("--data_seed", type=int, default=42,
+                   help="seed of the train/dev/test sampling of --data_dir (the built-in task's splits are fixed)")
     p.add_argument("--k", type=int, default=None, help="training examples per class (LM-BFF)")
     p.add_argument("--num_train", type=int, default=None, help="training examples (MeZO: 1000)")
     p.add_argument("--num_dev", type=int, default=None, help="dev examples (MeZO: 500)")
@@ -106,7 +110,7 @@ def resolve_defaults(args):
     args.eval_every = defaults["eval_every"] if args.eval_every is None else args.eval_every
     args.lrs = {m: defaults["lr"][m] if args.lr is None else args.lr for m in methods}
     args.task = args.task or ("toy" if builtin or args.data_dir is None else None)
-    checks = [("steps", args.steps is None or args.steps >= 0, ">= 0"),
+    checks = [("steps", args.steps is None or args.steps >= 0, ">= 0"), ("seed", args.seed >= 0, ">= 0"),
               ("batch_size", args.batch_size >= 1, ">= 1"), ("lr", args.lr is None or args.lr >= 0, ">= 0"),
               ("eps", args.eps > 0, "> 0"),
               ("eval_every", args.eval_every >= 1, ">= 1"), ("interval", args.interval >= 1, ">= 1"),
@@ -268,8 +272,11 @@ class Encoded:
 
 
 class PromptLoss:
-    def __init__(self, task, tokenizer, kind, device):
+    """The classification loss and accuracy of a prompted LM on a task; see the comment above."""
+
+    def __init__(self, task, tokenizer, kind, device, max_length=MAX_LENGTH):
         self.task, self.tok, self.kind, self.device = task, tokenizer, kind, device
+        self.max_length = max_length
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         words = task.causal_words if kind == "causal" else task.label_words
         self.words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
@@ -283,12 +290,13 @@ class PromptLoss:
             raise UsageError("the tokenizer has no mask token, so the model cannot be used as a masked LM")
 
     def encode(self, examples):
+        """Tokenise the prompts of a split once; keeps the end of a prompt that is too long."""
         if self.kind == "causal":
             texts = [data.causal_prompt(self.task, e) for e in examples]
         else:
             texts = [data.masked_prompt(self.task, e, self.tok.mask_token) for e in examples]
         ids = self.tok(texts)["input_ids"]
-        room = MAX_LENGTH - max(len(w) for w in self.words)
+        room = self.max_length - max(len(w) for w in self.words)
         # Keep the end of a long prompt: the template's words next to the label word matter most.
         prompts = [p if len(p) <= room else p[:1] + p[len(p) - room + 1:] for p in ids]
         if self.kind == "masked":
@@ -352,11 +360,13 @@ class PromptLoss:
         return logits[:, -1].float().log_softmax(-1)[:, [w[0] for w in self.words]]
 
     def loss(self, model, enc, idx):
+        """Cross-entropy over the candidates' scores of examples idx of an encoded split."""
         labels = torch.tensor([enc.labels[i] for i in idx], device=self.device)
         return torch.nn.functional.cross_entropy(self.scores(model, [enc.prompts[i] for i in idx]), labels)
 
     @torch.no_grad()
-    def accuracy(self, model, enc, batch_size=32):
+    def accuracy(self, model, enc, batch_size=EVAL_BATCH):
+        """Share of examples whose highest-scoring candidate is the label."""
         correct = 0
         for start in range(0, len(enc.labels), batch_size):
             idx = range(start, min(start + batch_size, len(enc.labels)))
@@ -450,10 +460,31 @@ class Stop:
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
+def reset_peak_memory(device):
+    """Start counting a method's peak memory afresh, so that one method's peak does not hide in another's:
+    CUDA's allocator statistics, or on Linux the process's RSS high-water mark (VmHWM, reset through
+    /proc/self/clear_refs after returning freed memory to the system)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not glibc / not Linux: the peak below is then the whole process's
+
+
 def peak_memory_mb(device):
+    """Peak memory since reset_peak_memory: CUDA allocated bytes, or the RSS high-water mark (weights included)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB; the process's high-water
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**10
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 ROLES = ("q", "k", "v", "o")
@@ -495,12 +526,12 @@ def take_step(method, opt, step, closure, fresh_closure):
     return loss.detach()
 
 
-def train_method(method, model, loss_fn, splits, args, out_dir, resume_state):
-    """Train, evaluate every eval_every steps, checkpoint at each evaluation; returns the result dict.
-    Returns early on a signal, and with status "diverged" on a non-finite loss (the last checkpoint stays)."""
+def train_method(method, model, loss_fn, splits, args, out_dir, resume_state, record):
+    """Train, evaluate every eval_every steps, checkpoint (and `record` the results) at each evaluation;
+    returns the result dict. Returns early on a signal, and with status "diverged" on a non-finite loss
+    (the last checkpoint stays)."""
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     torch.manual_seed(args.seed)  # FO dropout; ZO methods run in eval mode and own their generators
     opt = make_optimizer(method, model, args, args.lrs[method])
     batches = Batches(len(splits["train"].labels), args.batch_size, args.seed)
@@ -518,6 +549,8 @@ def train_method(method, model, loss_fn, splits, args, out_dir, resume_state):
         batches.load_state_dict(resume_state["batches"])
         fresh.load_state_dict(resume_state["fresh"])
         torch.set_rng_state(resume_state["torch_rng"])
+        if resume_state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
         r = resume_state["result"]
         anchor = resume_state.get("anchor")
     else:
@@ -533,8 +566,10 @@ def train_method(method, model, loss_fn, splits, args, out_dir, resume_state):
 
     def checkpoint():
         state = {"optimizer": opt.state_dict(), "batches": batches.state_dict(), "fresh": fresh.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "result": r, "anchor": anchor}
+                 "torch_rng": torch.get_rng_state(), "result": r, "anchor": anchor,
+                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
         save_checkpoint(out_dir, method, model, state)
+        record(r)  # after the checkpoint: results.json never names a step the checkpoint has not reached
 
     if method == "fo":
         model.train()  # dropout as in ordinary fine-tuning; ZO methods need it off (see dizo.py)
@@ -692,7 +727,7 @@ def run(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = data.get_task(args.task, template=args.template, label_words=args.label_words)
     if args.data_dir is None:
-        raw = data.builtin_splits(args.data_seed)
+        raw = data.builtin_splits(TINY["seed"])  # the splits the built-in corpus was generated to avoid
     else:
         raw = data.load_splits(args.data_dir, task, k=args.k, num_train=args.num_train, num_dev=args.num_dev,
                                num_test=args.num_test, data_seed=args.data_seed)
@@ -700,15 +735,16 @@ def run(args):
     name = builtin_model() if args.model == BUILTIN else args.model
     config = load_config(name, args.trust_remote_code)
     kind = model_kind(config)
+    if "dizo" in args.methods or args.track_divergence:
+        check_projectable(config, kind, args.trust_remote_code)
     tokenizer = load_tokenizer(name, args.trust_remote_code)
-    loss_fn = PromptLoss(task, tokenizer, kind, device)
+    # A prompt longer than the model's positions would index past its position table.
+    max_length = min(MAX_LENGTH, getattr(config, "max_position_embeddings", MAX_LENGTH) - 2)
+    loss_fn = PromptLoss(task, tokenizer, kind, device, max_length)
     splits = {s: loss_fn.encode(raw[s]) for s in ("train", "dev", "test")}
     print(f"model {args.model} ({kind} LM, {config.model_type}) on {device}, {args.dtype}; task {task.name}: "
           f"{len(splits['train'].labels)} train / {len(splits['dev'].labels)} dev / "
           f"{len(splits['test'].labels)} test")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "results.json", results)
     setup = Setup(name, kind, tokenizer, loss_fn, splits, device)
     restore_signals = Stop.install()
     try:
@@ -726,14 +762,20 @@ def train_all(args, setup, out_dir, results):
         resume_state = None
         if args.resume and previous is not None and previous["status"] in ("running", "interrupted"):
             resume_state = load_checkpoint(out_dir, method, model)
-        r = train_method(method, model, setup.loss_fn, setup.splits, args, out_dir, resume_state)
+
+        def record(r, method=method):
+            results["methods"][method] = r
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(out_dir / "results.json", results)
+
+        r = train_method(method, model, setup.loss_fn, setup.splits, args, out_dir, resume_state, record)
         if Stop.signum is not None:
             r["status"] = "interrupted"
-        results["methods"][method] = r
-        write_json(out_dir / "results.json", results)
+        record(r)
         if r["status"] == "diverged":
-            print(f"error: {method} diverged: {r['error']}. The last good checkpoint is in "
-                  f"{out_dir / 'checkpoints' / method}", file=sys.stderr)
+            kept = checkpoint_dir(out_dir, method)
+            where = f"the last good checkpoint is in {kept}" if kept.exists() else "no checkpoint was reached"
+            print(f"error: {method} diverged: {r['error']}; {where}", file=sys.stderr)
             return 1
         if Stop.signum is not None:
             print(f"interrupted at {method} step {r['steps']}: results and a checkpoint are in {out_dir}; "
@@ -751,6 +793,20 @@ def train_all(args, setup, out_dir, results):
     print_table(results)
     print(f"results: {out_dir / 'results.json'}, plot: {out_dir / 'curves.png'}")
     return 0
+
+
+def check_projectable(config, kind, trust_remote_code):
+    """DiZO and --track_divergence need attention matrices projected_params can find: check on an empty
+    model on the meta device (no memory, no weights read) before anything is trained or written."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+    with torch.device("meta"):
+        model = cls.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        projected_params(model)
+    except ValueError as e:
+        raise UsageError(f"--method dizo / --track_divergence: {e}")
 
 
 def load_checkpoint(out_dir, method, model):
@@ -777,6 +833,9 @@ def main(argv=None):
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keep the last checkpoint
+        print("error: interrupted; the last checkpoint (if any) is kept, continue with --resume", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
