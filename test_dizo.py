@@ -633,6 +633,11 @@ def bad_folder(tmp_path, what):
     elif what == "not_lm":
         from transformers import ViTConfig
         ViTConfig(architectures=["ViTModel"]).save_pretrained(folder)
+    elif what == "bloom":  # a causal LM whose attention projected_params does not know
+        from transformers import BloomConfig, BloomForCausalLM
+        tok = data.build_tokenizer([" ".join(WORDS), "it was . ?"])
+        BloomForCausalLM(BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4)).save_pretrained(folder)
+        tok.save_pretrained(folder)
     elif what == "remote_code":
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(
@@ -662,6 +667,8 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--model", "@no_config"], "no config.json"),
     (["--model", "@not_lm"], "neither a causal nor a masked language model"),
     (["--model", "@remote_code"], "trust_remote_code"),
+    (["--model", "@bloom", "--method", "dizo"], "projected_params supports OPT"),
+    (["--seed", "-1"], "--seed must be >= 0"),
     (["--data_dir", "/no/such/dir"], "no such data folder"),
     (["--data_dir", "#no_dev"], "dev.tsv"),
     (["--data_dir", "#empty"], "train.tsv: empty file"),
@@ -695,6 +702,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, 
             value = assets["masked"]
         args[key] = value
     argv = [x for kv in args.items() for x in kv] + switches
+    capsys.readouterr()  # what building the bad folders printed
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
@@ -770,6 +778,34 @@ def test_resume_refuses_changed_flags(assets, tmp_path, capsys):
     assert run_train(assets, tmp_path / "o", "--method", "zo", "--steps", "2") == 0
     assert run_train(assets, tmp_path / "o", "--method", "zo", "--steps", "2", "--seed", "5", "--resume") == 2
     assert "flags differ from the saved run: seed" in capsys.readouterr().err
+
+
+def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp_path):
+    """SIGKILL (out of memory, a time limit) gives no chance to write anything: results.json and the
+    checkpoint written at the last evaluation must be enough to continue, bit-for-bit."""
+    flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--method", "dizo",
+             "--batch_size", "4", "--interval", "2", "--proj_iters", "2", "--lr", "1e-3", "--eval_every", "10",
+             "--save"]
+    flags += ["--steps", "100"]  # long enough that the kill comes first (a step takes milliseconds here)
+    cmd = [sys.executable, "train.py", *flags, "--out_dir", str(tmp_path / "cut")]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "cut" / "checkpoints" / "dizo" / "trainer_state.pt").exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    saved = json.loads((tmp_path / "cut" / "results.json").read_text())["methods"]["dizo"]
+    assert saved["status"] == "running" and saved["steps"] % 10 == 0 and 10 <= saved["steps"] < 100
+    assert train.main(flags + ["--out_dir", str(tmp_path / "cut"), "--resume"]) == 0
+    assert train.main(flags + ["--out_dir", str(tmp_path / "full")]) == 0
+    from safetensors.torch import load_file
+    full = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert all(torch.equal(full[k], cut[k]) for k in full)
 
 
 def test_sigterm_from_outside_writes_results_and_checkpoint(assets, tmp_path):
