@@ -89,16 +89,17 @@ class ZOSGD(torch.optim.Optimizer):
         decay(group), if given, is the factor (1 - ηλ) applied to matrices between restoring θ + εz and
         subtracting ηgz, so that the decay acts on the restored θ as in the unfused update.
         """
-        devices = {p.device for _, p in self._params()}
-        for d in devices:
+        devices = dict.fromkeys(p.device for _, p in self._params())  # in order of first appearance
+        for i, d in enumerate(devices):
             gen = self._z_gens.get(d)
             if gen is None:
                 gen = self._z_gens[d] = torch.Generator(device=d)
-            gen.manual_seed(seed)
+            gen.manual_seed(seed + i)  # a model split over devices: independent z on each
         for group, p in self._params():
             z = self._z(p)
-            if decay is not None and p.dim() >= 2 and decay(group) != 1.0:
-                p.add_(z, alpha=self.eps).mul_(decay(group)).add_(z, alpha=alpha(group) - self.eps)
+            factor = decay(group) if decay is not None and p.dim() >= 2 else 1.0
+            if factor != 1.0:
+                p.add_(z, alpha=self.eps).mul_(factor).add_(z, alpha=alpha(group) - self.eps)
             else:
                 p.add_(z, alpha=alpha(group))
 
@@ -110,14 +111,14 @@ class ZOSGD(torch.optim.Optimizer):
         """One ZO-SGD step (DiZO eq. 1 and 2); returns L(θ + εz), the closure's value."""
         seed = self._next_seed()
         eps = self.eps
-        self._perturb_(seed, lambda g: eps)
+        self._perturb_(seed, lambda group: eps)
         loss_plus = closure()
-        self._perturb_(seed, lambda g: -2 * eps)
+        self._perturb_(seed, lambda group: -2 * eps)
         loss_minus = closure()
         # g = (ℓ+ - ℓ-) / 2ε: the directional derivative of L along z, estimated from two losses.
         grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)
         if not math.isfinite(grad):
-            self._perturb_(seed, lambda g: eps)  # put θ back before anyone sees it
+            self._perturb_(seed, lambda group: eps)  # put θ back before anyone sees it
             raise FloatingPointError(
                 f"non-finite loss at ZO step {self.steps_done + 1}: "
                 f"L(θ+εz)={float(loss_plus)}, L(θ-εz)={float(loss_minus)}; parameters left unchanged"
@@ -139,6 +140,8 @@ class ZOSGD(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
+        """Restore a state from state_dict(), including the seed generator: the next z is the one the
+        saved run would have drawn."""
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo")
         super().load_state_dict(state_dict)
@@ -197,6 +200,7 @@ class DiZO(ZOSGD):
 
     @property
     def projection_due(self):
+        """True right after every κ-th ZO step."""
         return self.steps_done > 0 and self.steps_done % self.interval == 0
 
     def step(self, closure, fresh_closure=None):
@@ -250,7 +254,7 @@ class DiZO(ZOSGD):
             closure = make_closure()
             bound = (tau / eps_g) * dist
             u = torch.randn(len(dist), generator=self._u_gen, dtype=torch.float64).clamp(-bound, bound)
-            trial = torch.where(moving, eps_g * u / dist.clamp_min(1e-300), 0.0)  # γ ± ε_γ u, as a ratio
+            trial = torch.where(moving, eps_g * u / dist.where(moving, 1.0), 0.0)  # γ ± ε_γ u, as a ratio
             self._set_ratios_(ratios + trial, start)
             loss_plus = float(closure())
             self._set_ratios_(ratios - trial, start)
@@ -275,6 +279,8 @@ class DiZO(ZOSGD):
         return state
 
     def load_state_dict(self, state_dict):
+        """Restore ZOSGD's state, the anchors (from the checkpoint, not from the current weights), the u
+        generator and the last ratios; refuses a state that projects other matrices."""
         state_dict = dict(state_dict)
         dizo = state_dict.pop("dizo")
         if dizo["names"] != self.names:
