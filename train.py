@@ -56,6 +56,7 @@ BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4},
 
 
 def parse_args(argv=None):
+    """The command line; flag names are fixed (README), defaults that depend on the model are None here."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=BUILTIN, help="hub name or local folder; 'builtin' = embedded tiny OPT")
@@ -218,6 +219,7 @@ def model_kind(config):
 
 
 def load_config(name, trust_remote_code):
+    """The model's config from a local folder or the hub, with one-line errors for the usual mistakes."""
     from transformers import AutoConfig
 
     local = Path(name).is_dir()
@@ -238,6 +240,7 @@ def load_config(name, trust_remote_code):
 
 
 def load_tokenizer(name, trust_remote_code):
+    """The model's tokenizer; UsageError if it cannot be loaded."""
     from transformers import AutoTokenizer
 
     try:
@@ -379,6 +382,8 @@ class PromptLoss:
 # Data order: endless shuffled mini-batches, reproducible from a seed and resumable from (epoch, position).
 
 class Batches:
+    """Indices of the next mini-batch, from a new random permutation each epoch (seeded by seed and epoch)."""
+
     def __init__(self, n, batch_size, seed):
         self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
         self.epoch, self.pos = 0, 0
@@ -408,6 +413,7 @@ class Batches:
 # Files: every write is atomic (temporary name, then rename), so a kill never leaves half a file.
 
 def write_json(path, obj):
+    """Write JSON atomically: to a temporary file, then rename over the old one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
@@ -498,6 +504,7 @@ def attention_divergence(model, anchor):
 
 
 def make_optimizer(method, model, args, lr):
+    """AdamW for fo, ZOSGD for zo, DiZO (projecting K and V, reported) for dizo."""
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "fo":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -632,6 +639,7 @@ def save_figure(fig, path):
 
 
 def plot_curves(results, path):
+    """Dev accuracy and training loss against steps, one line per method."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -673,11 +681,15 @@ def plot_divergence(results, path):
 
 
 def print_table(results):
+    """The end-of-run summary, one row per method."""
+    def cell(r, key, fmt="{:.3f}"):
+        return fmt.format(r[key]) if r.get(key) is not None else "-"
+
     rows = [("method", "zero-shot", "best dev", "test", "steps", "fwd passes", "train s", "peak MB", "status")]
     for method, r in results["methods"].items():
-        f = lambda key, fmt="{:.3f}": fmt.format(r[key]) if r.get(key) is not None else "-"
-        rows.append((method, f("zero_shot_acc"), f("best_dev_acc"), f("test_acc"), str(r["steps"]),
-                     str(r["forward_passes"]), f("wall_s", "{:.1f}"), f("peak_mem_mb", "{:.0f}"), r["status"]))
+        rows.append((method, cell(r, "zero_shot_acc"), cell(r, "best_dev_acc"), cell(r, "test_acc"),
+                     str(r["steps"]), str(r["forward_passes"]), cell(r, "wall_s", "{:.1f}"),
+                     cell(r, "peak_mem_mb", "{:.0f}"), r["status"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
@@ -724,6 +736,7 @@ class Setup:
 
 
 def run(args):
+    """Everything after argument checking: data, model, tokenizer and loss, then every method in turn."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = data.get_task(args.task, template=args.template, label_words=args.label_words)
     if args.data_dir is None:
@@ -754,6 +767,7 @@ def run(args):
 
 
 def train_all(args, setup, out_dir, results):
+    """Train each method on a freshly loaded model (skipping those a resumed run finished); the exit code."""
     for method in args.methods:
         previous = results["methods"].get(method)
         if previous is not None and previous["status"] in ("done", "diverged"):
@@ -825,6 +839,7 @@ def load_checkpoint(out_dir, method, model):
 
 
 def main(argv=None):
+    """Command-line entry point; returns the exit code (0 ok, 1 diverged, 2 bad input, 128+n signal n)."""
     transformers.utils.logging.disable_progress_bar()  # ours is the one that matters
     args = parse_args(argv)
     try:
