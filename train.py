@@ -437,9 +437,11 @@ def checkpoint_dir(out_dir, method):
     return old if not folder.exists() and old.exists() else folder  # a kill between the two renames
 
 
-def save_checkpoint(out_dir, method, model, state):
+def save_checkpoint(out_dir, method, model, tokenizer, state):
+    """A complete model folder (loadable with from_pretrained) plus the trainer state to resume from."""
     def write(tmp):
         model.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / "trainer_state.pt")
 
     save_dir_atomically(out_dir / "checkpoints" / method, write)
@@ -575,7 +577,7 @@ def train_method(method, model, loss_fn, splits, args, out_dir, resume_state, re
         state = {"optimizer": opt.state_dict(), "batches": batches.state_dict(), "fresh": fresh.state_dict(),
                  "torch_rng": torch.get_rng_state(), "result": r, "anchor": anchor,
                  "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-        save_checkpoint(out_dir, method, model, state)
+        save_checkpoint(out_dir, method, model, loss_fn.tok, state)
         record(r)  # after the checkpoint: results.json never names a step the checkpoint has not reached
 
     if method == "fo":
