@@ -456,8 +456,11 @@ def study(folder, target, plot):
         curves = torch.tensor([[h["dev_acc"] for h in r["history"] if h["dev_acc"] is not None][:len(steps)]
                                for r in runs])
         mean, std = curves.mean(0), curves.std(0) if len(runs) > 1 else torch.zeros(len(steps))
-        ax.plot(steps, mean, label=f"{group} ({len(runs)} seeds)")
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        if len(runs) > 1:  # the main comparison: thick, with its band
+            line, = ax.plot(steps, mean, lw=2, label=f"{group} ({len(runs)} seeds)")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        else:  # a one-seed variant of the tuning sweep
+            ax.plot(steps, mean, lw=0.8, ls="--", label=f"{group} (1 seed)")
     ax.axhline(target, color="gray", lw=0.8, ls="--")
     ax.set(xlabel="step", ylabel="dev accuracy", title="embedded task: mean ± std over seeds")
     ax.grid(alpha=0.3)
