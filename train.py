@@ -153,6 +153,18 @@ def builtin_model_dir():
 
 def build_builtin_model(folder):
     """Pretrain the tiny OPT with AdamW on the built-in corpus (next-token loss) and save it atomically."""
+    # One thread: a matmul split over threads sums in another order, and over 800 steps those last-bit
+    # differences grow into a different model, one on which ZO may no longer learn the task. On one thread
+    # the embedded model is the same bit for bit on every machine with the same torch and CPU kernels.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain_and_save(folder)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pretrain_and_save(folder):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(TINY["seed"])
