@@ -252,21 +252,23 @@ class DiZO(ZOSGD):
         moving = dist > 0  # a matrix that has not moved has no direction to rescale
         for it in range(self.proj_iters):
             closure = make_closure()
+            # u_l ~ N(0, 1), clipped to ±(τ/ε_γ) s_l; the trial γ_l ± ε_γ u_l is the ratio r_l ± ε_γ u_l / s_l
             bound = (tau / eps_g) * dist
             u = torch.randn(len(dist), generator=self._u_gen, dtype=torch.float64).clamp(-bound, bound)
-            trial = torch.where(moving, eps_g * u / dist.where(moving, 1.0), 0.0)  # γ ± ε_γ u, as a ratio
+            trial = torch.where(moving, eps_g * u / dist.where(moving, 1.0), 0.0)
             self._set_ratios_(ratios + trial, start)
             loss_plus = float(closure())
             self._set_ratios_(ratios - trial, start)
             loss_minus = float(closure())
-            grad = (loss_plus - loss_minus) / (2 * eps_g)
+            grad = (loss_plus - loss_minus) / (2 * eps_g)  # ĝ = (ℓ+ - ℓ-) / (2 ε_γ)
             if not math.isfinite(grad):
                 self._set_ratios_(torch.ones_like(dist), start)
                 raise FloatingPointError(
                     f"non-finite loss in the projection phase after ZO step {self.steps_done} "
                     f"(inner iteration {it + 1}); projected matrices restored")
+            # r_l <- clip(r_l - η_γ ĝ u_l, 1 - τ, 1 + τ)
             ratios = (ratios - self.proj_lr * grad * u).clamp(1 - tau, 1 + tau)
-        self._set_ratios_(ratios, start)
+        self._set_ratios_(ratios, start)  # θ_l <- θ0_l + r_l Δ_l, for good
         self.ratios, self.gammas = ratios, ratios * dist
 
     def state_dict(self):
