@@ -765,10 +765,7 @@ def test_interrupted_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch, caps
     assert r["status"] == "interrupted" and 0 < r["steps"] < 9
     monkeypatch.undo()
     assert run_train(assets, tmp_path / "cut", *flags, "--resume") == 0
-    from safetensors.torch import load_file
-    full = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
-    cut = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
-    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    assert_same_weights(tmp_path / "full", tmp_path / "cut")
     a = json.loads((tmp_path / "full" / "results.json").read_text())["methods"][method]
     b = json.loads((tmp_path / "cut" / "results.json").read_text())["methods"][method]
     assert (a["test_acc"], a["forward_passes"], a["steps"]) == (b["test_acc"], b["forward_passes"], b["steps"])
@@ -780,6 +777,31 @@ def test_resume_refuses_changed_flags(assets, tmp_path, capsys):
     assert "flags differ from the saved run: seed" in capsys.readouterr().err
 
 
+def signal_at_first_checkpoint(flags, out_dir, method, signum):
+    """Run train.py in a process of its own, send it `signum` once its first checkpoint exists; its exit code
+    (negative: killed by that signal)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=Path(__file__).parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out_dir / "checkpoints" / method / "trainer_state.pt").exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        return proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def assert_same_weights(run_a, run_b):
+    """The models two runs saved with --save are equal tensor by tensor."""
+    from safetensors.torch import load_file
+    a = load_file(str(run_a / "model" / "model.safetensors"))
+    b = load_file(str(run_b / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp_path):
     """SIGKILL (out of memory, a time limit) gives no chance to write anything: results.json and the
     checkpoint written at the last evaluation must be enough to continue, bit-for-bit."""
@@ -787,42 +809,20 @@ def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp
              "--batch_size", "4", "--interval", "2", "--proj_iters", "2", "--lr", "1e-3", "--eval_every", "10",
              "--save"]
     flags += ["--steps", "100"]  # long enough that the kill comes first (a step takes milliseconds here)
-    cmd = [sys.executable, "train.py", *flags, "--out_dir", str(tmp_path / "cut")]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not (tmp_path / "cut" / "checkpoints" / "dizo" / "trainer_state.pt").exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.02)
-        proc.kill()
-    finally:
-        proc.kill()
-        proc.wait()
+    assert signal_at_first_checkpoint(flags + ["--out_dir", str(tmp_path / "cut")], tmp_path / "cut", "dizo",
+                                      signal.SIGKILL) == -signal.SIGKILL
     saved = json.loads((tmp_path / "cut" / "results.json").read_text())["methods"]["dizo"]
     assert saved["status"] == "running" and saved["steps"] % 10 == 0 and 10 <= saved["steps"] < 100
     assert train.main(flags + ["--out_dir", str(tmp_path / "cut"), "--resume"]) == 0
     assert train.main(flags + ["--out_dir", str(tmp_path / "full")]) == 0
-    from safetensors.torch import load_file
-    full = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
-    cut = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
-    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert_same_weights(tmp_path / "full", tmp_path / "cut")
 
 
 def test_sigterm_from_outside_writes_results_and_checkpoint(assets, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "train.py", "--model", assets["causal"], "--task", "sst-2", "--data_dir",
-           assets["data"], "--method", "zo", "--steps", "1000000", "--eval_every", "5", "--out_dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not (out / "checkpoints" / "zo" / "trainer_state.pt").exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert rc == 128 + signal.SIGTERM
+    flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--method", "zo",
+             "--steps", "1000000", "--eval_every", "5", "--out_dir", str(out)]
+    assert signal_at_first_checkpoint(flags, out, "zo", signal.SIGTERM) == 128 + signal.SIGTERM
     r = json.loads((out / "results.json").read_text())["methods"]["zo"]
     assert r["status"] == "interrupted" and r["steps"] >= 5
 
