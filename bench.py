@@ -5,7 +5,7 @@ cannot hide in another's peak. Models are randomly initialised from a config (no
 real one on a random batch: next-token cross-entropy for OPT, masked-LM cross-entropy (15% of positions)
 for RoBERTa.
 
-    python bench.py                                   # CPU fp32, tiny, opt-125m, roberta-base: ~6 min on 2 idle cores
+    python bench.py                                   # CPU fp32, tiny, opt-125m, roberta-base: ~7 min on 2 idle cores
     python bench.py --shapes tiny --repeats 5         # a quick check
     python bench.py --device cuda --dtype bf16 --shapes opt-1.3b
 
