@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import data
 from dizo import DiZO, ZOSGD, projected_params, projection_report
 
 # Random-init model shapes. OPT's defaults are facebook/opt-125m's config; roberta-base's config differs from
@@ -403,6 +405,56 @@ def machine(args):
     return info
 
 
+# ------------------------------------------------------------------------------- figures of a train.py run
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    """Write a figure atomically, then free it."""
+    fig.tight_layout()
+    data.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:]))
+    pyplot().close(fig)
+
+
+def plot_curves(results, path):
+    """Dev accuracy and training loss against steps, one line per method."""
+    fig, (ax_acc, ax_loss) = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    for method, r in results["methods"].items():
+        hist = [h for h in r["history"] if h["dev_acc"] is not None]
+        ax_acc.plot([h["step"] for h in hist], [h["dev_acc"] for h in hist], marker=".", label=method)
+        hist = [h for h in r["history"] if h["loss"] is not None]
+        ax_loss.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=method)
+    ax_acc.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
+    ax_loss.set(xlabel="step", ylabel="training loss (mean since last eval)", title="training loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, path)
+
+
+def plot_divergence(results, path):
+    """One panel per method: ‖W_T - W_0‖ of Q, K, V, O per layer at the last evaluation, each divided by
+    √(entries), so that ZO's size-only movement (η|g|√n per step, DiZO §2.2) shows as flat lines."""
+    methods = [(m, r) for m, r in results["methods"].items() if "divergence" in r["history"][-1]]
+    fig, axes = pyplot().subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False, sharey=True)
+    for ax, (method, r) in zip(axes[0], methods):
+        last = r["history"][-1]
+        for role, dists in last["divergence"].items():
+            per_entry = [d / math.sqrt(n) for d, n in zip(dists, r["matrix_sizes"][role])]
+            ax.plot(range(len(dists)), per_entry, marker="o", label=role.upper())
+        ax.set(title=f"{method}, step {last['step']}", xlabel="layer", yscale="log", xticks=range(len(dists)))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(ncol=4, fontsize=8)
+    axes[0][0].set_ylabel("‖W - W0‖ / √entries")
+    save_figure(fig, path)
+
+
 # ------------------------------------------------------------------------------------ convergence study
 
 def load_study(folder):
@@ -446,11 +498,7 @@ def study(folder, target, plot):
               f"| {mean_std([h.get('forward_passes') for h in reached])} "
               f"| {mean_std([h.get('wall_s') for h in reached])} "
               f"| {mean_std([r['test_acc'] for r in runs])} | {mean_std([r['best_dev_acc'] for r in runs])} |")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for group, runs in groups.items():
         steps = [h["step"] for h in runs[0]["history"] if h["dev_acc"] is not None]
         curves = torch.tensor([[h["dev_acc"] for h in r["history"] if h["dev_acc"] is not None][:len(steps)]
@@ -465,8 +513,7 @@ def study(folder, target, plot):
     ax.set(xlabel="step", ylabel="dev accuracy", title="embedded task: mean ± std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plot, dpi=110)
+    save_figure(fig, Path(plot))
     print(f"\nwrote {plot}")
 
 

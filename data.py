@@ -1,33 +1,39 @@
-"""Tasks, prompts and data for DiZO / MeZO / FO fine-tuning.
+"""What the model reads and how it is scored: tasks, prompts, data files, the prompt-based loss, the batch order,
+and the embedded default (a built-in task, its corpus and the tiny model pretrained on it).
 
-Two kinds of data:
-
-* Real tasks (PAPER.md §6): GLUE-style TSV files `train.tsv`, `dev.tsv`, `test.tsv` in one folder. The first
-  line is a header; columns are found by name ("sentence", or "premise"/"hypothesis" -- GLUE RTE's
-  "sentence1"/"sentence2" are accepted as aliases -- and "label"). A header without these names falls back
-  to positions: the text column(s) first, the label last. Fields are split on tabs, with no quoting (as
-  GLUE writes them). LM-BFF ships MR, CR, MPQA, Subj, SST-5 and TREC as headerless CSV; convert them to
-  this format first.
-* The built-in task "toy": a small sentiment task with a matching pretraining corpus, generated from a
-  seeded `random.Random`, so that the whole pipeline runs offline on a tiny model (see `builtin_corpus`).
-
-Prompts: a causal LM scores each candidate label word appended to `causal_prompt(task, ex)` (the mean
-log-probability of its tokens); a masked LM reads the logits of the label words at the mask of
-`masked_prompt(task, ex, mask_token)`. Templates are `str.format` strings with one placeholder per text
-column and `{mask}`.
+* Real tasks: GLUE-style TSV files `train.tsv`, `dev.tsv`, `test.tsv` in one folder. The first line is a
+  header; columns are found by name ("sentence", or "premise"/"hypothesis" -- GLUE RTE's "sentence1"/"sentence2"
+  are accepted as aliases -- and "label"). A header without these names falls back to positions: the text
+  column(s) first, the label last. Fields are split on tabs, with no quoting (as GLUE writes them). LM-BFF ships
+  MR, CR, MPQA, Subj, SST-5 and TREC as headerless CSV; convert them to this format first.
+* Prompts and labels follow LM-BFF (Gao et al., 2021) for masked LMs and MeZO (Malladi et al., 2023) for causal
+  LMs: a causal LM scores each candidate label word appended to `causal_prompt(task, ex)` (the mean
+  log-probability of its tokens); a masked LM reads the logits of the label words at the mask of
+  `masked_prompt(task, ex, mask_token)`. Templates are `str.format` strings with one placeholder per text column
+  and `{mask}`. `PromptLoss` turns either score into a cross-entropy over the candidates.
+* The embedded default: task "toy", a small sentiment task with a matching pretraining corpus, generated from a
+  seeded `random.Random`, and a tiny OPT pretrained on that corpus once and cached as an ordinary Hugging Face
+  folder (`builtin_model`), so that the whole pipeline runs offline.
 """
+import hashlib
+import json
 import os
 import random
+import shutil
 import string
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
 
 class DataError(ValueError):
-    """A problem with the user's data or task options; the message is one line, with path:line if any."""
+    """A problem with the user's inputs (data files, task options, model folder); the message is one line, with
+    path:line where there is one."""
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -82,18 +88,28 @@ TASKS: dict[str, Task] = {
 
 
 def _placeholders(template: str) -> list[str]:
-    """The `{name}` fields of a format string, in order of appearance."""
+    """The `{name}` fields of a format string, in order of appearance; only plain fields are allowed (a format
+    spec such as `{sentence:>200000000}` would pad every prompt, a conversion would quote it)."""
     try:
-        return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        parsed = [(field, spec, conv) for _, field, spec, conv in string.Formatter().parse(template)
+                  if field is not None]
     except ValueError as err:
         raise DataError(f"template {template!r}: {err}") from None
+    for field, spec, conv in parsed:
+        if spec or conv or not field.isidentifier():
+            raise DataError(f"template {template!r}: use plain fields like {{sentence}} and {{mask}}, "
+                            f"not {{{field}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}")
+    return [field for field, _, _ in parsed]
 
 
 def _check_template(template: str, text_columns: tuple[str, ...]) -> None:
-    """A template must use {mask} once and each text column, and nothing else."""
+    """A template must use {mask} once and each text column (at least one), and nothing else."""
     fields = _placeholders(template)
     if fields.count("mask") != 1:
         raise DataError(f"template {template!r} must contain {{mask}} exactly once")
+    if not text_columns:
+        raise DataError(f"template {template!r} has no text field such as {{sentence}}: every prompt would be the "
+                        "same")
     unknown = sorted(set(fields) - set(text_columns) - {"mask"})
     missing = [c for c in text_columns if c not in fields]
     if unknown or missing:
@@ -106,6 +122,8 @@ def parse_label_words(spec: str) -> tuple[str, ...]:
     words = tuple(spec.split(","))
     if any(not w.strip() for w in words):
         raise DataError(f"--label_words {spec!r}: empty label word (give them comma-separated, e.g. ' bad, good')")
+    if len(set(words)) < len(words) or len(words) < 2:
+        raise DataError(f"--label_words {spec!r}: give at least two different words, one per class")
     return words
 
 
@@ -172,30 +190,33 @@ def masked_prompt(task: Task, ex: Example, mask_token: str) -> str:
 _ALIASES = {"premise": ("premise", "sentence1"), "hypothesis": ("hypothesis", "sentence2")}
 
 
-def _column_positions(header: list[str], task: Task) -> tuple[list[int], int]:
-    """Positions of the text columns and of the label: by header name, else text first and label last."""
+def _column_positions(header: list[str], task: Task) -> tuple[list[int], int] | None:
+    """Positions of the text columns and of the label, by header name; None if the names are not there."""
     names = [h.strip().lower() for h in header]
 
     def find(column: str) -> int | None:
         return next((names.index(a) for a in _ALIASES.get(column, (column,)) if a in names), None)
 
     texts, label = [find(c) for c in task.text_columns], find("label")
-    if None not in texts and label is not None:
-        return texts, label
-    if len(header) < len(task.text_columns) + 1:
-        raise DataError(f"expected columns {', '.join(task.text_columns)} and label, header has {len(header)}")
-    return list(range(len(task.text_columns))), len(header) - 1
+    return (texts, label) if None not in texts and label is not None else None
 
 
 def _read_lines(path: str) -> list[str]:
+    """The file's lines, split on "\n" alone (and "\r\n"): real sentences contain U+0085, U+2028 or form feeds,
+    which str.splitlines would take for line ends. A byte-order mark before the header is dropped."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder, not a file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if not lines:
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if not any(lines):
         raise DataError(f"{path}: empty file")
     return lines
 
@@ -213,19 +234,26 @@ def _parse_row(fields: list[str], task: Task, text_at: list[int], label_at: int)
 
 
 def read_tsv(path: str, task: Task) -> list[Example]:
-    """Read a GLUE-style TSV (header line, then one example per line) into Examples of `task`."""
+    """Read a GLUE-style TSV into Examples of `task`: a header naming the columns, then one example per line.
+    Without those names, columns go by position (text first, label last), and a first line whose label field is
+    one of the task's labels is an example, not a header (LM-BFF-style files have none)."""
     lines = _read_lines(path)
     header = lines[0].split("\t")
+    if len(header) < len(task.text_columns) + 1:
+        raise DataError(f"{path}:1: expected columns {', '.join(task.text_columns)} and label, "
+                        f"found {len(header)} tab-separated field(s)")
+    positions = _column_positions(header, task)
+    headerless = positions is None and header[-1].strip() in task.labels
+    text_at, label_at = positions or (list(range(len(task.text_columns))), len(header) - 1)
     examples = []
     for number, line in enumerate(lines, start=1):
+        if (number == 1 and not headerless) or not line:  # a blank line (e.g. at the end) is not an example
+            continue
         try:
-            if number == 1:
-                text_at, label_at = _column_positions(header, task)
-            elif line:  # a blank line (e.g. at the end) is not an example
-                fields = line.split("\t")
-                if len(fields) != len(header):
-                    raise DataError(f"expected {len(header)} tab-separated columns, got {len(fields)}")
-                examples.append(_parse_row(fields, task, text_at, label_at))
+            fields = line.split("\t")
+            if len(fields) != len(header):
+                raise DataError(f"expected {len(header)} tab-separated columns, got {len(fields)}")
+            examples.append(_parse_row(fields, task, text_at, label_at))
         except DataError as err:
             raise DataError(f"{path}:{number}: {err}") from None
     if not examples:
@@ -275,6 +303,269 @@ def load_splits(data_dir: str, task: Task, *, k: int | None = None, num_train: i
         elif k is not None and split != "test":
             splits[split] = _sample_per_class(examples, k, task, seed, f"{data_dir}/{split}.tsv")
     return splits
+
+
+def write_atomically(path, write) -> None:
+    """write(tmp) creates a file or a folder at a temporary name, which then takes the place of `path` by rename:
+    a kill at any moment leaves the old or the new one whole, never half (an old folder is renamed aside first,
+    then removed; `checkpoint_dir` in train.py knows that name)."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    remove(tmp)
+    write(tmp)
+    if path.is_dir():
+        remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree, if there is one."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+# ------------------------------------------------------------------------------ what the model reads
+#
+# The prompt-based classification loss, shared by every method (LM-BFF for masked LMs, MeZO for causal LMs):
+#   causal: score(c) = mean log p(label word c's tokens | prompt); loss = CE over the candidates' scores.
+#   masked: score(c) = logit of label word c at the mask; loss = CE over the candidates.
+
+MAX_LENGTH = 256  # tokens per prompt + label word; LM-BFF and MeZO prompts are far shorter
+EVAL_BATCH = 32  # examples per forward pass in evaluation; any value gives the same accuracy
+
+
+@dataclass
+class Encoded:
+    """A split, tokenised once: prompt token ids per example and the label."""
+    prompts: list
+    labels: list
+
+
+class PromptLoss:
+    """The classification loss and accuracy of a prompted LM on a task; see the comment above."""
+
+    def __init__(self, task, tokenizer, kind, device, max_length=MAX_LENGTH):
+        self.task, self.tok, self.kind, self.device = task, tokenizer, kind, device
+        self.max_length = max_length
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        words = task.causal_words if kind == "causal" else task.label_words
+        self.words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+        for w, ids in zip(words, self.words):
+            if not ids:
+                raise DataError(f"label word {w!r} is empty after tokenisation")
+            if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+                raise DataError(f"label word {w!r} is unknown to this tokenizer (it becomes the unknown token "
+                                f"{tokenizer.unk_token!r}): the model cannot score it")
+            if kind == "masked" and len(ids) != 1:
+                raise DataError(f"label word {w!r} is {len(ids)} tokens for this tokenizer; a masked LM "
+                                 "needs single-token label words (try a leading space, or another word)")
+        if len({tuple(ids) for ids in self.words}) < len(words):
+            raise DataError(f"label words {list(words)} are the same tokens for this tokenizer: the classes "
+                            "cannot be told apart")
+        if kind == "masked" and tokenizer.mask_token is None:
+            raise DataError("the tokenizer has no mask token, so the model cannot be used as a masked LM")
+
+    def encode(self, examples):
+        """Tokenise the prompts of a split once; keeps the end of a prompt that is too long."""
+        if self.kind == "causal":
+            texts = [causal_prompt(self.task, e) for e in examples]
+        else:
+            texts = [masked_prompt(self.task, e, self.tok.mask_token) for e in examples]
+        ids = self.tok(texts)["input_ids"]
+        room = self.max_length - max(len(w) for w in self.words)
+        # Keep the end of a long prompt: the template's words next to the label word matter most.
+        prompts = [p if len(p) <= room else p[:1] + p[len(p) - room + 1:] for p in ids]
+        if self.kind == "masked":
+            for text, p in zip(texts, prompts):
+                if p.count(self.tok.mask_token_id) > 1:
+                    raise DataError(f"a text contains the mask token {self.tok.mask_token!r}, so the label "
+                                    f"would be read at the wrong place; remove it from the data: {text[:80]!r}")
+                if self.tok.mask_token_id not in p:
+                    raise DataError("a prompt lost its mask token to truncation; shorten the texts or template")
+        if len(prompts) > 1 and len({tuple(p) for p in prompts}) == 1:
+            raise DataError(f"every prompt is the same after templating and truncation to {self.max_length} "
+                            f"tokens ({texts[0][:80]!r}...): the template leaves no room for the text")
+        return Encoded(prompts, [e.label for e in examples])
+
+    def scores(self, model, prompts):
+        """[batch, candidates] scores; the forward pass is the only model call."""
+        if self.kind == "masked":
+            return self._masked_scores(model, prompts)
+        return self._causal_scores(model, prompts)
+
+    def _masked_scores(self, model, prompts):
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+            mask[i, :len(p)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        rows = torch.arange(len(prompts), device=self.device)
+        at_mask = logits[rows, (ids == self.tok.mask_token_id).long().argmax(1)]
+        return at_mask[:, [w[0] for w in self.words]].float()
+
+    def _left_padded(self, seqs):
+        """Model inputs for token lists, left-padded so that all end at the last position."""
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, length - len(s):] = torch.tensor(s)
+            mask[i, length - len(s):] = 1
+        positions = (mask.cumsum(1) - 1).clamp_min(0)  # so that left padding does not shift positions
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "position_ids": positions.to(self.device)}
+
+    def _causal_scores(self, model, prompts):
+        if all(len(w) == 1 for w in self.words):
+            return self._causal_next_token_scores(model, prompts)
+        # One sequence per (example, candidate), LEFT-padded so that every sequence ends at the same
+        # position: the candidate's tokens are then the last ones, and the model only has to produce the
+        # logits of the last (longest word + 1) positions (logits_to_keep), not of the whole sequence.
+        seqs = [p + w for p in prompts for w in self.words]
+        keep = max(len(w) for w in self.words) + 1
+        logits = model(**self._left_padded(seqs), logits_to_keep=keep).logits
+        logp = logits[:, :-1].float().log_softmax(-1)  # logp[:, j] predicts token length - keep + j + 1
+        scores = []
+        for i, s in enumerate(seqs):
+            w = self.words[i % len(self.words)]
+            targets = torch.tensor(w, device=self.device)
+            scores.append(logp[i, keep - 1 - len(w):, :].gather(1, targets[:, None]).mean())
+        return torch.stack(scores).view(len(prompts), len(self.words))
+
+    def _causal_next_token_scores(self, model, prompts):
+        """Single-token label words: the mean log-prob of a one-token word is its next-token log-prob, so
+        one sequence per example scores every candidate at once (half the tokens of one per candidate)."""
+        logits = model(**self._left_padded(prompts), logits_to_keep=1).logits
+        return logits[:, -1].float().log_softmax(-1)[:, [w[0] for w in self.words]]
+
+    def loss(self, model, enc, idx):
+        """Cross-entropy over the candidates' scores of examples idx of an encoded split."""
+        labels = torch.tensor([enc.labels[i] for i in idx], device=self.device)
+        return torch.nn.functional.cross_entropy(self.scores(model, [enc.prompts[i] for i in idx]), labels)
+
+    @torch.no_grad()
+    def accuracy(self, model, enc, batch_size=EVAL_BATCH):
+        """Share of examples whose highest-scoring candidate is the label."""
+        correct = 0
+        for start in range(0, len(enc.labels), batch_size):
+            idx = range(start, min(start + batch_size, len(enc.labels)))
+            pred = self.scores(model, [enc.prompts[i] for i in idx]).argmax(1).cpu()
+            correct += int((pred == torch.tensor([enc.labels[i] for i in idx])).sum())
+        return correct / len(enc.labels)
+
+
+# Data order: endless shuffled mini-batches, reproducible from a seed and resumable from (epoch, position).
+
+class Batches:
+    """Indices of the next mini-batch, from a new random permutation each epoch (seeded by seed and epoch)."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.epoch, self.pos = 0, 0
+        self._shuffle()
+
+    def _shuffle(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        self.order = torch.randperm(self.n, generator=gen).tolist()
+
+    def next(self):
+        if self.pos + self.batch_size > self.n:  # drop the ragged tail: every batch has the same size
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._shuffle()
+        idx = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._shuffle()
+
+
+# ------------------------------------------------------------------------------- the pretrained model
+#
+# Any Hugging Face causal or masked LM, from the hub or a local folder, with errors a user can act on.
+
+def model_kind(config):
+    """'causal' or 'masked', from the config's architecture; DataError for anything else."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    archs = " ".join(config.architectures or [])
+    if "MaskedLM" in archs:
+        return "masked"
+    if "CausalLM" in archs or "LMHeadModel" in archs:
+        return "causal"
+    if not archs:  # a config without the trained head's name: go by what the model type supports
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+            return "causal"
+        if type(config) in MODEL_FOR_MASKED_LM_MAPPING:
+            return "masked"
+    raise DataError(f"{config.name_or_path or 'the model'} ({config.model_type}) is neither a causal nor a "
+                     "masked language model")
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def load_config(name, trust_remote_code):
+    """The model's config from a local folder or the hub, with one-line errors for the usual mistakes."""
+    from transformers import AutoConfig
+
+    local = Path(name).is_dir()
+    if local and not (Path(name) / "config.json").exists():
+        raise DataError(f"--model {name}: folder has no config.json, not a Hugging Face model")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:  # a broken folder can fail in many ways; each is one line for the user
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise DataError(f"--model {name} needs its own Python code to load; pass --trust_remote_code "
+                            "only if you trust it") from None
+        if local or not isinstance(e, OSError):
+            raise DataError(f"--model {name}: cannot read its config ({first_line(e)})") from None
+        raise DataError(f"--model {name}: not a local folder, and the hub could not be reached or has no "
+                        "such model (offline?)") from None
+
+
+def load_tokenizer(name, trust_remote_code):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise DataError(f"--model {name}: cannot load its tokenizer ({first_line(e)})") from None
+
+
+def model_class(kind):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+
+
+def load_model(name, kind, dtype, device, trust_remote_code):
+    """The model, in eval mode. Weights load through safetensors, or torch.load with weights_only=True, as
+    transformers does by default: never an arbitrary pickle. A quantised model is refused: ZO updates need
+    real-valued weights, and checkpoints need save_pretrained, which refuses most quantisations."""
+    try:
+        model = model_class(kind).from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:  # corrupt or truncated weights, a blocked pickle, shapes that do not match the config
+        raise DataError(f"--model {name}: cannot load its weights ({first_line(e)})") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise DataError(f"--model {name} is quantised ({model.hf_quantizer.quantization_config.quant_method}); "
+                        "dequantise it to an ordinary float checkpoint first (see the SmolLM2 recipe in README)")
+    return model.to(device).eval()
 
 
 # ------------------------------------------------------------------------------------- built-in task
@@ -423,3 +714,78 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
                                                        special_tokens=[("</s>", vocab["</s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", mask_token="<mask>")
+
+
+# ------------------------------------------------------------------------------- the embedded model
+#
+# A tiny OPT pretrained here, once, on builtin_corpus(), and cached as an ordinary Hugging Face folder, so that
+# it loads through the same from_pretrained path as facebook/opt-125m.
+
+TINY = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=512,
+            max_position_embeddings=64, pretrain_steps=800, pretrain_lr=3e-3, pretrain_batch=32, seed=0)
+
+
+def cache_root() -> Path:
+    """Where the embedded model is cached: $DIZO_CACHE, else ~/.cache/dizo."""
+    return Path(os.environ.get("DIZO_CACHE", Path.home() / ".cache" / "dizo"))
+
+
+def builtin_model_dir():
+    """Where the embedded model lives; the name changes whenever its recipe or corpus changes."""
+    corpus = builtin_corpus(TINY["seed"])
+    key = hashlib.sha256(json.dumps([TINY, corpus[:50], len(corpus)]).encode()).hexdigest()[:12]
+    return cache_root() / f"tiny-opt-{key}"
+
+
+def pretrain_tiny_opt():
+    """The tiny OPT pretrained with AdamW on the built-in corpus (next-token loss); (model, tokenizer, last loss).
+
+    On one thread: a matmul split over threads sums in another order, and over 800 steps those last-bit
+    differences grow into a different model, one on which ZO may no longer learn the task. On one thread the
+    embedded model is the same bit for bit on every machine with the same torch and CPU kernels.
+    """
+    from transformers import OPTConfig, OPTForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(TINY["seed"])
+        corpus = builtin_corpus(TINY["seed"])
+        tokenizer = build_tokenizer(corpus)
+        config = OPTConfig(vocab_size=len(tokenizer), hidden_size=TINY["hidden_size"],
+                           num_hidden_layers=TINY["num_hidden_layers"], ffn_dim=TINY["ffn_dim"],
+                           num_attention_heads=TINY["num_attention_heads"], word_embed_proj_dim=TINY["hidden_size"],
+                           max_position_embeddings=TINY["max_position_embeddings"], dropout=0.0,
+                           attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = OPTForCausalLM(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=TINY["pretrain_lr"], weight_decay=0.01)
+        steps = TINY["pretrain_steps"]
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=TINY["pretrain_lr"], total_steps=steps)
+        order = torch.Generator().manual_seed(TINY["seed"])
+        bar = tqdm(range(steps), desc="pretraining the embedded tiny OPT (once)", leave=False)
+        for _ in bar:
+            idx = torch.randint(len(corpus), (TINY["pretrain_batch"],), generator=order).tolist()
+            enc = tokenizer([corpus[i] for i in idx], return_tensors="pt", padding=True)
+            labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+            loss = model(**enc, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        torch.set_num_threads(threads)
+    return model, tokenizer, loss.item()
+
+
+def builtin_model() -> str:
+    """The embedded tiny OPT's folder, pretrained and saved (atomically) on first use."""
+    folder = builtin_model_dir()
+    if not (folder / "config.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        model, tokenizer, loss = pretrain_tiny_opt()
+        write_atomically(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        print(f"embedded tiny OPT: {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"pretrained {TINY['pretrain_steps']} steps, final LM loss {loss:.3f}, saved to {folder}")
+    return str(folder)

@@ -5,13 +5,22 @@ re-implementation of MeZO's four-pass step written here, independently of dizo.p
 """
 
 import copy
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM)
 
+import data
+import train
 from dizo import DiZO, ZOSGD, projected_params, projection_report
 
 torch.set_num_threads(1)
@@ -441,17 +450,6 @@ def test_unsupported_model_raises_naming_supported_families():
 # ---------------------------------------------------------------------------------------------------------
 # data.py and train.py: tiny models saved to and loaded from local folders, the real loading path.
 
-import json  # noqa: E402  (grouped with the tests that use them)
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import data  # noqa: E402
-import train  # noqa: E402
-
 WORDS = ("a fine movie with great acting and a terrible plot it was good bad okay very the film story "
          "this is so dull lovely boring fun superb awful").split()
 SENTENCES = {1: ["a fine movie", "great acting", "lovely story", "so fun", "superb film", "this is good",
@@ -531,7 +529,7 @@ def test_causal_loss_equals_hand_computation(assets, words):
     task = data.get_task("sst-2", label_words=",".join(words))
     tok = AutoTokenizer.from_pretrained(assets["causal"])
     model = OPTForCausalLM.from_pretrained(assets["causal"]).eval()
-    loss_fn = train.PromptLoss(task, tok, "causal", torch.device("cpu"))
+    loss_fn = data.PromptLoss(task, tok, "causal", torch.device("cpu"))
     enc = loss_fn.encode(two_examples())
     with torch.no_grad():
         got = loss_fn.loss(model, enc, [0, 1])
@@ -554,7 +552,7 @@ def test_masked_loss_equals_hand_computation(assets):
     task = data.get_task("sst-2")
     tok = AutoTokenizer.from_pretrained(assets["masked"])
     model = RobertaForMaskedLM.from_pretrained(assets["masked"]).eval()
-    loss_fn = train.PromptLoss(task, tok, "masked", torch.device("cpu"))
+    loss_fn = data.PromptLoss(task, tok, "masked", torch.device("cpu"))
     enc = loss_fn.encode(two_examples())
     words = [tok(w, add_special_tokens=False)["input_ids"][0] for w in task.label_words]
     with torch.no_grad():
@@ -601,18 +599,37 @@ def test_read_tsv_rejects_bad_files_with_file_and_line(tmp_path, content, messag
         data.read_tsv(str(tmp_path / "train.tsv"), data.get_task("sst-2"))
 
 
+@pytest.mark.parametrize("text, expected", [
+    # GLUE-style: header, "\n" line ends; sentences that hold characters str.splitlines() would split on
+    ("sentence\tlabel\nit\x85s fine\t1\na\u2028b\x0cc\t0\n", [("it\x85s fine", 1), ("a\u2028b\x0cc", 0)]),
+    ("sentence\tlabel\r\ngood\t1\r\nbad\t0\r\n", [("good", 1), ("bad", 0)]),  # Windows line ends
+    ("\ufeffsentence\tlabel\ngood\t1\n", [("good", 1)]),  # a byte-order mark before the header
+    ("good film\t1\nbad film\t0\n", [("good film", 1), ("bad film", 0)]),  # no header: the first line counts
+])
+def test_read_tsv_reads_real_files_as_written(tmp_path, text, expected):
+    (tmp_path / "train.tsv").write_bytes(text.encode("utf-8"))
+    rows = data.read_tsv(str(tmp_path / "train.tsv"), data.get_task("sst-2"))
+    assert [(ex.texts[0], ex.label) for ex in rows] == expected
+
+
+def test_byte_order_mark_keeps_pair_columns_in_place(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_bytes("\ufeffhypothesis\tpremise\tlabel\nH.\tP.\tentailment\n".encode("utf-8"))
+    assert data.read_tsv(str(path), data.get_task("rte")) == [data.Example(("P.", "H."), 0)]
+
+
 def test_builtin_model_is_built_once_and_loads_like_any_hub_model(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("DIZO_CACHE", str(tmp_path))
-    monkeypatch.setitem(train.TINY, "pretrain_steps", 3)  # the recipe, shortened: the path is what is tested
-    folder = train.builtin_model()
+    monkeypatch.setitem(data.TINY, "pretrain_steps", 3)  # the recipe, shortened: the path is what is tested
+    folder = data.builtin_model()
     assert Path(folder).parent == tmp_path and (Path(folder) / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     assert model.config.model_type == "opt" and len(tok) == model.config.vocab_size
     stamp = (Path(folder) / "model.safetensors").stat().st_mtime_ns
-    assert train.builtin_model() == folder  # cached: not rebuilt
+    assert data.builtin_model() == folder  # cached: not rebuilt
     assert (Path(folder) / "model.safetensors").stat().st_mtime_ns == stamp
     task = data.get_task("toy")
     splits = data.builtin_splits(0)
@@ -625,9 +642,23 @@ def test_builtin_model_is_built_once_and_loads_like_any_hub_model(tmp_path, monk
 # ---------------------------------------------------------------------------------------------------------
 # Reliability: bad input is one line and exit code 2 with nothing written; faults lose nothing; resume is exact.
 
-def bad_folder(tmp_path, what):
+def bad_folder(tmp_path, what, assets):
     folder = tmp_path / what
-    if what == "no_config":
+    if what in ("corrupt_weights", "broken_tokenizer", "size_mismatch", "pickle_weights"):
+        import shutil
+        shutil.copytree(assets["causal"], folder)
+    if what == "corrupt_weights":  # truncated safetensors
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif what == "pickle_weights":  # a pickle that would run code: transformers refuses to unpickle it
+        (folder / "model.safetensors").unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    elif what == "broken_tokenizer":
+        (folder / "tokenizer.json").write_text("{ not json")
+    elif what == "size_mismatch":  # a config that does not match the weights
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"hidden_size": 48, "ffn_dim": 96}))
+    elif what == "no_config":
         folder.mkdir()
         (folder / "weights.bin").write_bytes(b"")
     elif what == "not_lm":
@@ -655,6 +686,11 @@ def data_variant(tmp_path, what):
         (folder / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film 0\n")
     elif what == "bad_label":
         (folder / "test.tsv").write_text("sentence\tlabel\ngood film\tpositive\n")
+    elif what == "train_is_a_folder":
+        (folder / "train.tsv").unlink()
+        (folder / "train.tsv").mkdir()
+    elif what == "mask_in_text":  # a literal mask token inside a sentence would be scored in its place
+        (folder / "train.tsv").write_text("sentence\tlabel\ngood <mask> film\t1\nbad film\t0\n")
     return str(folder)
 
 
@@ -668,7 +704,8 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--model", "@not_lm"], "neither a causal nor a masked language model"),
     (["--model", "@remote_code"], "trust_remote_code"),
     (["--model", "@bloom", "--method", "dizo"], "projected_params supports OPT"),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--seed", str(2**48)], "--seed must be in [0, 2**32)"),
     (["--data_dir", "/no/such/dir"], "no such data folder"),
     (["--data_dir", "#no_dev"], "dev.tsv"),
     (["--data_dir", "#empty"], "train.tsv: empty file"),
@@ -679,10 +716,30 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--lr", "-1"], "--lr must be >= 0"),
     (["--eps", "0"], "--eps must be > 0"),
     (["--tau", "1.5"], "--tau must be in (0, 1)"),
-    (["--interval", "0"], "--interval must be >= 1"),
+    (["--interval", "0"], "--interval must be an int >= 1"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--resume"], "nothing to resume"),
+    # absurd or non-finite hyperparameters
+    (["--lr", "1e30"], "--lr must be below 1"),
+    (["--lr", "inf"], "--lr must be below 1"),
+    (["--eps", "1e3"], "--eps must be below 1"),
+    (["--proj_lr", "inf"], "--proj_lr must be"),
+    (["--proj_eps", "nan"], "--proj_eps must be"),
+    # prompts that cannot carry information
+    (["--label_words", " great, great"], "at least two different words"),
+    (["--label_words", " zebra, quokka"], "unknown to this tokenizer"),
+    (["--task", "custom", "--template", "It was{mask}.", "--label_words", " bad, good"], "no text field"),
+    (["--template", "{sentence:>200000000} It was{mask}."], "use plain fields"),
+    (["--template", "{sentence}" + " it was" * 200 + "{mask}"], "every prompt is the same"),
+    (["--model", "masked", "--data_dir", "#mask_in_text"], "contains the mask token"),
+    # files that cannot be read, each one line
+    (["--data_dir", "#train_is_a_folder"], "train.tsv: a folder, not a file"),
+    (["--model", "@corrupt_weights"], "cannot load its weights"),
+    (["--model", "@pickle_weights"], "cannot load its weights"),
+    (["--model", "@broken_tokenizer"], "cannot load its tokenizer"),
+    (["--model", "@size_mismatch"], "cannot load its weights"),
+    (["--out_dir", "!under_a_file"], "cannot write there"),
 ]
 
 
@@ -695,7 +752,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, 
     switches = [f for f in flags if f == "--resume"]
     for key, value in zip(flags[::2], flags[1::2]):
         if value.startswith("@"):
-            value = bad_folder(tmp_path, value[1:])
+            value = bad_folder(tmp_path, value[1:], assets)
+        elif value.startswith("!"):  # an out_dir below a regular file: it cannot be created
+            (tmp_path / "a_file").write_text("")
+            value = str(tmp_path / "a_file" / "out")
         elif value.startswith("#"):
             value = data_variant(tmp_path, value[1:])
         elif value == "masked":
@@ -729,21 +789,31 @@ def test_existing_run_is_not_overwritten_without_overwrite(assets, tmp_path, cap
 
 
 @pytest.mark.parametrize("method", ["zo", "fo"])
-def test_non_finite_loss_stops_with_diverged_results_and_keeps_checkpoint(assets, tmp_path, capsys, method):
+def test_non_finite_loss_stops_with_diverged_results_and_keeps_checkpoint(assets, tmp_path, capsys, monkeypatch,
+                                                                          method):
+    original = data.PromptLoss.loss
+    calls = {"n": 0}
+
+    def loss(self, *args):  # the loss turns NaN from the 5th evaluation on (FO: step 5, ZO: step 3)
+        calls["n"] += 1
+        value = original(self, *args)
+        return value * float("nan") if calls["n"] >= 5 else value
+
+    monkeypatch.setattr(data.PromptLoss, "loss", loss)
     out = tmp_path / "out"
-    rc = run_train(assets, out, "--method", method, "--steps", "20", "--eval_every", "1", "--lr", "1e30")
-    assert rc == 1
+    assert run_train(assets, out, "--method", method, "--steps", "20", "--eval_every", "1") == 1
     err = capsys.readouterr().err
     assert "diverged" in err and "step" in err
     r = json.loads((out / "results.json").read_text())["methods"][method]
     assert r["status"] == "diverged" and "non-finite loss" in r["error"]
-    assert (out / "checkpoints" / method / "trainer_state.pt").exists()
+    state = torch.load(out / "checkpoints" / method / "trainer_state.pt", weights_only=True)
+    assert state["result"]["steps"] == (4 if method == "fo" else 2)  # the last step before the NaN
 
 
 def interrupt_at_call(monkeypatch, n):
     """Send this process SIGTERM from inside the n-th loss evaluation, as a user or a scheduler would."""
     calls = {"n": 0}
-    original = train.PromptLoss.loss
+    original = data.PromptLoss.loss
 
     def loss(self, *args):
         calls["n"] += 1
@@ -751,7 +821,7 @@ def interrupt_at_call(monkeypatch, n):
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, *args)
 
-    monkeypatch.setattr(train.PromptLoss, "loss", loss)
+    monkeypatch.setattr(data.PromptLoss, "loss", loss)
 
 
 @pytest.mark.parametrize("method", ["zo", "dizo", "fo"])
@@ -841,7 +911,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     folder = tmp_path / "model"
-    train.save_dir_atomically(folder, lambda tmp: (tmp.mkdir(), (tmp / "w").write_text("old")))
+    data.write_atomically(folder, lambda tmp: (tmp.mkdir(), (tmp / "w").write_text("old")))
 
     def half_write(tmp):
         tmp.mkdir()
@@ -849,16 +919,12 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train.save_dir_atomically(folder, half_write)
+        data.write_atomically(folder, half_write)
     assert (folder / "w").read_text() == "old"
 
 
-def test_remote_code_is_never_trusted_by_default():
-    assert train.parse_args([]).trust_remote_code is False
-
-
 def test_divergence_tracking_shows_zo_moves_every_matrix_alike(assets, tmp_path):
-    """PAPER.md §2: under ZO every entry gets the same scalar g times Gaussian noise, so ‖W_t - W_0‖/√n is
+    """DiZO §2.2: under ZO every entry gets the same scalar g times Gaussian noise, so ‖W_t - W_0‖/√n is
     the same for every matrix (up to O(1/√n) noise); FO's differs from matrix to matrix."""
     out = tmp_path / "out"
     assert run_train(assets, out, "--method", "zo", "--steps", "6", "--eval_every", "3",
@@ -869,3 +935,137 @@ def test_divergence_tracking_shows_zo_moves_every_matrix_alike(assets, tmp_path)
     assert len(per_entry) == 4 * 2 and min(per_entry) > 0
     assert max(per_entry) / min(per_entry) < 1.15
     assert (out / "divergence.png").stat().st_size > 1000
+
+
+# The output folder: nothing that is not this tool's output is touched; one run at a time.
+
+def test_out_dir_with_foreign_files_or_the_input_model_is_refused(assets, tmp_path, capsys):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(assets["causal"], out / "model")  # e.g. --out_dir . beside the user's own ./model
+    before = sorted(p.name for p in (out / "model").iterdir())
+    for extra in ([], ["--overwrite"]):
+        assert run_train(assets, out, "--method", "zo", "--steps", "1", "--save", *extra) == 2
+        assert "was not written by train.py" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "model").iterdir()) == before
+    (out / "results.json").write_text('{"another": "tool"}')
+    assert run_train(assets, out, "--method", "zo", "--steps", "1", "--overwrite") == 2
+    assert "not written by train.py" in capsys.readouterr().err
+    argv = ["--model", str(out / "model"), "--task", "sst-2", "--data_dir", assets["data"], "--out_dir", str(out),
+            "--method", "zo", "--steps", "1", "--overwrite"]
+    (out / "results.json").unlink()
+    assert train.main(argv) == 2  # the input model inside the output folder
+    assert sorted(p.name for p in (out / "model").iterdir()) == before
+
+
+def test_overwrite_replaces_every_output_of_the_old_run(assets, tmp_path):
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--method", "zo", "--steps", "2", "--save") == 0
+    assert (out / "model" / "model.safetensors").exists()
+    assert run_train(assets, out, "--method", "fo", "--steps", "1", "--overwrite") == 0
+    assert not (out / "model").exists() and not (out / "checkpoints" / "zo").exists()
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"fo"}
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused(assets, tmp_path, capsys):
+    import fcntl
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # as the first run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_train(assets, out, "--method", "zo", "--steps", "1") == 2
+    assert "another train.py is running" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+    assert run_train(assets, out, "--method", "zo", "--steps", "1") == 0  # released: free again
+
+
+def test_too_little_disk_space_is_refused_before_training(assets, tmp_path, monkeypatch, capsys):
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    assert run_train(assets, tmp_path / "out", "--method", "zo", "--steps", "1") == 2
+    assert "MB free" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# Broken weights are never saved as good.
+
+def test_non_finite_weights_stop_the_run_before_any_checkpoint_or_save(assets, tmp_path, monkeypatch, capsys):
+    original = train.take_step
+
+    def poisoned(method, opt, closure, step):  # a step whose loss was finite but whose update was not
+        loss = original(method, opt, closure, step)
+        if step == 4:  # an evaluation step: the weights are checked before its checkpoint
+            with torch.no_grad():
+                opt.param_groups[0]["params"][0].fill_(float("inf"))
+        return loss
+
+    monkeypatch.setattr(train, "take_step", poisoned)
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--method", "zo", "--steps", "6", "--eval_every", "2", "--save") == 1
+    r = json.loads((out / "results.json").read_text())["methods"]["zo"]
+    assert r["status"] == "diverged" and "non-finite weights after step 4" in r["error"]
+    assert not (out / "model").exists()
+    from safetensors.torch import load_file
+    kept = load_file(str(out / "checkpoints" / "zo" / "model.safetensors"))  # the step-2 checkpoint
+    assert torch.load(out / "checkpoints" / "zo" / "trainer_state.pt", weights_only=True)["result"]["steps"] == 2
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    monkeypatch.undo()
+    assert run_train(assets, out, "--method", "zo", "--steps", "6", "--eval_every", "2", "--save", "--resume") == 1
+    assert "diverged in the saved run" in capsys.readouterr().err
+
+
+# Resume: every model kind, damaged files, changed data.
+
+def test_masked_lm_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys):
+    flags = ["--method", "dizo", "--steps", "9", "--eval_every", "4", "--save"]
+    assert run_train(assets, tmp_path / "full", *flags, kind="masked") == 0
+    interrupt_at_call(monkeypatch, 11)
+    assert run_train(assets, tmp_path / "cut", *flags, kind="masked") == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert run_train(assets, tmp_path / "cut", *flags, "--resume", kind="masked") == 0
+    assert_same_weights(tmp_path / "full", tmp_path / "cut")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("checkpoint", "is damaged"),
+    ("results", "not written by train.py, or is damaged"),
+    ("data", "the data differ from the saved run's"),
+])
+def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys, damage, message):
+    import shutil
+    task = tmp_path / "task"
+    shutil.copytree(assets["data"], task)
+    out = tmp_path / "o"
+    argv = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", str(task), "--out_dir", str(out),
+            "--method", "zo", "--steps", "2", "--eval_every", "2", "--batch_size", "4", "--lr", "1e-3"]
+    assert train.main(argv) == 0
+    r = json.loads((out / "results.json").read_text())
+    r["methods"]["zo"]["status"] = "interrupted"  # as if a signal had stopped it after its checkpoint
+    (out / "results.json").write_text(json.dumps(r))
+    if damage == "checkpoint":
+        weights = out / "checkpoints" / "zo" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:500])
+    elif damage == "results":
+        text = (out / "results.json").read_text()
+        (out / "results.json").write_text(text[:len(text) // 2])
+    else:
+        rows = (task / "train.tsv").read_text().replace("a fine movie", "a fine film")
+        (task / "train.tsv").write_text(rows)
+    capsys.readouterr()
+    assert train.main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_signal_after_the_last_step_keeps_the_saved_model(assets, tmp_path, monkeypatch):
+    original = train.finish_result
+
+    def finish_then_signal(*args):
+        original(*args)
+        os.kill(os.getpid(), signal.SIGTERM)  # the method is done; the signal comes before --save
+
+    monkeypatch.setattr(train, "finish_result", finish_then_signal)
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--method", "zo", "--steps", "3", "--save") == 128 + signal.SIGTERM
+    assert json.loads((out / "results.json").read_text())["methods"]["zo"]["status"] == "done"
+    assert (out / "model" / "model.safetensors").exists()
