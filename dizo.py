@@ -121,7 +121,8 @@ class ZOSGD(torch.optim.Optimizer):
         eps           ε of eq. (1) (released: 1e-3). One for all groups: g is one scalar for the whole model.
         weight_decay  λ, MeZO's (DiZO's code has none: default 0), on matrices only, i.e. tensors with two
                       or more dimensions: biases and LayerNorm weights are vectors. Decided by shape.
-        seed          seeds the optimizer's generator; the global torch RNG is never re-seeded.
+        seed          seeds the optimizer's generator; the global torch RNG is never re-seeded (only
+                      replayed, so that both forward passes draw the same dropout masks).
     """
 
     _SHARED = ("eps",)  # settings every group must share
@@ -344,6 +345,7 @@ class DiZO(ZOSGD):
                  search_loss: Callable[[Any], Loss] | None = None) -> None:
         self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, interval=interval,
                                  proj_iters=proj_iters, proj_eps=proj_eps, proj_lr=proj_lr, tau=tau), seed)
+        self._check_search_source(search_data, search_loss)
         pairs = self._checked_projection(projected)
         self.names = [n for n, _ in pairs]
         self.matrices = [t for _, t in pairs]
@@ -351,7 +353,6 @@ class DiZO(ZOSGD):
         self.ratios = torch.ones(len(pairs), dtype=torch.float64)  # last phase's r, for logging
         self.gammas = torch.zeros(len(pairs), dtype=torch.float64)  # last phase's γ = r·s
         self._u_gen = torch.Generator().manual_seed(seed + 1)  # own stream: ZO seeds match ZOSGD's
-        self._check_search_source(search_data, search_loss)
         self._search_data, self._search_loss = search_data, search_loss
         self._search_iter = iter(())  # the first draw starts a pass over search_data
 
@@ -485,16 +486,17 @@ class DiZO(ZOSGD):
         moving = dist > 0  # a matrix that has not moved has no direction to rescale
         for it in range(s["proj_iters"]):
             closure = next_closure()
-            # u_l ~ N(0, 1), clipped to ±(τ/ε_γ) s_l; the trial γ_l ± ε_γ u_l is the ratio r_l ± ε_γ u_l / s_l
+            # u_l ~ N(0, 1), clipped to ±(τ/ε_γ) s_l; the trial γ_l ± ε_γ u_l is the ratio r_l ± δ_l,
+            # δ_l = ε_γ u_l / s_l
             bound = (tau / eps_g) * dist
             u = torch.randn(len(dist), generator=self._u_gen, dtype=torch.float64).clamp(-bound, bound)
             trial = torch.where(moving, eps_g * u / dist.where(moving, 1.0), 0.0)
             rng = _GlobalRNG(self._devices())
             self._set_ratios_(ratios + trial, start)
-            loss_plus = _scalar(closure(), "a trial projection of the γ search")
-            rng.replay()  # same dropout masks in both passes
+            loss_plus = _scalar(closure(), "a trial projection of the γ search")   # ℓ+ = L(θ0 + (r + δ) Δ)
+            rng.replay()  # the same dropout masks in both passes
             self._set_ratios_(ratios - trial, start)
-            loss_minus = _scalar(closure(), "a trial projection of the γ search")
+            loss_minus = _scalar(closure(), "a trial projection of the γ search")  # ℓ- = L(θ0 + (r - δ) Δ)
             grad = (loss_plus - loss_minus) / (2 * eps_g)  # ĝ = (ℓ+ - ℓ-) / (2 ε_γ)
             if not math.isfinite(grad):
                 raise FloatingPointError(f"non-finite loss in the projection phase after ZO step "

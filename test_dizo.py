@@ -627,7 +627,7 @@ def test_search_data_is_drawn_once_per_iteration_and_reiterated_when_exhausted()
         opt.step(lambda: calls.append(1) or closure())
     assert len(calls) == 2 + 2 + 2 * 4
 
-    # a generator cannot be iterated again: clear error, matrices restored
+    # a generator cannot be iterated again: a clear error at the first draw past its end
     opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=1, proj_iters=3,
                search_data=(b for b in range(2)), search_loss=search_loss)
     with pytest.raises(ValueError, match="search_data yields no batch"):
@@ -677,6 +677,27 @@ def test_dropout_both_passes_see_the_same_masks():
     torch.set_rng_state(start)
     unreplayed = mezo_reference_step(params, closure, step_seed, lr=0.0, eps=1e-6)
     assert abs(unreplayed - derivative) > 100 * abs(derivative)
+
+
+def test_every_pair_of_passes_starts_from_the_same_rng_state():
+    """In the ZO step and in each γ-search iteration, ℓ+ and ℓ- start from the same global RNG state, and
+    the next pair from where the previous ℓ- left it (the RNG moves on by one call per pair)."""
+    model = tiny_opt(dropout=0.1).train()
+    closure, states = lm_closure(model), []
+
+    def recorded(kind):
+        states.append((kind, torch.get_rng_state()))
+        return closure()
+
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=2, proj_iters=3,
+               search_data=[0], search_loss=lambda batch: recorded("search"))
+    for _ in range(2):
+        opt.step(lambda: recorded("step"))
+    kinds = [k for k, _ in states]
+    assert kinds == ["step"] * 4 + ["search"] * 6
+    pairs = [(states[i][1], states[i + 1][1]) for i in range(0, len(states), 2)]
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert not any(torch.equal(pairs[i][0], pairs[i + 1][0]) for i in range(len(pairs) - 1))
 
 
 @pytest.mark.parametrize("bad, error, says", [
@@ -744,7 +765,7 @@ def test_dizo_on_lora_anchors_b_at_zero_and_rescales_the_adapters_only():
     assert not torch.all(opt.ratios == 1.0)
     for (n, t), d in zip(pairs, opt.distances()):
         if ".lora_B." in n:  # Δ_B = B: the distance from the anchor is the norm of B itself
-            assert d == pytest.approx(float(t.norm()), rel=1e-6) and d > 0
+            assert d == pytest.approx(float(t.detach().norm()), rel=1e-6) and d > 0
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
 
 
