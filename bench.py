@@ -254,20 +254,16 @@ def bench_dizo(model, batch, fresh, args, device):
     if args.warmup + args.repeats >= args.kappa:
         raise ValueError("warmup + repeats must be < kappa: the ordinary steps are timed without a phase")
     pairs = projected_params(model)
-    opt = DiZO(model.parameters(), pairs, lr=LR_ZO, eps=EPS_ZO, interval=args.kappa, proj_iters=args.proj_iters)
-    fresh_batches = iter(fresh)
-
-    def fresh_closure():
-        b = next(fresh_batches)
-        return lambda: loss_fn(model, b)
+    opt = DiZO(model.parameters(), pairs, lr=LR_ZO, eps=EPS_ZO, interval=args.kappa, proj_iters=args.proj_iters,
+               search_data=fresh, search_loss=lambda b: loss_fn(model, b))
 
     def closure():
         return loss_fn(model, batch)
 
-    times = time_steps(lambda: opt.step(closure, fresh_closure), args.warmup, args.repeats, device)
+    times = time_steps(lambda: opt.step(closure), args.warmup, args.repeats, device)
     _sync(device)
     t0 = time.perf_counter()
-    opt.project(fresh_closure)  # what step() runs after every κ-th step
+    opt.project(opt._search_closure)  # what step() runs after every κ-th step
     _sync(device)
     phase = time.perf_counter() - t0
     step_s = statistics.median(times)

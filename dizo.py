@@ -1,36 +1,60 @@
 """Zeroth-order fine-tuning: ZO-SGD with seed replay (MeZO) and DiZO's layer-wise divergence projection.
 
-This module depends on torch alone. Read it beside the papers:
-  MeZO  -- Malladi et al., "Fine-Tuning Language Models with Just Forward Passes", arXiv 2305.17333.
+This module depends on torch alone; copy it into any project. Read it beside the papers:
+  MeZO  -- Malladi et al., "Fine-Tuning Language Models with Just Forward Passes", arXiv 2305.17333;
+           released code: princeton-nlp/MeZO, large_models/trainer.py.
   DiZO  -- Tan et al., "Harmony in Divergence: Towards Fast, Accurate, and Memory-efficient Zeroth-order
-           LLM Fine-tuning", arXiv 2502.03304 (NeurIPS 2025).
+           LLM Fine-tuning", arXiv 2502.03304 (NeurIPS 2025); released code: Skilteee/DiZO,
+           large_models/trainer.py (a fork of MeZO's).
 
-Where each equation is computed (PAPER.md sections in brackets)
-  z ~ N(0, I), regenerated from a per-step seed       ZOSGD._z, ZOSGD._perturb_   [§1, MeZO's seed replay]
-  g = (L(θ + εz) - L(θ - εz)) / (2ε)                   ZOSGD.step                  [§1, DiZO eq. 1, q = 1]
-  θ <- θ - η (g z + λ θ), restore and update fused     ZOSGD.step                  [§1, DiZO eq. 2]
-  Δ_l = θ_l - θ0_l,  s_l = ||Δ_l||_F                   DiZO.distances              [§3, θ0 = pretrained]
-  θ_l <- θ0_l + (γ_l / s_l) Δ_l = θ0_l + r_l Δ_l       DiZO._set_ratios_           [§3, projection]
-  γ search: clipped SPSA on per-matrix scalars         DiZO.project                [§3, as the released code]
-  which matrices are projected                         projected_params            [§4.1: K and V]
+Equation map (sections and equations of the DiZO paper)
+  z ~ N(0, I), regenerated tensor by tensor from a per-step seed   ZOSGD._zs                 MeZO's seed replay
+  g = (L(θ + εz) - L(θ - εz)) / (2ε)                               ZOSGD._zo_step            §2.1 eq. (1), q = 1
+  θ <- θ - η (g z + λ θ), restore and update fused                 ZOSGD._update_            §2.1 eq. (2)
+  Δ_l = θ_l - θ0_l,  s_l = ||Δ_l||_F  (the layer-wise divergence)  DiZO.distances            §2.2
+  θ_l <- θ0_l + (γ_l / s_l) Δ_l = θ0_l + r_l Δ_l                   DiZO._set_ratios_         §3, projection
+  γ search: SPSA on per-matrix scalars, u clipped, r in [1-τ, 1+τ]  DiZO._search_ratios       §3, as trainer.py
+  every κ ZO steps, M search iterations on fresh mini-batches      DiZO.step, DiZO.project   §3, as trainer.py
+  which matrices: attention K and V (or their LoRA factors)        projected_params          as trainer.py
 
-Usage (any model, any loss):
+Usage (the README has a complete, tested example):
 
-    opt = DiZO(model.parameters(), projected_params(model), lr=1e-6)
-    for batch in batches:
-        def closure():                      # loss of ONE fixed mini-batch, no autograd
-            return loss_fn(model, batch)
-        opt.step(closure, fresh_closure=lambda: make_closure(next(other_batches)))
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-6,
+               search_data=loader, search_loss=lambda batch: loss_fn(model, batch))
+    for batch in loader:
+        loss = opt.step(lambda: loss_fn(model, batch))   # the loss of ONE mini-batch: no backward
 
-ZOSGD is the same without `projected` and `fresh_closure`. The model must be in eval mode (dropout off):
-the two forward passes of a step must see the same function, or g measures the dropout noise.
+ZOSGD takes the same step(closure), without `projected`, `search_data` and `search_loss`.
+
+What the closure may do, and what a step guarantees:
+  - It returns one scalar loss (a 0-dim tensor or a number), differentiable or not (an error rate works).
+    It runs under torch.no_grad(): it must not call backward().
+  - Dropout may be on. Both forward passes of a step see the same global RNG state (torch's CPU generator and
+    that of every CUDA device holding parameters are saved before ℓ+ and restored before ℓ-), so in train mode
+    they draw the same dropout masks and g is the directional derivative of the loss with that mask. After the
+    step the global RNG is where ONE closure call leaves it. (MeZO's and DiZO's code evaluate in eval mode.)
+  - If the closure raises anything (KeyboardInterrupt included) or returns something that is not one finite
+    scalar, θ is put back by replaying z before the error reaches the caller, and a note on the error says
+    how close: replaying z restores θ up to float rounding (bounded, and reported), not bit for bit, since
+    that would need a copy of the model. A projection phase restores its matrices exactly, from a copy.
+  - group["lr"] is read at every step, so torch.optim.lr_scheduler works. ZO-SGD has no momentum:
+    OneCycleLR and CyclicLR need cycle_momentum=False.
 """
 
 import math
+import numbers
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
 __all__ = ["ZOSGD", "DiZO", "projected_params", "projection_report"]
+
+Loss = torch.Tensor | float
+Closure = Callable[[], Loss]
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+Projected = Sequence[torch.Tensor | tuple[str, torch.Tensor]]
 
 
 def _check(name, value, ok, why):
@@ -38,34 +62,105 @@ def _check(name, value, ok, why):
         raise ValueError(f"{name} must be {why}, got {value!r}")
 
 
+def _note(error, text):
+    """Attach `text` to an exception that is propagating (shown under its traceback; Python >= 3.11)."""
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+
+
+def _require_closure(closure):
+    if not callable(closure):
+        raise TypeError(f"step(closure) needs a function that returns the loss, e.g. "
+                        f"lambda: loss_fn(model, batch); got {type(closure).__name__}")
+
+
+def _scalar(value, where):
+    """The closure's value as a float; anything but one scalar loss is an error saying what came back."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"the closure returned a tensor of shape {tuple(value.shape)} at {where}; it must "
+                             f"return one scalar loss (reduce a per-example loss, e.g. with .mean())")
+        return float(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    got = "None" if value is None else f"a {type(value).__name__}"
+    raise TypeError(f"the closure returned {got} at {where}; it must return the loss as a scalar tensor "
+                    f"or a number")
+
+
+class _GlobalRNG:
+    """The global torch RNG state (CPU, and every CUDA device among `devices`), saved now to be replayed:
+    the second forward pass then draws the same dropout masks as the first."""
+
+    def __init__(self, devices):
+        self.cpu = torch.get_rng_state()
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+
+    def replay(self):
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
+
 class ZOSGD(torch.optim.Optimizer):
     """ZO-SGD with MeZO's seed replay: two forward passes per step, no gradient, no optimizer state.
 
     step(closure) evaluates the closure exactly twice, at θ + εz and θ - εz, and returns the first loss
-    (as MeZO does). z is never stored: one seed is drawn per step from the optimizer's own generator, and
-    every pass over the parameters regenerates z tensor by tensor, in the fixed order of the parameter
-    groups, from that seed. One scratch buffer per (device, dtype), the size of the largest tensor, holds
-    the current tensor's z; the global torch RNG is never touched.
+    (as MeZO does). z is never stored: one 62-bit seed is drawn per step from the optimizer's own generator,
+    torch.Generator(seed), and every pass over the parameters regenerates z tensor by tensor, in the order of
+    the parameter groups, from a generator per device seeded with that seed (+ i on the i-th device). One
+    scratch buffer per (device, dtype), the size of the largest tensor, holds the current tensor's z.
 
     MeZO regenerates z four times per step (+ε, -2ε, +ε to restore, then -ηg to update). Here the restore
     and the update are fused into one pass, θ <- θ + (ε - ηg) z, so z is generated three times.
 
-    weight_decay (MeZO's, default 0 as in DiZO's code) applies to matrices only, i.e. tensors with two or
-    more dimensions: biases and LayerNorm weights are vectors. The decision is by shape, not by name.
+    Arguments (defaults as MeZO's and DiZO's code):
+        lr            η; ~1e-6 for billion-parameter LMs (the released value for OPT), far larger for small
+                      models: sweep a few decades and keep the largest that lowers the training loss.
+                      Per group, and read at every step (learning-rate schedulers work).
+        eps           ε of eq. (1) (released: 1e-3). One for all groups: g is one scalar for the whole model.
+        weight_decay  λ, MeZO's (DiZO's code has none: default 0), on matrices only, i.e. tensors with two
+                      or more dimensions: biases and LayerNorm weights are vectors. Decided by shape.
+        seed          seeds the optimizer's generator; the global torch RNG is never re-seeded (only
+                      replayed, so that both forward passes draw the same dropout masks).
     """
 
-    def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0):
-        _check("lr", lr, lr >= 0, ">= 0")
-        _check("eps", eps, eps > 0, "> 0")
-        _check("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
+    _SHARED = ("eps",)  # settings every group must share
+
+    def __init__(self, params: Params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0,
+                 seed: int = 0) -> None:
+        self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed)
+
+    def _start(self, params, defaults, seed):
         _check("seed", seed, isinstance(seed, int) and seed >= 0, "an int >= 0")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        self.eps = eps  # one ε for all groups: g is one scalar for the whole model
+        super().__init__(params, defaults)  # add_param_group checks every group's settings
         self.steps_done = 0
         self.projected_grad = None  # g of the last step, for logging
         self._seeds = torch.Generator().manual_seed(seed)  # draws one seed per step
         self._z_gens = {}  # device -> torch.Generator, re-seeded at every pass
         self._buffers = {}  # (device, dtype) -> flat scratch tensor for z
+
+    def _check_settings(self, s):
+        _check("lr", s["lr"], 0 <= s["lr"] < math.inf, "finite and >= 0")
+        _check("eps", s["eps"], 0 < s["eps"] < math.inf, "finite and > 0")
+        _check("weight_decay", s["weight_decay"], 0 <= s["weight_decay"] < math.inf, "finite and >= 0")
+
+    def _shared_settings(self, groups=None):
+        """The settings all groups share (g is one scalar for the whole model, so there is one ε)."""
+        groups = self.param_groups if groups is None else groups
+        for key in self._SHARED:
+            values = [g[key] for g in groups]
+            if any(v != values[0] for v in values):
+                raise ValueError(f"{key} differs between parameter groups ({values}); it must be the same "
+                                 f"in all of them: one ZO step estimates one scalar g for the whole model")
+        return {key: groups[0][key] for key in self._SHARED}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's add_param_group, with the group's settings checked; works after the first step."""
+        settings = {**self.defaults, **param_group}
+        self._check_settings(settings)
+        self._shared_settings(self.param_groups + [settings])
+        super().add_param_group(param_group)
 
     def _params(self):
         for group in self.param_groups:
@@ -73,148 +168,268 @@ class ZOSGD(torch.optim.Optimizer):
                 if p.requires_grad:
                     yield group, p
 
+    def _devices(self):
+        return list(dict.fromkeys(p.device for _, p in self._params()))  # in order of first appearance
+
     def _z(self, p):
         """The next z for tensor p, from p's device generator, in a reused scratch buffer."""
         key = (p.device, p.dtype)
         buf = self._buffers.get(key)
-        if buf is None:
+        if buf is None or buf.numel() < p.numel():  # a group added or a tensor unfrozen: grow the buffer
             largest = max(q.numel() for _, q in self._params() if (q.device, q.dtype) == key)
             buf = self._buffers[key] = torch.empty(largest, device=p.device, dtype=p.dtype)
         return buf[: p.numel()].view_as(p).normal_(generator=self._z_gens[p.device])
 
-    @torch.no_grad()
-    def _perturb_(self, seed, alpha, decay=None):
-        """θ <- θ + alpha(group) · z for every parameter, with z regenerated from `seed`.
-
-        decay(group), if given, is the factor (1 - ηλ) applied to matrices between restoring θ + εz and
-        subtracting ηgz, so that the decay acts on the restored θ as in the unfused update.
-        """
-        devices = dict.fromkeys(p.device for _, p in self._params())  # in order of first appearance
-        for i, d in enumerate(devices):
-            gen = self._z_gens.get(d)
-            if gen is None:
-                gen = self._z_gens[d] = torch.Generator(device=d)
-            gen.manual_seed(seed + i)  # a model split over devices: independent z on each
+    def _zs(self, seed):
+        """(group, p, z) for every trainable tensor, z regenerated from the step's seed (MeZO's seed replay)."""
+        for i, device in enumerate(self._devices()):
+            if device not in self._z_gens:
+                self._z_gens[device] = torch.Generator(device=device)
+            self._z_gens[device].manual_seed(seed + i)  # a model split over devices: independent z on each
         for group, p in self._params():
-            z = self._z(p)
-            factor = decay(group) if decay is not None and p.dim() >= 2 else 1.0
-            if factor != 1.0:
-                p.add_(z, alpha=self.eps).mul_(factor).add_(z, alpha=alpha(group) - self.eps)
+            yield group, p, self._z(p)
+
+    @torch.no_grad()
+    def _perturb_(self, seed, alpha):
+        """θ <- θ + alpha z."""
+        for _, p, z in self._zs(seed):
+            p.add_(z, alpha=alpha)
+
+    @torch.no_grad()
+    def _update_(self, seed, eps, grad):
+        """From θ - εz: θ <- θ + (ε - ηg) z = θ - ηgz, the restore and eq. (2) in one pass. MeZO's decay
+        θ <- (1 - ηλ) θ applies to the restored θ, between adding εz and subtracting ηgz."""
+        for group, p, z in self._zs(seed):
+            alpha = eps - group["lr"] * grad
+            decay = 1.0 - group["lr"] * group["weight_decay"] if p.dim() >= 2 else 1.0
+            if decay != 1.0:
+                p.add_(z, alpha=eps).mul_(decay).add_(z, alpha=alpha - eps)
             else:
-                p.add_(z, alpha=alpha(group))
+                p.add_(z, alpha=alpha)
 
     def _next_seed(self):
         return int(torch.randint(0, 2**62, (1,), generator=self._seeds))
 
     @torch.no_grad()
-    def step(self, closure):
-        """One ZO-SGD step (DiZO eq. 1 and 2); returns L(θ + εz), the closure's value."""
+    def _zo_step(self, closure):
+        """One ZO-SGD step, eq. (1) and (2): ℓ+ at θ + εz, ℓ- at θ - εz, then θ <- θ + (ε - ηg) z."""
+        _require_closure(closure)
+        eps = self._shared_settings()["eps"]
         seed = self._next_seed()
-        eps = self.eps
-        self._perturb_(seed, lambda group: eps)
-        loss_plus = closure()
-        self._perturb_(seed, lambda group: -2 * eps)
-        loss_minus = closure()
-        # g = (ℓ+ - ℓ-) / 2ε: the directional derivative of L along z, estimated from two losses.
-        grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)
+        rng = _GlobalRNG(self._devices())
+        loss_plus = self._loss_at(closure, seed, eps, moved_from=0.0)       # ℓ+ = L(θ + εz)
+        rng.replay()  # the same dropout masks in both passes
+        loss_minus = self._loss_at(closure, seed, -eps, moved_from=eps)     # ℓ- = L(θ - εz)
+        grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)           # g, eq. (1)
         if not math.isfinite(grad):
-            self._perturb_(seed, lambda group: eps)  # put θ back before anyone sees it
-            raise FloatingPointError(
-                f"non-finite loss at ZO step {self.steps_done + 1}: "
-                f"L(θ+εz)={float(loss_plus)}, L(θ-εz)={float(loss_minus)}; parameters left unchanged"
-            )
-        # Fused restore + update: θ - εz + (ε - ηg) z = θ - ηgz, with decay on the restored θ.
-        self._perturb_(
-            seed,
-            lambda group: eps - group["lr"] * grad,
-            decay=lambda group: 1.0 - group["lr"] * group["weight_decay"],
-        )
+            error = FloatingPointError(f"non-finite loss at ZO step {self.steps_done + 1}: L(θ+εz)="
+                                       f"{float(loss_plus)}, L(θ-εz)={float(loss_minus)}")
+            self._put_back_(error, seed, -eps)
+            raise error
+        self._update_(seed, eps, grad)                                      # θ <- θ + (ε - ηg) z, eq. (2)
         self.steps_done += 1
         self.projected_grad = grad
         return loss_plus
 
-    def state_dict(self):
-        """Everything needed to continue bit-for-bit: the step count and the seed generator's state."""
+    def _loss_at(self, closure, seed, offset, moved_from):
+        """Move θ from θ + moved_from·z to θ + offset·z and return the closure's loss there; if the closure
+        fails or returns anything but one scalar, θ is put back first."""
+        self._perturb_(seed, offset - moved_from)
+        try:
+            loss = closure()
+            _scalar(loss, f"θ {'+' if offset > 0 else '-'} εz")
+        except BaseException as error:
+            self._put_back_(error, seed, offset)
+            raise
+        return loss
+
+    @torch.no_grad()
+    def _put_back_(self, error, seed, offset):
+        """Undo θ + offset·z (offset = ±ε) by replaying z, the perturbations undone in reverse order, and
+        say on the error how close θ is to its value before the step.
+
+        Replay cannot restore θ bit for bit (that would need a copy of the model), but it can bound the
+        rounding: each add_ rounds at most twice (αz, then the sum), by at most half a unit in the last
+        place of a value no larger than |θ| + 2ε|z|, so the up to four add_ of a step and its undo stay
+        below finfo.eps · (3|θ| + 8ε|z|) per element. That bound, maximised, is what the note reports.
+        """
+        bound, largest, eps = 0.0, 0.0, abs(offset)
+        for _, p, z in self._zs(seed):
+            if offset < 0:
+                p.add_(z, alpha=2 * eps)
+            p.add_(z, alpha=-eps)
+            err = float(torch.finfo(p.dtype).eps * (3 * p.abs() + 8 * eps * z.abs()).max())
+            bound = max(bound, err) if math.isfinite(err) else math.inf  # inf: θ ± εz overflowed
+            largest = max(largest, float(p.abs().max()))
+        what = (f"ZO step {self.steps_done + 1} stopped with θ at θ {'+' if offset > 0 else '-'} εz"
+                + (" (the closure runs under torch.no_grad(): return the loss, do not call backward())"
+                   if "does not require grad" in str(error) else ""))
+        if bound >= largest:  # the rounding of θ ± εz may have wiped θ out
+            _note(error, f"{what}; θ could NOT be restored (eps = {eps:g} is too large for the weights' "
+                         f"precision): reload the weights")
+        else:
+            _note(error, f"{what}; θ was restored by replaying z, each element within {bound:.3g} of its "
+                         f"value before the step")
+
+    def step(self, closure: Closure | None = None) -> Loss:
+        """One ZO-SGD step (eq. (1) and (2)); returns the closure's value at θ + εz."""
+        return self._zo_step(closure)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state (the param groups and their settings) plus what continues the run bit for
+        bit: the step count and the seed generator's state."""
         state = super().state_dict()
-        state["zo"] = {"steps_done": self.steps_done, "seeds": self._seeds.get_state(), "eps": self.eps}
+        state["zo"] = {"steps_done": self.steps_done, "seeds": self._seeds.get_state()}
         return state
 
-    def load_state_dict(self, state_dict):
-        """Restore a state from state_dict(), including the seed generator: the next z is the one the
-        saved run would have drawn."""
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from ZOSGD.state_dict(): the next z is the one the saved run would have drawn."""
+        if "zo" not in state_dict:
+            raise ValueError(f"not a state_dict of ZOSGD or DiZO (it has no 'zo' entry): it comes from "
+                             f"another optimizer and cannot continue this {type(self).__name__}")
+        if "dizo" in state_dict:
+            raise ValueError("this state_dict is DiZO's (it holds anchors and ratios): load it into a DiZO")
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo")
         super().load_state_dict(state_dict)
         self.steps_done = zo["steps_done"]
         self._seeds.set_state(zo["seeds"])
-        self.eps = zo["eps"]
+
+
+_END = object()  # end of an iterator
 
 
 class DiZO(ZOSGD):
-    """ZO-SGD plus DiZO's divergence-driven projection of selected weight matrices (DiZO §3).
+    """ZO-SGD plus DiZO's divergence-driven projection of selected weight matrices (§3).
 
     Every `interval` (κ) ZO steps, a projection phase rescales each projected matrix's distance from its
-    pretrained value θ0 (the anchor, copied at construction; nothing else is copied):
+    anchor θ0 (its value when the optimizer is constructed, e.g. the pretrained weights; only the projected
+    matrices are copied):
 
         θ_l <- θ0_l + r_l Δ_l,   Δ_l = θ_l - θ0_l,   r_l = γ_l / ||Δ_l||   (a target distance γ_l per matrix)
 
     The ratios are searched by SPSA on the scalars, with `proj_iters` (M) iterations, each on a fresh
-    mini-batch, starting from the identity r = 1 (γ = ||Δ||, DiZO's re-initialisation). Per iteration:
+    mini-batch, starting from the identity r = 1 (γ = ||Δ||, §3's re-initialisation). Per iteration:
         u_l ~ N(0, 1), clipped to ±(τ/ε_γ)·s_l    (so that a trial never moves γ_l by more than τ·s_l)
         ℓ± = L(θ0 + (r ± ε_γ u / s) Δ)              (two forward passes on the iteration's batch)
         ĝ = (ℓ+ - ℓ-) / (2 ε_γ)
-        r_l <- clip(r_l - η_γ ĝ u_l, 1 - τ, 1 + τ)   (γ <- γ - η_γ s ĝ u in the released code, divided by s)
+        r_l <- clip(r_l - η_γ ĝ u_l, 1 - τ, 1 + τ)   (γ <- γ - η_γ s ĝ u in trainer.py, divided by s)
     and the final r is applied. Trial projections are undone exactly by copying back the weights saved at
     the start of the phase (the released code divides, which drifts in fp16). That copy lives in the idle z
     scratch buffer as far as it fits (the buffer is the size of the largest tensor, e.g. the embedding), and
     in new memory beyond that; so DiZO's extra memory is the anchor plus whatever part of the copy overflows.
 
-    Arguments beyond ZOSGD's (defaults are the released code's, PAPER.md §3):
-        projected   tensors to project, or (name, tensor) pairs as returned by projected_params().
-        interval    κ, ZO steps between projection phases (released: 50; searched 50/100/200/400).
-        proj_iters  M, SPSA iterations per phase (released: 10, hard-coded there).
-        proj_eps    ε_γ, perturbation scale of γ (released: 0.1; searched 0.1/0.05).
-        proj_lr     η_γ, step size of the ratio search (released: 2.0; searched 2.0/1.0).
-        tau         τ, the ratio is clipped to [1 - τ, 1 + τ] (released: 0.2; searched 0.1/0.2/0.3).
+    Arguments beyond ZOSGD's (defaults are Skilteee/DiZO's large_models/trainer.py and its README):
+        projected     the matrices to project: a list of tensors or of (name, tensor) pairs, as returned by
+                      projected_params(model); each an optimized parameter requiring grad, or a view of one.
+        interval      κ, ZO steps between projection phases (released: 50; searched 50/100/200/400).
+        proj_iters    M, SPSA iterations per phase (released: 10, hard-coded there).
+        proj_eps      ε_γ, perturbation scale of γ (released: 0.1; searched 0.1/0.05).
+        proj_lr       η_γ, step size of the ratio search (released: 2.0; searched 2.0/1.0).
+        tau           τ, the ratio is clipped to [1 - τ, 1 + τ] (released: 0.2; searched 0.1/0.2/0.3).
+        search_data   where the γ search draws its batches, one per inner iteration: an iterable of batches
+                      (iterated again when exhausted, so a DataLoader reshuffles) or a callable returning a
+                      batch. Its position is not part of state_dict().
+        search_loss   search_loss(batch) -> scalar loss; evaluated twice per batch (ℓ+ and ℓ-).
+      Without search_data and search_loss, the γ search evaluates the step's own closure, i.e. its M
+      iterations see the step's batch only; the released code draws fresh batches.
+    The settings above are in `defaults` and must be the same in every parameter group.
     """
 
-    def __init__(self, params, projected, lr, eps=1e-3, weight_decay=0.0, seed=0,
-                 interval=50, proj_iters=10, proj_eps=0.1, proj_lr=2.0, tau=0.2):
-        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed)
-        _check("interval", interval, isinstance(interval, int) and interval >= 1, "an int >= 1")
-        _check("proj_iters", proj_iters, isinstance(proj_iters, int) and proj_iters >= 1, "an int >= 1")
-        _check("proj_eps", proj_eps, proj_eps > 0, "> 0")
-        _check("proj_lr", proj_lr, proj_lr >= 0, ">= 0")
-        _check("tau", tau, 0 < tau < 1, "in (0, 1)")
-        pairs = [t if isinstance(t, tuple) else (f"projected[{i}]", t) for i, t in enumerate(projected)]
-        if not pairs:
-            raise ValueError("projected is empty: DiZO would silently be ZO-SGD")
+    _SHARED = ("eps", "interval", "proj_iters", "proj_eps", "proj_lr", "tau")
+
+    def __init__(self, params: Params, projected: Projected, lr: float, eps: float = 1e-3,
+                 weight_decay: float = 0.0, seed: int = 0, *, interval: int = 50, proj_iters: int = 10,
+                 proj_eps: float = 0.1, proj_lr: float = 2.0, tau: float = 0.2,
+                 search_data: Iterable[Any] | Callable[[], Any] | None = None,
+                 search_loss: Callable[[Any], Loss] | None = None) -> None:
+        self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, interval=interval,
+                                 proj_iters=proj_iters, proj_eps=proj_eps, proj_lr=proj_lr, tau=tau), seed)
+        self._check_search_source(search_data, search_loss)
+        pairs = self._checked_projection(projected)
         self.names = [n for n, _ in pairs]
         self.matrices = [t for _, t in pairs]
         self.anchors = [t.detach().clone() for t in self.matrices]
-        self.interval, self.proj_iters, self.proj_eps, self.proj_lr, self.tau = (
-            interval, proj_iters, proj_eps, proj_lr, tau)
         self.ratios = torch.ones(len(pairs), dtype=torch.float64)  # last phase's r, for logging
         self.gammas = torch.zeros(len(pairs), dtype=torch.float64)  # last phase's γ = r·s
         self._u_gen = torch.Generator().manual_seed(seed + 1)  # own stream: ZO seeds match ZOSGD's
+        self._search_data, self._search_loss = search_data, search_loss
+        self._search_iter = iter(())  # the first draw starts a pass over search_data
+
+    def _check_settings(self, s):
+        super()._check_settings(s)
+        _check("interval", s["interval"], isinstance(s["interval"], int) and s["interval"] >= 1, "an int >= 1")
+        _check("proj_iters", s["proj_iters"], isinstance(s["proj_iters"], int) and s["proj_iters"] >= 1,
+               "an int >= 1")
+        _check("proj_eps", s["proj_eps"], 0 < s["proj_eps"] < math.inf, "finite and > 0")
+        _check("proj_lr", s["proj_lr"], 0 <= s["proj_lr"] < math.inf, "finite and >= 0")
+        _check("tau", s["tau"], 0 < s["tau"] < 1, "in (0, 1)")
+
+    def _checked_projection(self, projected):
+        """(name, tensor) pairs from `projected`, each an optimized parameter requiring grad or a view of one."""
+        if not isinstance(projected, (list, tuple)):
+            raise TypeError(f"projected must be a list of tensors or (name, tensor) pairs, e.g. "
+                            f"projected_params(model); got {type(projected).__name__}")
+        if not projected:
+            raise ValueError("projected is empty: DiZO would silently be ZO-SGD")
+        optimized = {id(p) for group in self.param_groups for p in group["params"]}
+        pairs = []
+        for i, item in enumerate(projected):
+            name, t = item if isinstance(item, tuple) and len(item) == 2 else (f"projected[{i}]", item)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"projected[{i}] ({name}) is a {type(t).__name__}, not a tensor")
+            if not t.requires_grad:
+                raise ValueError(f"projected matrix {name} does not require grad: it is frozen, ZO never "
+                                 f"moves it, so there is nothing to project")
+            if id(t if t._base is None else t._base) not in optimized:
+                raise ValueError(f"projected matrix {name} is not one of the optimized parameters (nor a "
+                                 f"view of one)")
+            pairs.append((name, t))
+        return pairs
+
+    @staticmethod
+    def _check_search_source(data, loss):
+        if (data is None) != (loss is None):
+            raise ValueError("search_data and search_loss go together: give both (the γ search draws one "
+                             "batch of search_data per iteration and evaluates search_loss on it), or neither")
+        if loss is not None and not callable(loss):
+            raise TypeError(f"search_loss must be a function of one batch, got {type(loss).__name__}")
+        if data is not None and not (callable(data) or isinstance(data, Iterable)):
+            raise TypeError(f"search_data must be an iterable of batches or a function returning one, "
+                            f"got {type(data).__name__}")
 
     @property
-    def projection_due(self):
+    def projection_due(self) -> bool:
         """True right after every κ-th ZO step."""
-        return self.steps_done > 0 and self.steps_done % self.interval == 0
+        return self.steps_done > 0 and self.steps_done % self._shared_settings()["interval"] == 0
 
-    def step(self, closure, fresh_closure=None):
-        """One ZO step; after every κ-th, a projection phase (2 + 2M closure calls on such steps).
-
-        fresh_closure: called once per inner iteration, returns a loss closure on a FRESH mini-batch, as
-        the released code draws one; if None, `closure` itself is reused for every iteration.
-        """
-        loss = super().step(closure)
+    def step(self, closure: Closure | None = None) -> Loss:
+        """One ZO step; after every κ-th, a projection phase (2 + 2M closure or search_loss calls)."""
+        loss = self._zo_step(closure)
         if self.projection_due:
-            self.project(fresh_closure if fresh_closure is not None else lambda: closure)
+            self.project(self._search_closure if self._search_loss is not None else lambda: closure)
         return loss
 
-    def distances(self):
+    def _search_batch(self):
+        """The next batch of search_data: a call if it is callable, else the next item, starting a new
+        pass over it when exhausted (a shuffling DataLoader reshuffles)."""
+        if callable(self._search_data):
+            return self._search_data()
+        batch = next(self._search_iter, _END)
+        if batch is _END:
+            self._search_iter = iter(self._search_data)
+            batch = next(self._search_iter, _END)
+        if batch is _END:
+            raise ValueError("search_data yields no batch: pass a non-empty list or DataLoader (iterable again "
+                             "and again; a generator is not) or a function returning a batch")
+        return batch
+
+    def _search_closure(self):
+        """The loss closure of one γ-search iteration: search_loss on a fresh batch of search_data."""
+        batch = self._search_batch()
+        return lambda: self._search_loss(batch)
+
+    def distances(self) -> torch.Tensor:
         """s_l = ||θ_l - θ0_l||_F for every projected matrix (float64, on the CPU)."""
         with torch.no_grad():
             # half precision is summed in fp32: a norm over millions of squares overflows fp16
@@ -243,35 +458,54 @@ class DiZO(ZOSGD):
         return copies
 
     @torch.no_grad()
-    def project(self, make_closure):
-        """One projection phase: SPSA search of the ratios r_l (DiZO §3), then θ_l <- θ0_l + r_l Δ_l."""
+    def project(self, next_closure: Callable[[], Closure]) -> None:
+        """One projection phase (§3): the γ search, then θ_l <- θ0_l + r_l Δ_l for good.
+
+        next_closure() is called once per inner iteration and returns that iteration's loss closure (on a
+        fresh mini-batch, as the released code draws one); that closure is evaluated twice, at r ± ε_γ u / s.
+        step() calls this after every κ-th ZO step. If anything fails during the phase, the projected matrices
+        are restored exactly to their values at its start before the error propagates.
+        """
         start = self._saved_copies(self.matrices)  # for the exact undo of trial projections
         dist = self.distances()
-        tau, eps_g = self.tau, self.proj_eps
+        try:
+            ratios = self._search_ratios(next_closure, start, dist)
+        except BaseException as error:
+            self._set_ratios_(torch.ones_like(dist), start)
+            _note(error, f"the projection phase after ZO step {self.steps_done} failed; the projected "
+                         f"matrices were restored exactly (the step's ZO update stays applied)")
+            raise
+        self._set_ratios_(ratios, start)  # θ_l <- θ0_l + r_l Δ_l
+        self.ratios, self.gammas = ratios, ratios * dist
+
+    def _search_ratios(self, next_closure, start, dist):
+        """M iterations of clipped SPSA on the ratios r_l = γ_l / s_l, from r = 1 (γ = ||Δ||); returns r."""
+        s = self._shared_settings()
+        tau, eps_g = s["tau"], s["proj_eps"]
         ratios = torch.ones_like(dist)  # re-initialisation: γ = ||Δ||, the identity
         moving = dist > 0  # a matrix that has not moved has no direction to rescale
-        for it in range(self.proj_iters):
-            closure = make_closure()
-            # u_l ~ N(0, 1), clipped to ±(τ/ε_γ) s_l; the trial γ_l ± ε_γ u_l is the ratio r_l ± ε_γ u_l / s_l
+        for it in range(s["proj_iters"]):
+            closure = next_closure()
+            # u_l ~ N(0, 1), clipped to ±(τ/ε_γ) s_l; the trial γ_l ± ε_γ u_l is the ratio r_l ± δ_l,
+            # δ_l = ε_γ u_l / s_l
             bound = (tau / eps_g) * dist
             u = torch.randn(len(dist), generator=self._u_gen, dtype=torch.float64).clamp(-bound, bound)
             trial = torch.where(moving, eps_g * u / dist.where(moving, 1.0), 0.0)
+            rng = _GlobalRNG(self._devices())
             self._set_ratios_(ratios + trial, start)
-            loss_plus = float(closure())
+            loss_plus = _scalar(closure(), "a trial projection of the γ search")   # ℓ+ = L(θ0 + (r + δ) Δ)
+            rng.replay()  # the same dropout masks in both passes
             self._set_ratios_(ratios - trial, start)
-            loss_minus = float(closure())
+            loss_minus = _scalar(closure(), "a trial projection of the γ search")  # ℓ- = L(θ0 + (r - δ) Δ)
             grad = (loss_plus - loss_minus) / (2 * eps_g)  # ĝ = (ℓ+ - ℓ-) / (2 ε_γ)
             if not math.isfinite(grad):
-                self._set_ratios_(torch.ones_like(dist), start)
-                raise FloatingPointError(
-                    f"non-finite loss in the projection phase after ZO step {self.steps_done} "
-                    f"(inner iteration {it + 1}); projected matrices restored")
+                raise FloatingPointError(f"non-finite loss in the projection phase after ZO step "
+                                         f"{self.steps_done} (inner iteration {it + 1})")
             # r_l <- clip(r_l - η_γ ĝ u_l, 1 - τ, 1 + τ)
-            ratios = (ratios - self.proj_lr * grad * u).clamp(1 - tau, 1 + tau)
-        self._set_ratios_(ratios, start)  # θ_l <- θ0_l + r_l Δ_l, for good
-        self.ratios, self.gammas = ratios, ratios * dist
+            ratios = (ratios - s["proj_lr"] * grad * u).clamp(1 - tau, 1 + tau)
+        return ratios
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """ZOSGD's state plus the anchors (so a resumed run needs no pretrained model), their names,
         the u generator and the last phase's ratios and γ."""
         state = super().state_dict()
@@ -280,9 +514,12 @@ class DiZO(ZOSGD):
                          "gammas": self.gammas.clone()}
         return state
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ZOSGD's state, the anchors (from the checkpoint, not from the current weights), the u
         generator and the last ratios; refuses a state that projects other matrices."""
+        if "dizo" not in state_dict:
+            source = "ZOSGD's (it has no anchors)" if "zo" in state_dict else "from another optimizer"
+            raise ValueError(f"this state_dict is {source}: it cannot continue a DiZO")
         state_dict = dict(state_dict)
         dizo = state_dict.pop("dizo")
         if dizo["names"] != self.names:
@@ -297,27 +534,42 @@ class DiZO(ZOSGD):
 
 
 # Which matrices to project, found by module structure. Each rule recognises one family's attention block
-# and yields (role, suffix, tensor); roles are q, k, v, o.
+# and returns (role, tensor) pairs, roles q, k, v, o; the tensor is a weight or a view of one. PEFT LoRA
+# wrappers are seen through: a module with `base_layer` and ModuleDicts `lora_A`, `lora_B` keyed by adapter.
+
+def _is_lora(module):
+    return (hasattr(module, "base_layer") and isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict)
+            and isinstance(getattr(module, "lora_B", None), torch.nn.ModuleDict))
+
+
+def _unwrapped(module):
+    return module.base_layer if _is_lora(module) else module
+
+
+def _linear(module, name):
+    """module.<name> if it is an nn.Linear (possibly inside a LoRA wrapper), else None."""
+    m = _unwrapped(getattr(module, name, None))
+    return m if isinstance(m, torch.nn.Linear) else None
+
 
 def _separate_projections(module):
     """OPT, Llama, Mistral, Qwen2, ...: q_proj, k_proj, v_proj and out_proj (OPT) or o_proj (Llama)."""
-    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
     out = "out_proj" if hasattr(module, "out_proj") else "o_proj"
-    if not all(isinstance(getattr(module, n, None), torch.nn.Linear) for n in (*names.values(), out)):
+    linears = {role: _linear(module, n) for role, n in
+               (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", out))}
+    if not all(linears.values()):
         return None
-    names["o"] = out
-    return [(role, f"{n}.weight", getattr(module, n).weight) for role, n in names.items()]
+    return [(role, m.weight) for role, m in linears.items()]
 
 
 def _bert_attention(module):
     """BERT, RoBERTa: attention.self.{query,key,value} and attention.output.dense."""
     sa, out = getattr(module, "self", None), getattr(module, "output", None)
-    if not all(isinstance(getattr(sa, n, None), torch.nn.Linear) for n in ("query", "key", "value")):
+    linears = {"q": _linear(sa, "query"), "k": _linear(sa, "key"), "v": _linear(sa, "value"),
+               "o": _linear(out, "dense")}
+    if not all(linears.values()):
         return None
-    if not isinstance(getattr(out, "dense", None), torch.nn.Linear):
-        return None
-    return [("q", "self.query.weight", sa.query.weight), ("k", "self.key.weight", sa.key.weight),
-            ("v", "self.value.weight", sa.value.weight), ("o", "output.dense.weight", out.dense.weight)]
+    return [(role, m.weight) for role, m in linears.items()]
 
 
 def _gpt2_attention(module):
@@ -326,15 +578,14 @@ def _gpt2_attention(module):
     The fused weight is one parameter, but K and V are distinct matrices of the model, so DiZO projects
     each column block, a view of the parameter, on its own, like OPT's separate k_proj and v_proj.
     """
-    c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+    c_attn, c_proj = _unwrapped(getattr(module, "c_attn", None)), _unwrapped(getattr(module, "c_proj", None))
     if c_attn is None or c_proj is None or getattr(c_attn, "weight", None) is None:
         return None
     w = c_attn.weight
     if w.dim() != 2 or w.shape[1] != 3 * w.shape[0]:
         return None  # cross-attention or another layout: not ours to guess
     d = w.shape[0]
-    return [("q", "c_attn.weight[q]", w[:, :d]), ("k", "c_attn.weight[k]", w[:, d:2 * d]),
-            ("v", "c_attn.weight[v]", w[:, 2 * d:]), ("o", "c_proj.weight", c_proj.weight)]
+    return [("q", w[:, :d]), ("k", w[:, d:2 * d]), ("v", w[:, 2 * d:]), ("o", c_proj.weight)]
 
 
 def _neox_attention(module):
@@ -342,43 +593,74 @@ def _neox_attention(module):
 
     K and V are strided views of shape [heads, head_dim, d], one per role, as for GPT-2.
     """
-    qkv, dense = getattr(module, "query_key_value", None), getattr(module, "dense", None)
+    qkv, dense = _linear(module, "query_key_value"), _linear(module, "dense")
     head_size = getattr(module, "head_size", None)
-    if not isinstance(qkv, torch.nn.Linear) or not isinstance(dense, torch.nn.Linear) or not head_size:
+    if qkv is None or dense is None or not head_size:
         return None
     w = qkv.weight.view(-1, 3, head_size, qkv.weight.shape[1])
-    return [("q", "query_key_value.weight[q]", w[:, 0]), ("k", "query_key_value.weight[k]", w[:, 1]),
-            ("v", "query_key_value.weight[v]", w[:, 2]), ("o", "dense.weight", dense.weight)]
+    return [("q", w[:, 0]), ("k", w[:, 1]), ("v", w[:, 2]), ("o", dense.weight)]
 
 
 _RULES = (_separate_projections, _bert_attention, _gpt2_attention, _neox_attention)
 SUPPORTED_FAMILIES = "OPT, Llama/Mistral/Qwen2, BERT/RoBERTa, GPT-2, GPT-NeoX"
 
 
-def projected_params(model, roles=("k", "v")):
-    """The attention matrices DiZO projects, as (name, tensor) pairs, in module order.
+def _attention(module):
+    """(role, tensor) pairs of `module` if some rule recognises it as an attention block, else None."""
+    return next((hits for hits in (rule(module) for rule in _RULES) if hits), None)
 
-    Default roles K and V, as the released code (OPT's k_proj and v_proj); any of "q", "k", "v", "o".
-    Matrices are found by the structure of each family's attention block, never by a single name check,
-    and an unknown architecture raises instead of silently projecting nothing.
+
+def _lora_factors(layer):
+    """(A, B) weights of the active adapters of a PEFT LoRA layer that are trained."""
+    adapters = getattr(layer, "active_adapters", None) or list(layer.lora_A)
+    return [t for a in adapters if a in layer.lora_A
+            for t in (layer.lora_A[a].weight, layer.lora_B[a].weight) if t.requires_grad]
+
+
+def projected_params(model: torch.nn.Module,
+                     roles: Sequence[str] = ("k", "v")) -> list[tuple[str, torch.Tensor]]:
+    """The trained attention matrices DiZO projects, as (name, tensor) pairs, in module order.
+
+    Default roles K and V, as Skilteee/DiZO's large_models/trainer.py (OPT's k_proj and v_proj); any of
+    "q", "k", "v", "o". Matrices are found by the structure of each family's attention block, never by a
+    single name check, and a model in which none is found raises instead of silently projecting nothing.
+    Names are those of model.named_parameters() (torch.compile's `_orig_mod.` removed, so a checkpoint of
+    the eager model loads into the compiled one); a view is named after its parameter, plus [k] or [v].
+
+    Only trained tensors are returned. A matrix wrapped by PEFT LoRA contributes the LoRA factors A and B of
+    its active adapter instead of its frozen weight, so on a PeftModel the default is LoRA A and B of the
+    K and V projections. The released code, under LoRA, projects every LoRA tensor of the model, and its
+    LoRA sits on q_proj and v_proj (OPT): with PEFT's default targets (q_proj, v_proj for OPT and Llama)
+    the default here projects V's factors only; roles=("q", "v") projects what the released code does.
+    The anchors are the factors at DiZO's construction: right after get_peft_model, A is its random
+    initialisation and B = 0, so Δ_B = B and rescaling ||Δ_B|| rescales the whole adapter update B A, while
+    rescaling Δ_A = A - A_0 rescales how far A has moved from its initialisation.
     """
     bad = set(roles) - {"q", "k", "v", "o"}
     if not roles or bad:
         raise ValueError(f"roles must be a non-empty subset of q, k, v, o, got {roles!r}")
-    found = []
-    for prefix, module in model.named_modules():
-        for rule in _RULES:
-            hits = rule(module)
-            if hits:
-                found += [(f"{prefix}.{suffix}", t) for role, suffix, t in hits if role in roles]
-                break
-    if not found:
+    names = {id(p): re.sub(r"(^|\.)_orig_mod\.", r"\1", n) for n, p in model.named_parameters()}
+    lora = {id(m.base_layer.weight): m for m in model.modules()
+            if _is_lora(m) and getattr(m.base_layer, "weight", None) is not None}
+    blocks = [hits for hits in (_attention(module) for module in model.modules()) if hits]
+    if not blocks:
         raise ValueError(f"no attention block recognised in {type(model).__name__}; "
                          f"projected_params supports {SUPPORTED_FAMILIES}")
+    found = []
+    for role, t in (hit for hits in blocks for hit in hits if hit[0] in roles):
+        if id(t) in lora:  # the weight is frozen under LoRA: its trained factors instead
+            found += [(names[id(f)], f) for f in _lora_factors(lora[id(t)])]
+        elif t.requires_grad:
+            found.append((names[id(t)] if t._base is None else f"{names[id(t._base)]}[{role}]", t))
+    if not found:
+        adapted = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_lora(m)})
+        where = f"LoRA adapters sit on {', '.join(adapted)} only" if adapted else "those weights are frozen"
+        raise ValueError(f"no trained attention matrix for roles {', '.join(roles)}: {where}; train those "
+                         f"matrices or put LoRA adapters on them")
     return found
 
 
-def projection_report(pairs):
+def projection_report(pairs: Sequence[tuple[str, torch.Tensor]]) -> dict[str, int]:
     """Count, parameters and anchor bytes of the projected matrices, for the user to check the choice."""
     tensors = [t for _, t in pairs]
     return {"matrices": len(tensors), "params": sum(t.numel() for t in tensors),

@@ -8,6 +8,8 @@ import copy
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM)
 
@@ -79,7 +83,7 @@ def quadratic(dim=12, seed=0, dtype=torch.float64):
 def tiny_opt(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                    max_position_embeddings=32, word_embed_proj_dim=32, dropout=0.0, **kw)
+                    max_position_embeddings=32, word_embed_proj_dim=32, **(dict(dropout=0.0) | kw))
     return OPTForCausalLM(cfg).eval()
 
 
@@ -223,15 +227,21 @@ def test_dizo_without_projection_is_bit_identical_to_zosgd():
 
 def test_projection_step_calls_closure_2_plus_2m_times_with_fresh_batches():
     model = tiny_opt()
-    opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=3, proj_iters=4)
     calls, fresh = [], []
     closure = lm_closure(model)
+
+    def search_loss(batch):
+        calls.append(batch)
+        return closure()
+
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=3, proj_iters=4,
+               search_data=lambda: fresh.append(len(fresh)) or fresh[-1], search_loss=search_loss)
     for step in range(1, 7):
         n = len(calls)
-        opt.step(lambda: calls.append(1) or closure(),
-                 fresh_closure=lambda: fresh.append(1) or (lambda: calls.append(1) or closure()))
+        opt.step(lambda: calls.append("step") or closure())
         assert len(calls) - n == (2 + 2 * 4 if step % 3 == 0 else 2)
-    assert len(fresh) == 2 * 4  # one fresh batch per inner iteration, two phases
+    assert fresh == list(range(2 * 4))  # one fresh batch per inner iteration, two phases
+    assert [c for c in calls if c != "step"] == [i for i in range(8) for _ in "+-"]  # each batch twice
 
 
 def scale_problem(targets, seed=0):
@@ -385,6 +395,432 @@ def test_empty_projection_is_refused():
     model = tiny_opt()
     with pytest.raises(ValueError, match="projected is empty"):
         DiZO(model.parameters(), [], lr=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dizo.py: a drop-in torch optimizer (failures put θ back, torch.optim conventions, dropout, LoRA)
+
+def undone_by_replay(params, step_seed, eps, offset):
+    """What dizo documents for a failure at θ + offset·z, written plainly on copies: the step's perturbations
+    (+εz, then -2εz if offset = -ε), then the same undone in reverse order, each an add_ of the replayed z."""
+    moves = [eps] if offset > 0 else [eps, -2 * eps]
+    out = [p.detach().clone() for p in params]
+    for alpha in moves + [-a for a in reversed(moves)]:
+        for p, z in zip(out, reference_z(params, step_seed)):
+            p.add_(z, alpha=alpha)
+    return out
+
+
+def failing_closure(kind, loss, fail_at):
+    """A closure that behaves like `loss` except at its `fail_at`-th call, where it does `kind`."""
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) != fail_at:
+            return loss()
+        if kind == "raises":
+            raise ValueError("the data loader broke")
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+        if kind == "backward":
+            value = loss()
+            value.backward()
+            return value
+        return {"none": None, "vector": loss() * torch.ones(4), "string": "0.5"}[kind]
+
+    return closure
+
+
+CLOSURE_FAILURES = {  # kind: (exception, what its message or note must say)
+    "raises": (ValueError, "data loader broke"), "interrupt": (KeyboardInterrupt, ""),
+    "none": (TypeError, "returned None at θ [+-] εz"), "vector": (ValueError, r"shape \(4,\).*one scalar"),
+    "string": (TypeError, "returned a str"), "backward": (RuntimeError, "do not call backward"),
+}
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+@pytest.mark.parametrize("kind", list(CLOSURE_FAILURES))
+def test_a_failing_closure_leaves_theta_restored_by_replay(kind, fail_at):
+    model = tiny_opt()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    eps = 1e-3
+    opt = ZOSGD(params, lr=1e-2, eps=eps, seed=6)
+    exception, says = CLOSURE_FAILURES[kind]
+    with pytest.raises(exception) as info:
+        opt.step(failing_closure(kind, lm_closure(model), fail_at))
+    text = " ".join([str(info.value)] + info.value.__notes__)
+    assert re.search(says, text)
+    # θ is what replaying z gives, bit for bit, and within the bound the note states of θ before the step
+    expected = undone_by_replay(before, reference_seeds(6, 1)[0], eps, eps if fail_at == 1 else -eps)
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
+    bound = float(re.search(r"within (\S+) of its value before the step", text).group(1))
+    assert max(float((p.detach() - b).abs().max()) for p, b in zip(params, before)) <= bound < 1e-6
+    assert opt.steps_done == 0 and opt.projected_grad is None
+    assert f"θ {'+' if fail_at == 1 else '-'} εz" in text
+
+
+@pytest.mark.parametrize("closure", [None, torch.tensor(0.5), 0.5])
+def test_a_closure_that_is_not_callable_is_refused_before_theta_moves(closure):
+    model = tiny_opt()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-2, seed=2)
+    with pytest.raises(TypeError, match="needs a function that returns the loss"):
+        opt.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("eps", [1e30, 1e38])
+def test_too_large_eps_is_not_reported_as_restored(eps):
+    """ε|z| swamps fp32 θ (1e30) or overflows (1e38): θ is lost, and the error must say so."""
+    model = tiny_opt()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = ZOSGD(model.parameters(), lr=1e-3, eps=eps)
+    with pytest.raises(FloatingPointError, match="non-finite loss at ZO step 1") as info:
+        opt.step(lm_closure(model))
+    text = " ".join([str(info.value)] + info.value.__notes__)
+    assert "could NOT be restored" in text and "unchanged" not in text and "restored by" not in text
+    assert max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before)) > 1.0  # lost
+
+
+@pytest.mark.parametrize("kind", ["raises", "none", "interrupt"])
+def test_a_failure_in_the_gamma_search_restores_the_projected_matrices_exactly(kind):
+    """The step's ZO update stays; the projected matrices are exactly as that update left them, i.e. as in
+    a twin run without projection."""
+    model, twin = tiny_opt(), tiny_opt()
+    closure, twin_closure = lm_closure(model), lm_closure(twin)
+    search_loss = failing_closure(kind, closure, fail_at=3)  # the second inner iteration's ℓ+
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-2, interval=3, proj_iters=4,
+               search_data=lambda: None, search_loss=lambda batch: search_loss())
+    ref = DiZO(twin.parameters(), projected_params(twin), lr=1e-2, interval=1000)
+    for _ in range(2):
+        opt.step(closure)
+        ref.step(twin_closure)
+    ref.step(twin_closure)
+    with pytest.raises(CLOSURE_FAILURES[kind][0]) as info:
+        opt.step(closure)
+    assert "matrices were restored exactly" in " ".join(info.value.__notes__)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert opt.steps_done == 3 and torch.equal(opt.ratios, torch.ones(4, dtype=torch.float64))
+
+
+def test_step_hooks_fire_once_per_step_and_both_optimizers_take_step_closure():
+    counts = []
+    for make in (lambda m: ZOSGD(m.parameters(), lr=1e-3),
+                 lambda m: DiZO(m.parameters(), projected_params(m), lr=1e-3, interval=2, proj_iters=1)):
+        model = tiny_opt()
+        opt = make(model)
+        hits = []
+        opt.register_step_pre_hook(lambda *_: hits.append("pre"))
+        opt.register_step_post_hook(lambda *_: hits.append("post"))
+        closure = lm_closure(model)
+        for _ in range(4):
+            opt.step(closure)
+        counts.append(hits)
+    assert counts == [["pre", "post"] * 4] * 2
+
+
+def test_repr_shows_eps_and_the_dizo_settings():
+    model = tiny_opt()
+    text = repr(DiZO(model.parameters(), projected_params(model), lr=1e-3, eps=2e-3, interval=7, tau=0.3))
+    for setting in ("lr: 0.001", "eps: 0.002", "interval: 7", "proj_iters: 10", "proj_eps: 0.1",
+                    "proj_lr: 2.0", "tau: 0.3", "weight_decay: 0.0"):
+        assert setting in text
+    assert "eps: 0.001" in repr(ZOSGD(model.parameters(), lr=1e-3))
+
+
+def test_groups_must_share_eps_and_the_dizo_settings():
+    model = tiny_opt()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="eps differs between parameter groups"):
+        ZOSGD([{"params": params[:3], "eps": 1e-2}, {"params": params[3:]}], lr=1e-3)
+    with pytest.raises(ValueError, match="interval differs between parameter groups"):
+        DiZO([{"params": params[:3], "interval": 5}, {"params": params[3:]}], projected_params(model), lr=1e-3)
+    opt = ZOSGD(params[:3], lr=1e-3)
+    with pytest.raises(ValueError, match="eps differs"):
+        opt.add_param_group({"params": params[3:], "eps": 1e-2})
+    with pytest.raises(ValueError, match="^lr must be"):
+        opt.add_param_group({"params": params[3:], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": params[3:], "lr": 1e-4})  # lr and weight decay may differ per group
+    opt.param_groups[1]["eps"] = 1e-2  # changed behind the optimizer's back: refused before θ moves
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="eps differs"):
+        opt.step(lm_closure(model))
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def two_tensor_quadratic():
+    """L = Σ_i w_i (θ_i - c_i)² over a small and a larger tensor (weights w > 0), float64."""
+    gen = torch.Generator().manual_seed(0)
+    small, large = (torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float64)) for s in [(3,), (6, 5)])
+    targets = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (small, large)]
+    weights = [torch.rand(t.shape, generator=gen, dtype=torch.float64) + 0.5 for t in (small, large)]
+    return small, large, lambda: sum((w * (t - c) ** 2).sum() for t, c, w in zip((small, large), targets, weights))
+
+
+@pytest.mark.parametrize("how", ["add_param_group", "unfreeze"])
+def test_a_larger_tensor_joining_after_the_first_step_is_trained(how):
+    """The z buffer grows; z stays in parameter-group order: compare with the four-pass reference."""
+    small, large, loss = two_tensor_quadratic()
+    ref_small, ref_large, ref_loss = two_tensor_quadratic()
+    if how == "unfreeze":
+        large.requires_grad_(False)
+        opt = ZOSGD([small, large], lr=0.05, seed=3)
+    else:
+        opt = ZOSGD([small], lr=0.05, seed=3)
+    seeds = reference_seeds(3, 3)
+    opt.step(loss)
+    mezo_reference_step([ref_small], ref_loss, seeds[0], lr=0.05, eps=1e-3)
+    if how == "unfreeze":
+        large.requires_grad_(True)
+    else:
+        opt.add_param_group({"params": [large]})
+    for seed in seeds[1:]:
+        opt.step(loss)
+        mezo_reference_step([ref_small, ref_large], ref_loss, seed, lr=0.05, eps=1e-3)
+    for p, r in ((small, ref_small), (large, ref_large)):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-12, atol=1e-12)
+    assert not torch.equal(large.detach(), two_tensor_quadratic()[1].detach())
+
+
+@pytest.mark.parametrize("source, target", [("zosgd", "dizo"), ("dizo", "zosgd"), ("sgd", "zosgd"),
+                                            ("sgd", "dizo")])
+def test_a_state_dict_from_another_optimizer_is_refused(source, target):
+    model = tiny_opt()
+    make = {"zosgd": lambda: ZOSGD(model.parameters(), lr=1e-3),
+            "dizo": lambda: DiZO(model.parameters(), projected_params(model), lr=1e-3),
+            "sgd": lambda: torch.optim.SGD(model.parameters(), lr=1e-3)}
+    says = {"zosgd": "ZOSGD's", "dizo": "DiZO's", "sgd": "another optimizer"}[source]
+    with pytest.raises(ValueError, match=says):
+        make[target]().load_state_dict(make[source]().state_dict())
+
+
+def test_lr_scheduler_sets_the_learning_rate_of_every_step():
+    params, loss, _, _ = quadratic()
+    ref_params, ref_loss, _, _ = quadratic()
+    opt = ZOSGD(params, lr=0.02, seed=4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    for step, seed in enumerate(reference_seeds(4, 6)):
+        opt.step(loss)
+        schedule.step()
+        mezo_reference_step(ref_params, ref_loss, seed, lr=0.02 / (1 + step), eps=1e-3)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_search_data_is_drawn_once_per_iteration_and_reiterated_when_exhausted():
+    model = tiny_opt()
+    closure, seen = lm_closure(model), []
+
+    def search_loss(batch):
+        seen.append(int(batch))
+        return closure()
+
+    loader = DataLoader(torch.arange(3), batch_size=None)  # three batches: 0, 1, 2
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=2, proj_iters=4,
+               search_data=loader, search_loss=search_loss)
+    for _ in range(4):
+        opt.step(closure)
+    assert seen == [b for b in [0, 1, 2, 0, 1, 2, 0, 1] for _ in "+-"]  # two phases of 4, each batch twice
+
+    # without search_data and search_loss the γ search evaluates the step's own closure
+    calls = []
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=2, proj_iters=4)
+    for _ in range(2):
+        opt.step(lambda: calls.append(1) or closure())
+    assert len(calls) == 2 + 2 + 2 * 4
+
+    # a generator cannot be iterated again: a clear error at the first draw past its end
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=1, proj_iters=3,
+               search_data=(b for b in range(2)), search_loss=search_loss)
+    with pytest.raises(ValueError, match="search_data yields no batch"):
+        opt.step(closure)
+
+
+def test_search_data_and_search_loss_go_together():
+    model = tiny_opt()
+    pairs = projected_params(model)
+    with pytest.raises(ValueError, match="search_data and search_loss go together"):
+        DiZO(model.parameters(), pairs, lr=1e-3, search_data=[1, 2])
+    with pytest.raises(ValueError, match="search_data and search_loss go together"):
+        DiZO(model.parameters(), pairs, lr=1e-3, search_loss=lambda batch: 0.0)
+    with pytest.raises(TypeError, match="search_data must be"):
+        DiZO(model.parameters(), pairs, lr=1e-3, search_data=5, search_loss=lambda batch: 0.0)
+    with pytest.raises(TypeError, match="search_loss must be"):
+        DiZO(model.parameters(), pairs, lr=1e-3, search_data=[1], search_loss="loss")
+
+
+def test_dropout_both_passes_see_the_same_masks():
+    """Train mode, dropout 0.1, float64: g equals the directional derivative zᵀ∇L of the loss with the mask
+    drawn from the RNG state at the start of the step (autograd under that state). Without the replay (the
+    four-pass reference) the two passes see different masks and g is off by orders of magnitude. After the
+    step the global RNG is where one closure call leaves it."""
+    model = tiny_opt(dropout=0.1).double().train()
+    ids = torch.randint(2, 64, (4, 12), generator=torch.Generator().manual_seed(0))  # no padding token:
+    # its embedding row gets no gradient from autograd, yet moves the loss when perturbed
+
+    def closure():  # the loss in float64 (Hugging Face's loss is computed in fp32)
+        logits = model(input_ids=ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 64), ids[:, 1:].reshape(-1))
+
+    params = list(model.parameters())
+    start = torch.get_rng_state()
+    grads = torch.autograd.grad(closure(), params)
+    step_seed = reference_seeds(5, 1)[0]
+    derivative = sum(float((z * g).sum()) for z, g in zip(reference_z(params, step_seed), grads))
+    torch.set_rng_state(start)
+    opt = ZOSGD(params, lr=0.0, eps=1e-6, seed=5)
+    opt.step(closure)
+    assert opt.projected_grad == pytest.approx(derivative, rel=1e-4)
+    after_step = torch.get_rng_state()
+    torch.set_rng_state(start)
+    with torch.no_grad():
+        closure()
+    assert torch.equal(after_step, torch.get_rng_state())
+    torch.set_rng_state(start)
+    unreplayed = mezo_reference_step(params, closure, step_seed, lr=0.0, eps=1e-6)
+    assert abs(unreplayed - derivative) > 100 * abs(derivative)
+
+
+def test_every_pair_of_passes_starts_from_the_same_rng_state():
+    """In the ZO step and in each γ-search iteration, ℓ+ and ℓ- start from the same global RNG state, and
+    the next pair from where the previous ℓ- left it (the RNG moves on by one call per pair)."""
+    model = tiny_opt(dropout=0.1).train()
+    closure, states = lm_closure(model), []
+
+    def recorded(kind):
+        states.append((kind, torch.get_rng_state()))
+        return closure()
+
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=2, proj_iters=3,
+               search_data=[0], search_loss=lambda batch: recorded("search"))
+    for _ in range(2):
+        opt.step(lambda: recorded("step"))
+    kinds = [k for k, _ in states]
+    assert kinds == ["step"] * 4 + ["search"] * 6
+    pairs = [(states[i][1], states[i + 1][1]) for i in range(0, len(states), 2)]
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert not any(torch.equal(pairs[i][0], pairs[i + 1][0]) for i in range(len(pairs) - 1))
+
+
+@pytest.mark.parametrize("bad, error, says", [
+    ("tensor", TypeError, "must be a list of tensors"), ("module", TypeError, "must be a list of tensors"),
+    ("frozen", ValueError, "does not require grad"), ("outside", ValueError, "not one of the optimized"),
+    ("not a tensor", TypeError, "not a tensor"),
+])
+def test_projected_must_be_trained_parameters_of_the_optimizer(bad, error, says):
+    model = tiny_opt()
+    k = model.model.decoder.layers[0].self_attn.k_proj
+    projected = {"tensor": k.weight, "module": k, "frozen": [k.weight.detach()],
+                 "outside": [torch.nn.Parameter(torch.zeros(3, 3))], "not a tensor": [("k", 3)]}[bad]
+    with pytest.raises(error, match=says):
+        DiZO(model.parameters(), projected, lr=1e-3)
+    DiZO(model.parameters(), [k.weight, ("k rows", k.weight[:4])], lr=1e-3)  # a parameter and a view: fine
+
+
+def tiny_causal(family):
+    torch.manual_seed(0)
+    if family == "opt":
+        return tiny_opt()
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=64)).eval()
+
+
+def trained_names(model, part=""):
+    return [n for n, p in model.named_parameters() if p.requires_grad and part in n]
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_lora_projects_the_adapter_factors_of_k_and_v(family):
+    model = get_peft_model(tiny_causal(family), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
+    pairs = projected_params(model)
+    params = dict(model.named_parameters())
+    assert [n for n, _ in pairs] == trained_names(model)  # A and B of K and V in every layer, nothing else
+    assert len(pairs) == 2 * 2 * 2 and all(t is params[n] for n, t in pairs)
+    # PEFT's default targets, Q and V: by default V's factors; roles q, v: all, as the released code
+    model = get_peft_model(tiny_causal(family), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert [n for n, _ in projected_params(model)] == trained_names(model, ".v_proj.")
+    assert sorted(n for n, _ in projected_params(model, roles=("q", "v"))) == sorted(trained_names(model))
+    # LoRA on the MLP only: no trained K or V anywhere, refused (the frozen weights are never returned)
+    mlp = {"opt": ["fc1", "fc2"], "llama": ["gate_proj", "up_proj", "down_proj"]}[family]
+    model = get_peft_model(tiny_causal(family), LoraConfig(r=4, target_modules=mlp))
+    with pytest.raises(ValueError, match=f"LoRA adapters sit on {', '.join(sorted(mlp))} only"):
+        projected_params(model)
+
+
+def test_lora_projects_the_active_adapter():
+    model = get_peft_model(tiny_causal("opt"), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["k_proj", "v_proj"]))
+    model.set_adapter("second")
+    names = [n for n, _ in projected_params(model)]
+    assert names == trained_names(model) and len(names) == 8 and all(".second." in n for n in names)
+
+
+def test_dizo_on_lora_anchors_b_at_zero_and_rescales_the_adapters_only():
+    model = get_peft_model(tiny_causal("opt"), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    pairs = projected_params(model)
+    opt = DiZO(model.parameters(), pairs, lr=1e-2, interval=3, proj_iters=3)
+    assert all(torch.all(a == 0) for n, a in zip(opt.names, opt.anchors) if ".lora_B." in n)
+    closure = lm_closure(model)
+    for _ in range(3):
+        opt.step(closure)
+    assert not torch.all(opt.ratios == 1.0)
+    for (n, t), d in zip(pairs, opt.distances()):
+        if ".lora_B." in n:  # Δ_B = B: the distance from the anchor is the norm of B itself
+            assert d == pytest.approx(float(t.detach().norm()), rel=1e-6) and d > 0
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_compiled_model_projects_the_same_names_and_loads_an_eager_checkpoint():
+    model = tiny_opt()
+    compiled = torch.compile(model)
+    assert any(n.startswith("_orig_mod.") for n, _ in compiled.named_parameters())
+    names = [n for n, _ in projected_params(compiled)]
+    assert names == [n for n, _ in projected_params(model)]
+    eager = DiZO(model.parameters(), projected_params(model), lr=1e-3)
+    DiZO(compiled.parameters(), projected_params(compiled), lr=1e-3).load_state_dict(eager.state_dict())
+
+
+def test_zosgd_trains_on_a_non_differentiable_error_rate():
+    """The closure may return any scalar: here the 0/1 error of a linear classifier on a fixed batch,
+    piecewise constant in θ (no gradient), from a start orthogonal to the separating line."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 2, generator=gen, dtype=torch.float64)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    model = torch.nn.Linear(2, 2).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+        model.bias.zero_()
+
+    def accuracy():
+        return float((model(x).argmax(1) == y).double().mean())
+
+    start = accuracy()
+    opt = ZOSGD(model.parameters(), lr=0.5, eps=0.1, seed=0)
+    for _ in range(100):
+        opt.step(lambda: 1.0 - accuracy())
+    assert 0.4 < start < 0.6 and accuracy() >= 0.9
+
+
+def readme_example():
+    """The first python block of the README section on copying the optimizer."""
+    text = Path(__file__).with_name("README.md").read_text()
+    section = text.split("## Copying the optimizer into your project\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_runs_with_dizo_py_alone(tmp_path):
+    shutil.copy(Path(__file__).with_name("dizo.py"), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-"], input=readme_example(), cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["dizo.py"]
+    accuracy = dict(re.findall(r"^(\w+): .*accuracy (\S+)$", out.stdout, re.M))
+    assert set(accuracy) == {"ZOSGD", "DiZO"} and all(float(a) >= 0.85 for a in accuracy.values())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -713,8 +1149,8 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--data_dir", "#bad_label"], "test.tsv:2: label 'positive' is not a label"),
     (["--k", "50"], "asked for k=50 examples per class"),
     (["--model", "masked", "--label_words", " very bad, very good"], "single-token label words"),
-    (["--lr", "-1"], "--lr must be >= 0"),
-    (["--eps", "0"], "--eps must be > 0"),
+    (["--lr", "-1"], "--lr must be finite and >= 0"),
+    (["--eps", "0"], "--eps must be finite and > 0"),
     (["--tau", "1.5"], "--tau must be in (0, 1)"),
     (["--interval", "0"], "--interval must be an int >= 1"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),

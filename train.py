@@ -312,7 +312,8 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
                 raise FloatingPointError(f"non-finite weights after step {r['steps']}")
         except FloatingPointError as e:
             bar.close()
-            return r | {"status": "diverged", "error": str(e), "forward_passes": loss.calls}
+            error = " ".join([str(e), *getattr(e, "__notes__", [])])  # dizo.py says how θ was put back
+            return r | {"status": "diverged", "error": error, "forward_passes": loss.calls}
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if at_eval or Stop.signum is not None:
