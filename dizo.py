@@ -351,6 +351,7 @@ class DiZO(ZOSGD):
         self.matrices = [t for _, t in pairs]
         self.anchors = [t.detach().clone() for t in self.matrices]
         self.ratios = torch.ones(len(pairs), dtype=torch.float64)  # last phase's r, for logging
+        self.last_phase = None  # telemetry of the last phase: step, r_l, s_l, loss before and after
         self.gammas = torch.zeros(len(pairs), dtype=torch.float64)  # last phase's γ = r·s
         self._u_gen = torch.Generator().manual_seed(seed + 1)  # own stream: ZO seeds match ZOSGD's
         self._search_data, self._search_loss = search_data, search_loss
@@ -404,7 +405,7 @@ class DiZO(ZOSGD):
         return self.steps_done > 0 and self.steps_done % self._shared_settings()["interval"] == 0
 
     def step(self, closure: Closure | None = None) -> Loss:
-        """One ZO step; after every κ-th, a projection phase (2 + 2M closure or search_loss calls)."""
+        """One ZO step; after every κ-th, a projection phase (then 2 + 2M + 2 closure or search_loss calls)."""
         loss = self._zo_step(closure)
         if self.projection_due:
             self.project(self._search_closure if self._search_loss is not None else lambda: closure)
@@ -463,20 +464,30 @@ class DiZO(ZOSGD):
 
         next_closure() is called once per inner iteration and returns that iteration's loss closure (on a
         fresh mini-batch, as the released code draws one); that closure is evaluated twice, at r ± ε_γ u / s.
-        step() calls this after every κ-th ZO step. If anything fails during the phase, the projected matrices
-        are restored exactly to their values at its start before the error propagates.
+        The first iteration's closure is evaluated twice more, before the search and after the final r, and
+        `last_phase` records both losses with the step, the ratios r_l and the distances s_l: 2M + 2 forward
+        passes in all. step() calls this after every κ-th ZO step. If anything fails during the phase, the
+        projected matrices are restored exactly to their values at its start before the error propagates.
         """
         start = self._saved_copies(self.matrices)  # for the exact undo of trial projections
         dist = self.distances()
         try:
-            ratios = self._search_ratios(next_closure, start, dist)
+            # The first iteration's batch also measures what the phase did: its loss before and after.
+            first, rng = next_closure(), _GlobalRNG(self._devices())
+            loss_before = _scalar(first(), "the loss before the projection phase")  # L(θ0 + Δ; B_1)
+            pending = [first]
+            ratios = self._search_ratios(lambda: pending.pop() if pending else next_closure(), start, dist)
+            self._set_ratios_(ratios, start)  # θ_l <- θ0_l + r_l Δ_l
+            rng.replay()
+            loss_after = _scalar(first(), "the loss after the projection phase")  # L(θ0 + r Δ; B_1)
         except BaseException as error:
             self._set_ratios_(torch.ones_like(dist), start)
             _note(error, f"the projection phase after ZO step {self.steps_done} failed; the projected "
                          f"matrices were restored exactly (the step's ZO update stays applied)")
             raise
-        self._set_ratios_(ratios, start)  # θ_l <- θ0_l + r_l Δ_l
         self.ratios, self.gammas = ratios, ratios * dist
+        self.last_phase = {"step": self.steps_done, "ratios": ratios.tolist(), "distances": dist.tolist(),
+                           "loss_before": loss_before, "loss_after": loss_after}
 
     def _search_ratios(self, next_closure, start, dist):
         """M iterations of clipped SPSA on the ratios r_l = γ_l / s_l, from r = 1 (γ = ||Δ||); returns r."""

@@ -239,9 +239,12 @@ def test_projection_step_calls_closure_2_plus_2m_times_with_fresh_batches():
     for step in range(1, 7):
         n = len(calls)
         opt.step(lambda: calls.append("step") or closure())
-        assert len(calls) - n == (2 + 2 * 4 if step % 3 == 0 else 2)
+        assert len(calls) - n == (2 + 2 * 4 + 2 if step % 3 == 0 else 2)
     assert fresh == list(range(2 * 4))  # one fresh batch per inner iteration, two phases
-    assert [c for c in calls if c != "step"] == [i for i in range(8) for _ in "+-"]  # each batch twice
+    # each batch twice (ℓ+, ℓ-); a phase's first batch also before the search and after the final r
+    phase = [[b, b, b] if i == 0 else [b, b] for i, b in enumerate(range(4))]
+    expected = [b for batches in phase for b in batches] + [0]
+    assert [c for c in calls if c != "step"] == expected + [b + 4 for b in expected]
 
 
 def scale_problem(targets, seed=0):
@@ -341,6 +344,26 @@ def test_projection_touches_only_projected_matrices():
         if n not in projected_names:
             assert torch.equal(p, before[n]), n
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in projected_names)
+
+
+def test_phase_telemetry_records_ratios_distances_and_the_losses_around_the_phase():
+    model, twin = tiny_opt(), tiny_opt()
+    batch = {m: lm_closure(m, seed=5) for m in (model, twin)}  # the first search batch, on either model
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-2, interval=3, proj_iters=3,
+               search_data=lambda: 0, search_loss=lambda b: batch[model]())
+    reference = ZOSGD(twin.parameters(), lr=1e-2)  # the same ZO steps, no phase: θ at the phase's start
+    for _ in range(3):
+        opt.step(lm_closure(model))
+        reference.step(lm_closure(twin))
+    phase = opt.last_phase
+    assert phase["step"] == 3 and phase["ratios"] == opt.ratios.tolist()
+    with torch.no_grad():
+        assert phase["loss_before"] == float(batch[twin]())  # L(θ_start; B_1), bit for bit
+        assert phase["loss_after"] == float(batch[model]())  # L(θ0 + r Δ; B_1) at the final weights
+        start = [t for _, t in projected_params(twin)]
+        s = [float((t - a).norm()) for t, a in zip(start, opt.anchors)]
+    assert phase["distances"] == pytest.approx(s, rel=1e-6)
+    assert phase["loss_before"] != phase["loss_after"] and any(r != 1.0 for r in phase["ratios"])
 
 
 @pytest.mark.parametrize("make", ["zosgd", "dizo"])
@@ -623,14 +646,15 @@ def test_search_data_is_drawn_once_per_iteration_and_reiterated_when_exhausted()
                search_data=loader, search_loss=search_loss)
     for _ in range(4):
         opt.step(closure)
-    assert seen == [b for b in [0, 1, 2, 0, 1, 2, 0, 1] for _ in "+-"]  # two phases of 4, each batch twice
+    # two phases of 4 batches, each twice; the first batch of a phase also before and after it
+    assert seen == [0] + [b for b in [0, 1, 2, 0] for _ in "+-"] + [0, 1] + [b for b in [1, 2, 0, 1] for _ in "+-"] + [1]
 
     # without search_data and search_loss the γ search evaluates the step's own closure
     calls = []
     opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=2, proj_iters=4)
     for _ in range(2):
         opt.step(lambda: calls.append(1) or closure())
-    assert len(calls) == 2 + 2 + 2 * 4
+    assert len(calls) == 2 + 2 + 2 * 4 + 2
 
     # a generator cannot be iterated again: a clear error at the first draw past its end
     opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=1, proj_iters=3,
@@ -946,7 +970,7 @@ def test_train_runs_every_method_and_writes_results(assets, tmp_path, kind):
         assert [h["step"] for h in r["history"]] == [0, 2, 3]
         assert all(0 <= r[k] <= 1 for k in ("zero_shot_acc", "best_dev_acc", "test_acc"))
     passes = {m: r["forward_passes"] for m, r in results["methods"].items()}
-    assert passes == {"fo": 3, "zo": 6, "dizo": 6 + 2 * 2}  # one projection phase (κ = 2) of M = 2
+    assert passes == {"fo": 3, "zo": 6, "dizo": 6 + 2 * 2 + 2}  # one projection phase (κ = 2) of M = 2, + 2
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
     cls = OPTForCausalLM if kind == "causal" else RobertaForMaskedLM
     cls.from_pretrained(tmp_path / "out" / "model" / "dizo")  # --save wrote a loadable model

@@ -82,6 +82,15 @@ class Config:
     proj_eps: float = flag(0.1, "DiZO ε_γ")
     proj_lr: float = flag(2.0, "DiZO η_γ")
     tau: float = flag(0.2, "DiZO τ: ratio clipped to [1-τ, 1+τ]")
+    zo_params: str = flag("all", "what trains: all, or no_embed (the released code: the token embedding and a head "
+                                 "tied to it frozen)")
+    lr_schedule: str = flag("constant", "constant, or linear from lr to lr/2 over the run (the released logs)")
+    lora: int = flag(0, "rank of PEFT LoRA adapters on the attention (0: fine-tune the weights themselves)")
+    lora_alpha: float = flag(16.0, "LoRA scale alpha (the update is alpha/rank · BA)")
+    lora_targets: str | None = flag(None, "comma-separated module names for LoRA (default: PEFT's per model, "
+                                          "e.g. q_proj,v_proj)", str)
+    recipe: str | None = flag(None, "released: every setting of the released DiZO OPT runs (flags given "
+                                    "explicitly still win); see README", str)
     track_divergence: bool = flag(False, "log ‖W_t - W_0‖ of every attention Q, K, V, O matrix at each evaluation")
     resume: bool = flag(False, "continue the run in --out_dir from its checkpoints")
     overwrite: bool = flag(False, "replace an existing run in --out_dir")
@@ -110,6 +119,12 @@ class Config:
         return self.defaults["eval_every"] if self.eval_every is None else self.eval_every
 
     @property
+    def projected_roles(self):
+        """K and V, as the released code; with LoRA every attention matrix carrying adapters (the released code
+        projects every LoRA factor, and its adapters sit on Q and V)."""
+        return ROLES if self.lora else ("k", "v")
+
+    @property
     def task_name(self):
         return self.task or ("toy" if self.builtin or self.data_dir is None else None)
 
@@ -118,6 +133,13 @@ class Config:
         skip = {"method", "out_dir", "save", "resume", "overwrite", "trust_remote_code"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip} | {
             "task": self.task_name, "eval_every": self.eval_interval, "methods": list(self.methods)}
+
+
+# --recipe released: what the released DiZO code ran for OPT on SST-2 (its script, its logs' learning-rate
+# decay, MeZO's 1000/500/1000 sampling); fp16 where there is a GPU, as its --load_float16.
+RECIPES = {"released": dict(zo_params="no_embed", lr_schedule="linear", lr=1e-6, eps=1e-3, batch_size=16,
+                            interval=50, proj_iters=10, proj_eps=0.1, proj_lr=2.0, tau=0.2, steps=20000,
+                            eval_every=500, num_train=1000, num_dev=500, num_test=1000)}
 
 
 def parse_config(argv=None):
@@ -129,6 +151,15 @@ def parse_config(argv=None):
         else:
             p.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"],
                            type=f.metadata["type"] or type(f.default))
+    recipe = p.parse_known_args(argv)[0].recipe
+    if recipe is not None:  # the recipe's values become defaults, so that explicit flags still win
+        settings = dict(RECIPES.get(recipe, {}))
+        if "--data_dir" not in (argv if argv is not None else sys.argv):
+            settings = {k: v for k, v in settings.items() if k not in ("num_train", "num_dev", "num_test")}
+        if torch.cuda.is_available():
+            settings["dtype"] = "fp16"
+        p.set_defaults(**settings)
+        print(f"--recipe {recipe} sets " + ", ".join(f"--{k} {v}" for k, v in settings.items()))
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -136,13 +167,18 @@ def check_config(cfg):
     """Raise UsageError for a setting that cannot work, before anything is loaded or written."""
     if cfg.method != "all" and cfg.method not in METHODS:
         raise UsageError(f"--method must be one of fo, zo, dizo, all; got {cfg.method!r}")
+    if cfg.recipe is not None and cfg.recipe not in RECIPES:
+        raise UsageError(f"--recipe must be one of {', '.join(RECIPES)}; got {cfg.recipe!r}")
+    for name, allowed in (("zo_params", ("all", "no_embed")), ("lr_schedule", ("constant", "linear"))):
+        if getattr(cfg, name) not in allowed:
+            raise UsageError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
     if cfg.dtype not in bench.DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(bench.DTYPES)}; got {cfg.dtype!r}")
     if cfg.dtype == "fp16" and not torch.cuda.is_available():
         raise UsageError("--dtype fp16 needs a GPU: fp16 matmuls on the CPU are slow or unsupported; "
                          "use fp32 or bf16")
     counts = [("steps", 0), ("batch_size", 1), ("eval_every", 1), ("k", 1), ("num_train", 1), ("num_dev", 1),
-              ("num_test", 1)]
+              ("num_test", 1), ("lora", 0)]
     for name, least in counts:
         value = getattr(cfg, name)
         if value is not None and value < least:
@@ -282,30 +318,17 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
     with it). Returns the result dict: early on a signal, with status "diverged" on a non-finite loss."""
     peak = bench.PeakMemory(setup.device)
     peak.reset()
-    torch.manual_seed(cfg.seed)  # FO dropout; ZO methods run in eval mode and own their generators
-    n_train = len(setup.splits["train"].labels)
-    batches = data.Batches(n_train, cfg.batch_size, cfg.seed)
-    fresh = data.Batches(n_train, cfg.batch_size, cfg.seed + 1)  # DiZO's γ-search batches
     loss = TrainLoss(setup, model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    pairs = projected_params(model) if method == "dizo" else None
-    opt = make_optimizer(method, params, pairs, cfg, cfg.lr_for(method), fresh.next, loss)
-    if pairs:
-        report = projection_report(pairs)
-        print(f"dizo: projecting {report['matrices']} matrices (attention K and V), {report['params']:,} "
-              f"parameters, anchor {report['anchor_bytes'] / 2**20:.1f} MB")
-    if saved is not None:
-        r, anchor = restore(saved, opt, batches, fresh)
-    else:
-        r, anchor = start_result(method, model, setup, cfg)
+    run = build_run(method, model, setup, cfg, loss)
+    r = run.restore(saved) if saved is not None else start_result(method, model, setup, cfg, run)
     loss.calls = r["forward_passes"]
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO needs it off (see dizo.py)
     steps, losses, tic = cfg.steps_for(method), [], time.perf_counter()
     bar = tqdm(total=steps, initial=r["steps"], desc=method, dynamic_ncols=True)
     while r["steps"] < steps:
-        idx = batches.next()
+        idx = run.batches.next()
         try:
-            losses.append(float(take_step(method, opt, lambda: loss(idx), r["steps"] + 1)))
+            losses.append(float(take_step(method, run.opt, lambda: loss(idx), r["steps"] + 1)))
             r["steps"] += 1
             at_eval = r["steps"] % cfg.eval_interval == 0 or r["steps"] == steps
             if (at_eval or Stop.signum is not None) and not weights_finite(model):  # never checkpoint those
@@ -314,14 +337,17 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
             bar.close()
             error = " ".join([str(e), *getattr(e, "__notes__", [])])  # dizo.py says how θ was put back
             return r | {"status": "diverged", "error": error, "forward_passes": loss.calls}
+        run.schedule.step()
+        if method == "dizo" and run.opt.projection_due:
+            r["projection"].append(run.opt.last_phase)
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if at_eval or Stop.signum is not None:
             r["wall_s"] += time.perf_counter() - tic  # training time only: evaluation is the same for all
             r["forward_passes"] = loss.calls
-            r["history"].append(history_entry(r, model, setup, losses, anchor, full=at_eval))
+            r["history"].append(history_entry(r, model, setup, losses, run.anchor, full=at_eval))
             losses = []
-            save_checkpoint(out_dir, method, model, setup.tokenizer, trainer_state(opt, batches, fresh, r, anchor))
+            save_checkpoint(out_dir, method, model, setup.tokenizer, run.state(r))
             record(r)  # after the checkpoint: results.json never names a step the checkpoint has not reached
             if Stop.signum is not None:
                 break
@@ -332,18 +358,69 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
     return r
 
 
-def start_result(method, model, setup, cfg):
-    """A new result: zero-shot test accuracy, dev accuracy at step 0; and the divergence anchor if tracked."""
-    anchor = None
+@dataclass
+class Run:
+    """One method's training state besides the weights: what a checkpoint holds (`state`, `restore`)."""
+    opt: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    batches: data.Batches
+    fresh: data.Batches  # DiZO's γ-search batches
+    anchor: dict | None  # pretrained attention matrices, with --track_divergence
+
+    def state(self, r):
+        return {"optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
+                "batches": self.batches.state_dict(), "fresh": self.fresh.state_dict(), "result": r,
+                "anchor": self.anchor, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def restore(self, state):
+        """Continue from `state`; returns the results so far."""
+        self.opt.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.batches.load_state_dict(state["batches"])
+        self.fresh.load_state_dict(state["fresh"])
+        self.anchor = state["anchor"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return state["result"]
+
+
+def build_run(method, model, setup, cfg, loss):
+    """The optimizer (on the parameters the method trains), the learning-rate schedule and the data order."""
+    torch.manual_seed(cfg.seed)  # FO dropout; ZO methods run in eval mode and own their generators
+    n_train = len(setup.splits["train"].labels)
+    batches, fresh = data.Batches(n_train, cfg.batch_size, cfg.seed), data.Batches(n_train, cfg.batch_size,
+                                                                                   cfg.seed + 1)
+    if cfg.zo_params == "no_embed":  # the released code's set: the token embedding (and a head tied to it) frozen
+        model.get_input_embeddings().weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    pairs = projected_params(model, roles=cfg.projected_roles) if method == "dizo" else None
+    opt = make_optimizer(method, params, pairs, cfg, cfg.lr_for(method), fresh.next, loss)
+    if pairs:
+        report = projection_report(pairs)
+        print(f"dizo: projecting {report['matrices']} matrices ({', '.join(cfg.projected_roles).upper()}), "
+              f"{report['params']:,} parameters, anchor {report['anchor_bytes'] / 2**20:.1f} MB")
+    # linear: from η to η/2 over the run, as in the released logs; constant: η throughout
+    decay = 0.5 if cfg.lr_schedule == "linear" else 0.0
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / cfg.steps_for(method))
+    anchor = {n: t.detach().clone() for n, t in projected_params(model, roles=ROLES)} if cfg.track_divergence else None
+    return Run(opt, schedule, batches, fresh, anchor)
+
+
+def start_result(method, model, setup, cfg, run):
+    """A new result: what trains, zero-shot test accuracy, dev accuracy at step 0."""
     r = {"method": method, "lr": cfg.lr_for(method), "status": "running", "history": [], "steps": 0,
-         "forward_passes": 0, "wall_s": 0.0}
+         "forward_passes": 0, "wall_s": 0.0,
+         "trained_params": sum(p.numel() for g in run.opt.param_groups for p in g["params"])}
+    if method == "dizo":
+        r |= {"projected": list(run.opt.names), "projection": []}
     if cfg.track_divergence:
-        anchor = {n: t.detach().clone() for n, t in projected_params(model, roles=ROLES)}
         r["matrix_sizes"] = {role: [t.numel() for _, t in projected_params(model, roles=(role,))]
                              for role in ROLES}
     r["zero_shot_acc"] = evaluate(model, setup, "test")
     r["history"].append({"step": 0, "loss": None, "dev_acc": evaluate(model, setup, "dev")})
-    return r, anchor
+    return r
 
 
 def history_entry(r, model, setup, losses, anchor, full):
@@ -366,23 +443,6 @@ def finish_result(r, model, setup, peak):
     r["device"] = (torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else
                    f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     r["status"] = "done"
-
-
-def trainer_state(opt, batches, fresh, r, anchor):
-    """Everything beyond the weights that the run needs to continue bit-for-bit; `restore` reads it back."""
-    return {"optimizer": opt.state_dict(), "batches": batches.state_dict(), "fresh": fresh.state_dict(),
-            "torch_rng": torch.get_rng_state(), "result": r, "anchor": anchor,
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def restore(state, opt, batches, fresh):
-    opt.load_state_dict(state["optimizer"])
-    batches.load_state_dict(state["batches"])
-    fresh.load_state_dict(state["fresh"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["result"], state["anchor"]
 
 
 class Stop:
@@ -441,12 +501,16 @@ def load_checkpoint(out_dir, method, model):
         state = torch.load(folder / "trainer_state.pt", weights_only=True)
     except Exception as e:  # truncated or corrupt files
         raise UsageError(f"checkpoint {folder} is damaged ({data.first_line(e)}); start again without --resume")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # save_pretrained stores a tied tensor once (OPT's lm_head, RoBERTa's decoder): a key may be missing only if
-    # it shares its storage with a key that is there.
-    tensors = model.state_dict()
-    present = {tensors[k].data_ptr() for k in weights if k in tensors}
-    untied = [k for k in missing if tensors[k].data_ptr() not in present]
+    if hasattr(model, "peft_config"):  # a LoRA checkpoint holds the adapters; the base comes from --model
+        from peft import set_peft_model_state_dict
+        unexpected, untied = set_peft_model_state_dict(model, weights).unexpected_keys, []
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # save_pretrained stores a tied tensor once (OPT's lm_head, RoBERTa's decoder): a key may be missing
+        # only if it shares its storage with a key that is there.
+        tensors = model.state_dict()
+        present = {tensors[k].data_ptr() for k in weights if k in tensors}
+        untied = [k for k in missing if tensors[k].data_ptr() not in present]
     if unexpected or untied:
         raise UsageError(f"checkpoint {folder} does not match the model: {untied[:3]} {unexpected[:3]}")
     return state
@@ -601,7 +665,22 @@ def save_model(model, tokenizer, folder):
 
 
 def load_model(cfg, setup):
-    return data.load_model(setup.name, setup.kind, bench.DTYPES[cfg.dtype], setup.device, cfg.trust_remote_code)
+    """The pretrained model; with --lora, wrapped in PEFT LoRA adapters (B = 0: the same function at first),
+    only they trainable. PEFT is an optional dependency, the ecosystem's standard for adapters."""
+    model = data.load_model(setup.name, setup.kind, bench.DTYPES[cfg.dtype], setup.device, cfg.trust_remote_code)
+    if not cfg.lora:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UsageError("--lora needs the peft package: pip install peft")
+    torch.manual_seed(cfg.seed)  # LoRA's A is random
+    targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
+    try:
+        return get_peft_model(model, LoraConfig(r=cfg.lora, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                                                lora_dropout=0.0))
+    except ValueError as e:
+        raise UsageError(f"--lora: {data.first_line(e)}")
 
 
 def check_disk_space(cfg, model):
