@@ -8,6 +8,7 @@ for RoBERTa.
     python bench.py                                   # CPU fp32, tiny, opt-125m, roberta-base: ~7 min on 2 idle cores
     python bench.py --shapes tiny --repeats 5         # a quick check
     python bench.py --device cuda --dtype bf16 --shapes opt-1.3b
+    python bench.py --precision                       # ZO under fp32 / bf16 / autocast: ~20 s on 1 core
 
 What is measured, per (shape, method):
   time    median seconds per step over --repeats timed steps, after --warmup untimed ones; on CUDA the device
@@ -20,11 +21,26 @@ What is measured, per (shape, method):
   DiZO    its ordinary steps are timed like ZOSGD's; one projection phase (M inner iterations, 2M forward
           passes on fresh batches) is timed separately, and the per-step time is amortised over κ steps:
           median ordinary step + phase / κ. Its peak covers both the ordinary steps and the phase.
+
+What --precision measures, per storage dtype and compute mode (fp32; bf16 and, on CUDA, fp16, each "plain":
+weights stored and computed in it, and "autocast": fp32 weights, the forward under torch.autocast), per weight
+scale (0.02, 0.05), ε 1e-3:
+  lr-0 drift  T ZOSGD steps at learning rate 0 on the tiny OPT (random init with that weight std): relative
+              ‖θ_T - θ_0‖/‖θ_0‖ and max |θ_T - θ_0|. The model must not move; every pass that rounds makes it.
+  g error     the T values of g against fp32's on the same seeds.
+  fidelity    one step on 1.05M parameters with a closure whose losses give g = 10 exactly: the change
+              applied (fp64, from the stored values) against the intended -ηgz, z replayed from the step's
+              seed, for lr 1e-7, 1e-6, 1e-5 (ratio of norms, cosine); and the perturbation the two forward
+              passes see, (θ+ - θ-)/2, against εz.
+  memory      bytes per parameter: storage plus any state the optimizer keeps.
+  time        fastest step on the tiny OPT, and fastest step without forward passes on the 1.05M parameters;
+              the precisions' steps alternate, and the minimum is kept: other processes only add time.
 """
 
 import argparse
 import ctypes
 import gc
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -35,6 +51,8 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -451,6 +469,250 @@ def plot_divergence(results, path):
     save_figure(fig, path)
 
 
+# ------------------------------------------------------------------------------------- precision study
+
+PRECISION_SCALES = (0.02, 0.05)  # typical std of an LLM's weight matrices
+PRECISION_LRS = (1e-7, 1e-6, 1e-5)  # around MeZO's ZO lr of 1e-6
+KNOWN_G = 10.0  # |g| typical of an LLM at the start of fine-tuning
+FIDELITY_SHAPES = ((512, 512),) * 4 + ((512,),) * 4  # one layer's worth: 4 matrices, 2 biases, 2 LayerNorm weights
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a ZO step stores and computes the parameters.
+
+    storage    dtype of the model's parameters
+    autocast   dtype of the forward under torch.autocast; None: the forward computes in the storage dtype
+    optimizer  builds the ZO optimizer, with ZOSGD's signature; any companion state lives in its .state[p]
+    z_dtype    dtype the optimizer draws z in; None: each parameter's own dtype, as ZOSGD
+    values     (optimizer, params) -> the values the optimizer updates, one tensor per parameter; None: the
+               parameters themselves (a policy that keeps more precision than the parameters returns that)
+    """
+    name: str
+    storage: torch.dtype
+    autocast: torch.dtype | None = None
+    optimizer: Callable = ZOSGD
+    z_dtype: torch.dtype | None = None
+    values: Callable | None = None
+
+
+def plain_precisions(device):
+    """fp32; and per half dtype, plain (weights stored and computed in it) and autocast (fp32 weights, the
+    forward under torch.autocast). fp16 only on CUDA: CPU fp16 matmuls are slow or unsupported."""
+    halves = ("bf16", "fp16") if device.type == "cuda" else ("bf16",)
+    modes = [Precision("fp32", torch.float32)]
+    for h in halves:
+        modes += [Precision(f"{h} plain", DTYPES[h]), Precision(f"{h} autocast", torch.float32, DTYPES[h])]
+    return modes
+
+
+def fidelity_params(scale, dtype, device, seed=0):
+    """One layer's worth of parameters (1.05M): matrices and biases ~ N(0, scale²), LayerNorm weights of 1."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for i, shape in enumerate(FIDELITY_SHAPES):
+        t = torch.ones(shape) if i >= 6 else torch.randn(shape, generator=gen) * scale
+        params.append(torch.nn.Parameter(t.to(device, dtype)))
+    return params
+
+
+def first_step_seed(seed):
+    """The seed of ZOSGD(seed=seed)'s first step: one 62-bit draw from Generator(seed) (dizo.py)."""
+    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
+
+
+def replayed_z(params, step_seed, dtype):
+    """z of one step, regenerated from its seed as ZOSGD does: one generator on the parameters' device,
+    tensors in order, each drawn in `dtype` (None: the parameter's own)."""
+    gen = torch.Generator(device=params[0].device).manual_seed(step_seed)
+    return [torch.empty(p.shape, device=p.device, dtype=dtype or p.dtype).normal_(generator=gen) for p in params]
+
+
+def flat64(tensors):
+    return torch.cat([t.detach().double().flatten() for t in tensors])
+
+
+def updated_values(prec, opt, params):
+    """The values the optimizer updates, flattened in fp64: its own state if it keeps one, else θ."""
+    return flat64(prec.values(opt, params) if prec.values is not None else params)
+
+
+def known_g_closure(eps, g=KNOWN_G):
+    """A closure without a forward pass whose two losses are ℓ+ = gε, ℓ- = -gε: (ℓ+ - ℓ-)/(2ε) = g."""
+    losses = itertools.cycle((g * eps, -g * eps))
+    return lambda: next(losses)
+
+
+def bytes_per_param(opt, params):
+    """Parameter storage plus every tensor the optimizer keeps in .state, per parameter."""
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    n = sum(p.numel() for p in params)
+    return (sum(p.numel() * p.element_size() for p in params) + state) / n
+
+
+def ratio_cosine(actual, wanted):
+    """‖actual‖ / ‖wanted‖ and the cosine between them (0 where `actual` is zero)."""
+    norm = actual.norm() * wanted.norm()
+    return {"ratio": float(actual.norm() / wanted.norm()),
+            "cosine": float(actual @ wanted / norm) if norm > 0 else 0.0}
+
+
+def step_fidelity(prec, scale, lr, eps, device):
+    """One ZO step with g = KNOWN_G on the fidelity parameters, z replayed from the step's seed.
+
+    update        the change applied to the values the optimizer updates, computed in fp64 from the stored
+                  values, against the intended -ηgz
+    perturbation  what the two forward passes see, (θ+ - θ-)/2 from the stored weights, against εz
+    """
+    params = fidelity_params(scale, prec.storage, device)
+    opt = prec.optimizer(params, lr=lr, eps=eps, seed=0)
+    before, seen, known = updated_values(prec, opt, params), [], known_g_closure(eps)
+
+    def closure():
+        seen.append(flat64(params))
+        return known()
+
+    opt.step(closure)
+    z = flat64(replayed_z(params, first_step_seed(0), prec.z_dtype))
+    return {"update": ratio_cosine(updated_values(prec, opt, params) - before, -lr * KNOWN_G * z),
+            "perturbation": ratio_cosine((seen[0] - seen[1]) / 2, eps * z),
+            "bytes_per_param": bytes_per_param(opt, params)}
+
+
+def optimizer_step_seconds(precisions, eps, device, repeats):
+    """Fastest of `repeats` ZO steps on the fidelity parameters with the known-g closure, per precision: the
+    three passes over the parameters without a forward pass, i.e. the cost of the policy itself. Steps of the
+    precisions alternate, and the minimum is kept: other processes' load only ever adds time."""
+    runs = []
+    for prec in precisions:
+        opt = prec.optimizer(fidelity_params(PRECISION_SCALES[0], prec.storage, device), lr=PRECISION_LRS[1],
+                             eps=eps, seed=0)
+        runs.append((opt, known_g_closure(eps)))
+    times = [[] for _ in runs]
+    for i in range(repeats + 1):  # the first round is a warmup: buffers are allocated there
+        for (opt, closure), t in zip(runs, times):
+            t.extend(time_steps(lambda: opt.step(closure), 0, 1, device)[i > 0:])
+    return [min(t) for t in times]
+
+
+def lr0_drift(runs, eps, steps, device):
+    """`steps` ZO steps at lr 0, which must leave each model where it was; runs = [(precision, model, batch)],
+    stepped in turn (alternating, for fair times). Per run: relative drift ‖θ_T - θ_0‖/‖θ_0‖ and max |θ_T - θ_0|
+    of the parameters (what a saved model holds) and of the values the optimizer updates; each step's g; the
+    fastest step's seconds (two real forward passes and the policy's passes; load only ever adds time)."""
+    states = []
+    for prec, model, batch in runs:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = prec.optimizer(params, lr=0.0, eps=eps, seed=0)
+        states.append(dict(prec=prec, opt=opt, params=params, weights0=flat64(params),
+                           values0=updated_values(prec, opt, params), grads=[], times=[],
+                           closure=autocast_closure(prec, model, batch, device)))
+    for _ in range(steps):
+        for s in states:
+            s["times"] += time_steps(lambda: s["opt"].step(s["closure"]), 0, 1, device)
+            s["grads"].append(s["opt"].projected_grad)
+    results = []
+    for s in states:
+        weights = flat64(s["params"]) - s["weights0"]
+        values = updated_values(s["prec"], s["opt"], s["params"]) - s["values0"]
+        results.append({"steps": steps, "drift": float(weights.norm() / s["weights0"].norm()),
+                        "max_abs": float(weights.abs().max()),
+                        "state_drift": float(values.norm() / s["values0"].norm()),
+                        "grads": s["grads"], "step_s": min(s["times"]),
+                        "bytes_per_param": bytes_per_param(s["opt"], s["params"])})
+    return results
+
+
+def autocast_closure(prec, model, batch, device):
+    """The model's loss on the batch, under torch.autocast when the precision asks for it."""
+    def closure():
+        with torch.autocast(device.type, dtype=prec.autocast, enabled=prec.autocast is not None):
+            return loss_fn(model, batch)
+    return closure
+
+
+def drift_model(scale, prec, device):
+    """The tiny OPT, randomly initialised with weight std `scale` (fp32, then cast: every mode starts from the
+    same weights up to rounding), in eval mode, with its batch."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(**SHAPES["tiny"][1], init_std=scale))
+    model = model.to(device, prec.storage).eval().requires_grad_(True)
+    return model, make_batch(model, 4, 32, torch.Generator().manual_seed(1))
+
+
+def precision_study(precisions, args):
+    """Every measurement for every (precision, scale): lr-0 drift and g on the tiny OPT, fidelity per lr,
+    and the optimizer's time."""
+    device = torch.device(args.device)
+    optimizer_s = optimizer_step_seconds(precisions, EPS_ZO, device, args.repeats or 20)
+    rows = []
+    for scale in PRECISION_SCALES:
+        runs = [(prec, *drift_model(scale, prec, device)) for prec in precisions]
+        for prec, secs, lr0 in zip(precisions, optimizer_s, lr0_drift(runs, EPS_ZO, args.drift_steps, device)):
+            rows.append({"precision": prec.name, "scale": scale, "eps": EPS_ZO, "optimizer_step_s": secs,
+                         "lr0": lr0,
+                         "fidelity": {lr: step_fidelity(prec, scale, lr, EPS_ZO, device) for lr in PRECISION_LRS}})
+            print(f"  {prec.name:>14} scale {scale}: lr-0 drift {lr0['drift']:.3g}", file=sys.stderr, flush=True)
+    return rows
+
+
+def precision_tables(rows):
+    """Two markdown tables: lr-0 drift, g, memory and time per (precision, scale); update fidelity per lr."""
+    base = rows[0]  # the first precision (fp32) is the reference of g and of the times
+    ref = base["precision"]
+    base_g = {r["scale"]: torch.tensor(r["lr0"]["grads"]) for r in rows if r["precision"] == ref}
+    steps = base["lr0"]["steps"]
+    out = [f"lr 0, T = {steps} ZO steps on the tiny OPT (ε {base['eps']:g}): drift = ‖θ_T - θ_0‖/‖θ_0‖ of the "
+           f"weights (state: of the values the optimizer updates); g error = ‖g - g_{ref}‖ / ‖g_{ref}‖ over the same "
+           f"seeds; step s: fastest step, two forward passes included; optimizer s: fastest step without forward "
+           f"passes on {sum(math.prod(s) for s in FIDELITY_SHAPES) / 1e6:.2f}M parameters\n",
+           "| precision | scale | bytes/param | drift after T | drift / step | max abs Δ | state drift | g error "
+           f"| step s (÷ {ref}) | optimizer s (÷ {ref}) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        d, g = r["lr0"], torch.tensor(r["lr0"]["grads"])
+        g_err = float((g - base_g[r["scale"]]).norm() / base_g[r["scale"]].norm())
+        t, t0 = d["step_s"], next(b["lr0"]["step_s"] for b in rows
+                                   if b["precision"] == ref and b["scale"] == r["scale"])
+        o, o0 = r["optimizer_step_s"], base["optimizer_step_s"]
+        out.append(f"| {r['precision']} | {r['scale']:g} | {d['bytes_per_param']:g} | {d['drift']:.3g} "
+                   f"| {d['drift'] / steps:.3g} | {d['max_abs']:.3g} | {d['state_drift']:.3g} | {g_err:.3g} "
+                   f"| {t:.4f} ({t / t0:.2f}) | {o:.4f} ({o / o0:.2f}) |")
+    lrs = list(rows[0]["fidelity"])
+    out += [f"\nOne ZO step with g = {KNOWN_G:g}: the perturbation the forward passes see, (θ+ - θ-)/2 of the stored "
+            f"weights, against εz; the change applied (fp64, from the stored values) against the intended -ηgz. "
+            f"Ratio of norms (cosine)\n",
+            "| precision | scale | perturbation | " + " | ".join(f"update, lr {lr:g}" for lr in lrs) + " |",
+            "|---|---:|---:|" + "---:|" * len(lrs)]
+    for r in rows:
+        f = list(r["fidelity"].values())
+        out.append(f"| {r['precision']} | {r['scale']:g} | {_ratio_cos(f[0]['perturbation'])} | "
+                   + " | ".join(_ratio_cos(x["update"]) for x in f) + " |")
+    return "\n".join(out)
+
+
+def _ratio_cos(rc):
+    x = rc["ratio"]
+    return (f"{x:.3f}×" if x < 10 else f"{x:.1f}×") + f" ({rc['cosine']:.3f})"
+
+
+def precision_main(args, precisions):
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    rows = precision_study(precisions, args)
+    info = machine(args)
+    print(f"\n{args.device}, torch {info['torch']}, {info['threads']} threads on {info['cpu_count']} cores "
+          f"({info.get('gpu', info['cpu'])}); {time.perf_counter() - start:.0f} s in all\n")
+    print(precision_tables(rows))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "machine": info, "rows": rows}, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
 # ------------------------------------------------------------------------------------ convergence study
 
 def load_study(folder):
@@ -526,12 +788,20 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads in every worker (default 2; with --precision 1: its tensors are "
+                        "small, and a second thread that waits for a busy core slows a step many times)")
     p.add_argument("--kappa", type=int, default=50, help="DiZO interval κ for the amortisation (released: 50)")
     p.add_argument("--proj-iters", type=int, default=10, help="DiZO M, inner iterations per phase (released: 10)")
     p.add_argument("--profile", action="store_true",
                    help="also split a ZOSGD step into z generation, in-place adds and forward passes")
-    p.add_argument("--out", default="runs/bench.json", help="JSON of every row (runs/ is git-ignored)")
+    p.add_argument("--out", default=None,
+                   help="JSON of every row (runs/ is git-ignored; default runs/bench.json, "
+                        "with --precision runs/precision.json)")
+    p.add_argument("--precision", action="store_true",
+                   help="instead of timing shapes, measure ZO under each storage dtype and compute mode "
+                        "(fp32, bf16, fp16 on CUDA; plain or autocast): lr-0 drift, update fidelity, memory")
+    p.add_argument("--drift-steps", type=int, default=20, help="--precision: ZO steps at lr 0 (T)")
     p.add_argument("--study", metavar="DIR", default=None,
                    help="instead of benchmarking, summarise train.py runs DIR/<run>-s<seed>/ (README)")
     p.add_argument("--target", type=float, default=0.85, help="--study: dev accuracy to reach")
@@ -547,6 +817,12 @@ def parse_args(argv=None):
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.drift_steps < 1:
+        p.error("--drift-steps must be >= 1")
+    if args.out is None:
+        args.out = "runs/precision.json" if args.precision else "runs/bench.json"
+    if args.threads is None:
+        args.threads = 1 if args.precision else 2
     return args
 
 
@@ -588,6 +864,8 @@ def main():
     args = parse_args()
     if args.study is not None:
         return study(args.study, args.target, args.plot)
+    if args.precision:
+        return precision_main(args, plain_precisions(torch.device(args.device)))
     if args.device == "cpu":
         import transformers  # noqa: F401 -- imported once here, inherited by the forked workers
     load_before = os.getloadavg()
