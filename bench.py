@@ -469,6 +469,41 @@ def plot_divergence(results, path):
     save_figure(fig, path)
 
 
+def _short_name(name):
+    """'model.decoder.layers.2.self_attn.k_proj.weight' -> '2 k_proj': the layer and what follows its block."""
+    parts = name.replace(".weight", "").replace(".default", "").split(".")
+    layer = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return name if layer is None else f"{parts[layer]} {'.'.join(parts[layer + 2:])}"
+
+
+def plot_projection(results, path):
+    """What DiZO's projection phases did (§3), per method that projected: the ratio r_l chosen for every
+    projected matrix at every phase (rows: matrices in module order, e.g. K and V of each layer; columns:
+    phases; 1 = left as it was), and the loss on the phase's first search batch before and after it."""
+    runs = [(m, r) for m, r in results["methods"].items() if r.get("projection")]
+    fig, axes = pyplot().subplots(len(runs), 2, figsize=(12, 0.5 + 3.5 * len(runs)), squeeze=False,
+                                  gridspec_kw={"width_ratios": (3, 2)})
+    for (method, r), (ax_r, ax_loss) in zip(runs, axes):
+        phases = r["projection"]
+        steps = [p["step"] for p in phases]
+        ratios = torch.tensor([p["ratios"] for p in phases]).T.tolist()  # [matrix][phase]
+        spread = max(max(abs(x - 1) for row in ratios for x in row), 1e-3)
+        image = ax_r.imshow(ratios, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=1 - spread,
+                            vmax=1 + spread)
+        names = [_short_name(n) for n in r["projected"]]
+        every = max(1, len(names) // 20)  # at most 20 labels
+        ax_r.set_yticks(range(0, len(names), every), names[::every], fontsize=6)
+        ax_r.set_xticks(range(len(steps)), steps, fontsize=7)
+        ax_r.set(title=f"{method}: ratio r = γ/‖θ−θ0‖ chosen per matrix", xlabel="after step")
+        fig.colorbar(image, ax=ax_r)
+        ax_loss.plot(steps, [p["loss_before"] for p in phases], marker=".", label="before the phase")
+        ax_loss.plot(steps, [p["loss_after"] for p in phases], marker=".", label="after it")
+        ax_loss.set(title=f"{method}: loss on the phase's first search batch", xlabel="step")
+        ax_loss.grid(alpha=0.3)
+        ax_loss.legend()
+    save_figure(fig, path)
+
+
 # ------------------------------------------------------------------------------------- precision study
 
 PRECISION_SCALES = (0.02, 0.05)  # typical std of an LLM's weight matrices

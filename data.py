@@ -453,14 +453,19 @@ class PromptLoss:
         return torch.nn.functional.cross_entropy(self.scores(model, [enc.prompts[i] for i in idx]), labels)
 
     @torch.no_grad()
-    def accuracy(self, model, enc, batch_size=EVAL_BATCH):
+    def correct(self, model, enc, idx=None, batch_size=EVAL_BATCH):
+        """How many examples (all, or those in idx) have the label as their highest-scoring candidate."""
+        idx = range(len(enc.labels)) if idx is None else idx
+        count = 0
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            pred = self.scores(model, [enc.prompts[i] for i in chunk]).argmax(1).cpu()
+            count += int((pred == torch.tensor([enc.labels[i] for i in chunk])).sum())
+        return count
+
+    def accuracy(self, model, enc):
         """Share of examples whose highest-scoring candidate is the label."""
-        correct = 0
-        for start in range(0, len(enc.labels), batch_size):
-            idx = range(start, min(start + batch_size, len(enc.labels)))
-            pred = self.scores(model, [enc.prompts[i] for i in idx]).argmax(1).cpu()
-            correct += int((pred == torch.tensor([enc.labels[i] for i in idx])).sum())
-        return correct / len(enc.labels)
+        return self.correct(model, enc) / len(enc.labels)
 
 
 # Data order: endless shuffled mini-batches, reproducible from a seed and resumable from (epoch, position).
@@ -554,18 +559,20 @@ def model_class(kind):
     return AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
 
 
-def load_model(name, kind, dtype, device, trust_remote_code):
+def load_model(name, kind, dtype, device, trust_remote_code, device_map=None):
     """The model, in eval mode. Weights load through safetensors, or torch.load with weights_only=True, as
     transformers does by default: never an arbitrary pickle. A quantised model is refused: ZO updates need
-    real-valued weights, and checkpoints need save_pretrained, which refuses most quantisations."""
+    real-valued weights, and checkpoints need save_pretrained, which refuses most quantisations. With a
+    device_map ('auto'), accelerate places the layers across the devices instead of `device`."""
     try:
-        model = model_class(kind).from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = model_class(kind).from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                  device_map=device_map)
     except Exception as e:  # corrupt or truncated weights, a blocked pickle, shapes that do not match the config
         raise DataError(f"--model {name}: cannot load its weights ({first_line(e)})") from None
     if getattr(model, "hf_quantizer", None) is not None:
         raise DataError(f"--model {name} is quantised ({model.hf_quantizer.quantization_config.quant_method}); "
                         "dequantise it to an ordinary float checkpoint first (see the SmolLM2 recipe in README)")
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
 
 
 # ------------------------------------------------------------------------------------- built-in task

@@ -933,6 +933,11 @@ def save_tiny(folder, kind):
         model = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                          num_attention_heads=4, max_position_embeddings=64,
                                          word_embed_proj_dim=32, dropout=0.0, pad_token_id=tok.pad_token_id))
+    elif kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                             intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
     else:
         model = RobertaForMaskedLM(RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                                                  intermediate_size=64, num_attention_heads=4,
@@ -947,6 +952,7 @@ def save_tiny(folder, kind):
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     return {"causal": save_tiny(root / "opt", "causal"), "masked": save_tiny(root / "roberta", "masked"),
+            "llama": save_tiny(root / "llama", "llama"),
             "data": str(write_task(root / "sst2"))}
 
 
@@ -1529,3 +1535,137 @@ def test_a_signal_after_the_last_step_keeps_the_saved_model(assets, tmp_path, mo
     assert run_train(assets, out, "--method", "zo", "--steps", "3", "--save") == 128 + signal.SIGTERM
     assert json.loads((out / "results.json").read_text())["methods"]["zo"]["status"] == "done"
     assert (out / "model" / "model.safetensors").exists()
+
+
+# Settings of what trains and how: LoRA, the released parameter set, the schedule, the released recipe.
+
+@pytest.mark.parametrize("kind", ["causal", "llama"])
+def test_lora_trains_only_the_adapters_with_every_method(assets, tmp_path, kind):
+    from safetensors.torch import load_file
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--lora", "4", "--method", "all", "--steps", "4", "--eval_every", "2",
+                     "--lr", "1e-2", "--save", kind=kind) == 0
+    results = json.loads((out / "results.json").read_text())["methods"]
+    base = load_file(str(Path(assets[kind]) / "model.safetensors"))
+    # PEFT's default targets here are q_proj and v_proj: per layer and target, A is r x in, B is out x r
+    hidden, layers, kv = 32, 2, (16 if kind == "llama" else 32)  # Llama's v_proj has 2 of 4 heads
+    expected = layers * 4 * ((hidden + hidden) + (hidden + kv))
+    for method, r in results.items():
+        assert r["status"] == "done" and r["trained_params"] == expected, method
+        adapters = load_file(str(out / "model" / method / "adapter_model.safetensors"))
+        assert adapters and all("lora_" in k for k in adapters)
+        assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in adapters.items() if "lora_B" in k)
+    assert len(results["dizo"]["projected"]) == layers * 2 * 2  # A and B of Q and V in every layer
+    assert all(".lora_" in n for n in results["dizo"]["projected"])
+    for k, t in load_file(str(Path(assets[kind]) / "model.safetensors")).items():
+        assert torch.equal(t, base[k])  # the base model's file is untouched
+
+
+def test_lora_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    flags = ["--lora", "4", "--method", "dizo", "--steps", "9", "--eval_every", "4", "--save", "--lr", "1e-2"]
+    assert run_train(assets, tmp_path / "full", *flags) == 0
+    interrupt_at_call(monkeypatch, 11)
+    assert run_train(assets, tmp_path / "cut", *flags) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert run_train(assets, tmp_path / "cut", *flags, "--resume") == 0
+    a, b = (load_file(str(p / "model" / "adapter_model.safetensors")) for p in (tmp_path / "full", tmp_path / "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_embed_freezes_the_token_embedding_and_its_tied_head(assets, tmp_path):
+    from safetensors.torch import load_file
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--zo_params", "no_embed", "--method", "zo", "--steps", "3", "--save") == 0
+    base = load_file(str(Path(assets["causal"]) / "model.safetensors"))
+    tuned = load_file(str(out / "model" / "model.safetensors"))
+    embedding = "model.decoder.embed_tokens.weight"
+    assert torch.equal(tuned[embedding], base[embedding])
+    assert all(not torch.equal(tuned[k], base[k]) for k in tuned if k != embedding and tuned[k].dim() == 2)
+    r = json.loads((out / "results.json").read_text())["methods"]["zo"]
+    assert r["trained_params"] == sum(t.numel() for t in base.values()) - base[embedding].numel()
+
+
+def test_linear_schedule_ends_at_half_the_learning_rate(assets, tmp_path):
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--lr_schedule", "linear", "--method", "zo", "--steps", "4",
+                     "--eval_every", "2") == 0
+    state = torch.load(out / "checkpoints" / "zo" / "trainer_state.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * (1 - 0.5 * 4 / 4), rel=1e-12)
+
+
+def test_released_recipe_sets_its_settings_and_explicit_flags_win(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--recipe", "released", "--method", "dizo", "--steps", "2", "--eval_every", "1",
+                     "--num_train", "10", "--num_dev", "6", "--num_test", "6") == 0
+    printed = capsys.readouterr().out
+    assert "--recipe released sets" in printed and "--zo_params no_embed" in printed
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert (config["zo_params"], config["lr_schedule"], config["interval"], config["proj_iters"]) == (
+        "no_embed", "linear", 2, 2)  # run_train passes --interval 2 --proj_iters 2 explicitly: they win
+    assert (config["steps"], config["num_train"], config["tau"], config["proj_lr"]) == (2, 10, 0.2, 2.0)
+
+
+def test_dizo_records_every_projection_phase_and_draws_them(assets, tmp_path):
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--method", "dizo", "--steps", "6", "--eval_every", "3") == 0
+    r = json.loads((out / "results.json").read_text())["methods"]["dizo"]
+    assert [p["step"] for p in r["projection"]] == [2, 4, 6]  # κ = 2
+    assert all(len(p["ratios"]) == len(p["distances"]) == len(r["projected"]) == 4 for p in r["projection"])
+    assert all(0.8 - 1e-9 <= x <= 1.2 + 1e-9 for p in r["projection"] for x in p["ratios"])
+    assert (out / "projection.png").stat().st_size > 1000
+
+
+# Beyond one process: micro-batches, data parallelism, a model placed by accelerate.
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(assets, backward):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(assets["causal"])
+    model = OPTForCausalLM.from_pretrained(assets["causal"]).eval()
+    loss_fn = data.PromptLoss(data.get_task("sst-2"), tok, "causal", torch.device("cpu"))
+    setup = train.Setup("", "causal", tok, loss_fn, {"train": loss_fn.encode(
+        data.read_tsv(str(Path(assets["data"]) / "train.tsv"), data.get_task("sst-2")))}, torch.device("cpu"), "")
+    idx = [0, 3, 5, 7, 11, 13, 17]  # 7 examples in 3 micro-batches of 3, 2, 2
+    results = []
+    for micro in (1, 3):
+        model.zero_grad()
+        cfg = train.Config(grad_accum=micro)
+        loss = train.TrainLoss(setup, model, cfg, backward=backward)(idx)
+        grads = [p.grad.clone() for p in model.parameters()] if backward else []
+        results.append((float(loss), grads))
+    (whole, g1), (parts, g3) = results
+    assert parts == pytest.approx(whole, rel=1e-6)
+    for a, b in zip(g1, g3):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_data_parallel_run_ends_where_one_process_ends(assets, tmp_path):
+    """torchrun with 2 processes (gloo, CPU) on the same global batch as 1 process: ZO and DiZO reach the same
+    weights to float round-off (each rank evaluates half the batch; the means are averaged)."""
+    from safetensors.torch import load_file
+    flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--batch_size", "4",
+             "--interval", "2", "--proj_iters", "2", "--lr", "1e-3", "--steps", "5", "--eval_every", "5",
+             "--method", "all", "--save"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", *flags, "--out_dir", str(tmp_path / "two")], cwd=Path(__file__).parent,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert train.main(flags + ["--out_dir", str(tmp_path / "one")]) == 0
+    results = json.loads((tmp_path / "two" / "results.json").read_text())["methods"]
+    assert {m: r["world_size"] for m, r in results.items()} == {"fo": 2, "zo": 2, "dizo": 2}
+    base = load_file(str(Path(assets["causal"]) / "model.safetensors"))
+    for method in ("zo", "dizo"):
+        one, two = (load_file(str(tmp_path / run / "model" / method / "model.safetensors")) for run in ("one", "two"))
+        moved = max(float((one[k] - base[k]).abs().max()) for k in base)
+        differ = max(float((one[k] - two[k]).abs().max()) for k in one)
+        assert moved > 1e-3 and differ < 1e-5, (method, moved, differ)
+
+
+def test_a_model_placed_by_accelerate_trains_like_one_on_a_device(assets, tmp_path):
+    from safetensors.torch import load_file
+    for name, extra in (("plain", []), ("placed", ["--device_map", "auto"])):
+        assert run_train(assets, tmp_path / name, "--method", "dizo", "--steps", "4", "--save", *extra) == 0
+    a, b = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("plain", "placed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -9,6 +9,7 @@ model, one training loop, the outputs.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -89,6 +90,10 @@ class Config:
     lora_alpha: float = flag(16.0, "LoRA scale alpha (the update is alpha/rank · BA)")
     lora_targets: str | None = flag(None, "comma-separated module names for LoRA (default: PEFT's per model, "
                                           "e.g. q_proj,v_proj)", str)
+    grad_accum: int = flag(1, "micro-batches per mini-batch: the loss (FO: the gradient) is summed over them, so a "
+                              "forward pass holds batch_size/grad_accum examples")
+    device_map: str | None = flag(None, "'auto': place the model's layers across the GPUs (and CPU) with "
+                                        "accelerate, for a model larger than one GPU", str)
     recipe: str | None = flag(None, "released: every setting of the released DiZO OPT runs (flags given "
                                     "explicitly still win); see README", str)
     track_divergence: bool = flag(False, "log ‖W_t - W_0‖ of every attention Q, K, V, O matrix at each evaluation")
@@ -178,11 +183,17 @@ def check_config(cfg):
         raise UsageError("--dtype fp16 needs a GPU: fp16 matmuls on the CPU are slow or unsupported; "
                          "use fp32 or bf16")
     counts = [("steps", 0), ("batch_size", 1), ("eval_every", 1), ("k", 1), ("num_train", 1), ("num_dev", 1),
-              ("num_test", 1), ("lora", 0)]
+              ("num_test", 1), ("lora", 0), ("grad_accum", 1)]
     for name, least in counts:
         value = getattr(cfg, name)
         if value is not None and value < least:
             raise UsageError(f"--{name} must be >= {least}, got {value}")
+    if cfg.batch_size < RANKS.world * cfg.grad_accum:
+        raise UsageError(f"--batch_size {cfg.batch_size} is the global mini-batch: it must hold at least one "
+                         f"example per process ({RANKS.world}) and micro-batch ({cfg.grad_accum})")
+    if cfg.device_map is not None and RANKS.world > 1:
+        raise UsageError("--device_map splits one model over the GPUs; under torchrun each process holds a whole "
+                         "model: use one or the other")
     if not 0 <= cfg.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     for name in ("lr", "eps"):  # dizo.py accepts any finite value; for an LM, 1 or more is a typo (1e3 for 1e-3)
@@ -234,7 +245,7 @@ class Setup:
 
 def prepare(cfg):
     """Data, tokenizer and loss, checked before anything is written; the model's config decides its kind."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = DEVICE[0]
     task = data.get_task(cfg.task_name, template=cfg.template, label_words=cfg.label_words)
     if cfg.data_dir is None:
         raw = data.builtin_splits(data.TINY["seed"])  # the splits the built-in corpus was generated to avoid
@@ -275,25 +286,106 @@ def make_optimizer(method, params, pairs, cfg, lr, search_data=None, search_loss
 def take_step(method, opt, closure, step):
     """One optimisation step, the only place where the methods differ; returns the loss."""
     if method != "fo":
-        return opt.step(closure)  # ZO and DiZO: two forward passes (DiZO: + 2M at every κ-th step)
-    loss = closure()
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"non-finite loss {loss.item()} at FO step {step}")
+        return opt.step(closure)  # ZO and DiZO: two forward passes (DiZO: + 2M + 2 at every κ-th step)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = closure()  # FO: forward and backward, micro-batch by micro-batch
+    if not math.isfinite(float(loss)):
+        raise FloatingPointError(f"non-finite loss {float(loss)} at FO step {step}")
     opt.step()
-    return loss.detach()
+    return loss
+
+
+class Ranks:
+    """Data parallelism under torchrun (one process alone: every method is a no-op).
+
+    Every rank draws the same global mini-batch (same seed) and evaluates its share, idx[rank::world]; one
+    all-reduce of (Σ loss, count) gives every rank the global mean, so ZO's ℓ+ and ℓ- (and the γ search's) are
+    the same everywhere, and so are g, z (regenerated from the shared seed) and the update: a ZO step costs
+    one all-reduce of two scalars per forward pass and no gradient traffic. FO uses DistributedDataParallel.
+    """
+
+    def __init__(self):
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        self.main = self.rank == 0
+
+    def start(self):
+        """Join the process group: NCCL between GPUs (one per process), gloo on CPUs; the device."""
+        if self.world == 1:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        import datetime
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        # a rank that dies leaves the others waiting in an all-reduce: they give up after the timeout
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=10))
+        return device
+
+    def stop(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+    def shard(self, idx):
+        return idx[self.rank::self.world]
+
+    def total(self, *values):
+        """Σ over ranks of each value (floats), identical on every rank."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+        t = torch.tensor(values, dtype=torch.float64, device=DEVICE[0])
+        dist.all_reduce(t)
+        return tuple(t.tolist())
+
+    def mean(self, loss, count):
+        """The global mean of per-rank mean losses over `count` examples each; a tensor alone is left as is."""
+        if self.world == 1:
+            return loss
+        total, n = self.total(float(loss) * count, count)
+        return total / n
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def agree(self, flag):
+        """True on every rank if it is true on any (a signal reaches the ranks at different steps)."""
+        return flag if self.world == 1 else self.total(float(flag))[0] > 0
+
+
+RANKS = Ranks()
+DEVICE = [torch.device("cpu")]  # this process's device, set by main
 
 
 class TrainLoss:
-    """The loss on mini-batches of the training split, counting forward passes (every method's cost)."""
+    """The loss on mini-batches of the training split, over this rank's share and --grad_accum micro-batches,
+    counting forward passes (every method's cost). With backward=True (FO) each micro-batch's share of the
+    loss is backpropagated as it is computed, so that memory holds one micro-batch's activations."""
 
-    def __init__(self, setup, model):
-        self.setup, self.model, self.calls = setup, model, 0
+    def __init__(self, setup, model, cfg, backward=False):
+        self.setup, self.model, self.micro, self.backward, self.calls = setup, model, cfg.grad_accum, backward, 0
 
     def __call__(self, idx):
         self.calls += 1
-        return self.setup.loss_fn.loss(self.model, self.setup.splits["train"], idx)
+        mine = RANKS.shard(idx)
+        chunks = [mine[i::self.micro] for i in range(self.micro) if mine[i::self.micro]]
+        total = 0.0
+        for i, chunk in enumerate(chunks):
+            loss = self.setup.loss_fn.loss(self.model, self.setup.splits["train"], chunk)
+            part = loss if len(chunks) == 1 else loss * (len(chunk) / len(mine))
+            if self.backward:
+                last = i == len(chunks) - 1
+                with self.model.no_sync() if RANKS.world > 1 and not last else contextlib.nullcontext():
+                    part.backward()
+                part = part.detach()
+            total = part if i == 0 else total + part
+        return RANKS.mean(total, len(mine))
 
 
 def attention_divergence(model, anchor):
@@ -304,13 +396,14 @@ def attention_divergence(model, anchor):
 
 
 def evaluate(model, setup, split):
-    """Accuracy on a split, in eval mode; the model's mode is put back afterwards."""
-    was_training = model.training
+    """Accuracy on a split (each rank scores its share), in eval mode; the model's mode is put back after."""
+    enc, was_training = setup.splits[split], model.training
     model.eval()
     try:
-        return setup.loss_fn.accuracy(model, setup.splits[split])
+        correct = setup.loss_fn.correct(model, enc, RANKS.shard(range(len(enc.labels))))
     finally:
         model.train(was_training)
+    return RANKS.total(correct)[0] / len(enc.labels)
 
 
 def train_method(method, model, setup, cfg, out_dir, saved, record):
@@ -318,20 +411,25 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
     with it). Returns the result dict: early on a signal, with status "diverged" on a non-finite loss."""
     peak = bench.PeakMemory(setup.device)
     peak.reset()
-    loss = TrainLoss(setup, model)
+    if method == "fo" and RANKS.world > 1:  # gradients averaged across ranks
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        forward = model
+    loss = TrainLoss(setup, forward, cfg, backward=method == "fo")
     run = build_run(method, model, setup, cfg, loss)
     r = run.restore(saved) if saved is not None else start_result(method, model, setup, cfg, run)
     loss.calls = r["forward_passes"]
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO needs it off (see dizo.py)
     steps, losses, tic = cfg.steps_for(method), [], time.perf_counter()
-    bar = tqdm(total=steps, initial=r["steps"], desc=method, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=r["steps"], desc=method, dynamic_ncols=True, disable=not RANKS.main)
     while r["steps"] < steps:
         idx = run.batches.next()
         try:
             losses.append(float(take_step(method, run.opt, lambda: loss(idx), r["steps"] + 1)))
             r["steps"] += 1
             at_eval = r["steps"] % cfg.eval_interval == 0 or r["steps"] == steps
-            if (at_eval or Stop.signum is not None) and not weights_finite(model):  # never checkpoint those
+            stopping = RANKS.agree(Stop.signum is not None)
+            if (at_eval or stopping) and not weights_finite(model):  # never checkpoint those
                 raise FloatingPointError(f"non-finite weights after step {r['steps']}")
         except FloatingPointError as e:
             bar.close()
@@ -342,14 +440,15 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
             r["projection"].append(run.opt.last_phase)
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if at_eval or Stop.signum is not None:
+        if at_eval or stopping:
             r["wall_s"] += time.perf_counter() - tic  # training time only: evaluation is the same for all
             r["forward_passes"] = loss.calls
             r["history"].append(history_entry(r, model, setup, losses, run.anchor, full=at_eval))
             losses = []
-            save_checkpoint(out_dir, method, model, setup.tokenizer, run.state(r))
-            record(r)  # after the checkpoint: results.json never names a step the checkpoint has not reached
-            if Stop.signum is not None:
+            if RANKS.main:
+                save_checkpoint(out_dir, method, model, setup.tokenizer, run.state(r))
+                record(r)  # after the checkpoint: results.json never names a step the checkpoint has not reached
+            if stopping:
                 break
             tic = time.perf_counter()
     bar.close()
@@ -519,7 +618,7 @@ def load_checkpoint(out_dir, method, model):
 # The output folder belongs to one run at a time (a lock), and nothing in it that this tool did not write is ever
 # replaced or removed: its results.json carries FORMAT, and OUTPUTS are the only names it writes.
 FORMAT = "dizo-train/1"
-OUTPUTS = ("results.json", "curves.png", "divergence.png", "checkpoints", "model")
+OUTPUTS = ("results.json", "curves.png", "divergence.png", "projection.png", "checkpoints", "model")
 
 
 def read_results(out_dir):
@@ -631,31 +730,40 @@ def train_all(cfg, setup, out_dir, results, model):
             saved = load_checkpoint(out_dir, method, model)
 
         def record(r, method=method):
-            results["methods"][method] = r
+            results["methods"][method] = r | {"world_size": RANKS.world}
             write_json(out_dir / "results.json", results)
 
         r = train_method(method, model, setup, cfg, out_dir, saved, record)
-        if r["status"] == "done" and cfg.save:  # before results.json says done, and before a signal is obeyed
-            save_model(model, setup.tokenizer, out_dir / "model" / method if len(cfg.methods) > 1 else out_dir / "model")
         if r["status"] == "running":  # stopped by a signal before its last step
             r["status"] = "interrupted"
-        record(r)
+        if RANKS.main:
+            if r["status"] == "done" and cfg.save:  # before results.json says done, and before a signal is obeyed
+                save_model(model, setup.tokenizer, out_dir / "model" / method if len(cfg.methods) > 1
+                           else out_dir / "model")
+            record(r)
+            plot_all(cfg, results, out_dir)
         model = None
-        bench.plot_curves(results, out_dir / "curves.png")
-        if cfg.track_divergence:
-            bench.plot_divergence(results, out_dir / "divergence.png")
         if r["status"] == "diverged":
             kept = checkpoint_dir(out_dir, method)
             where = f"the last good checkpoint is in {kept}" if kept.exists() else "no checkpoint was reached"
             print(f"error: {method} diverged: {r['error']}; {where}", file=sys.stderr)
             return 1
-        if Stop.signum is not None:
+        if r["status"] == "interrupted" or RANKS.agree(Stop.signum is not None):
             print(f"interrupted at {method} step {r['steps']}: results and a checkpoint are in {out_dir}; "
                   f"continue with the same flags and --resume", file=sys.stderr)
-            return 128 + Stop.signum
-    print_table(results)
-    print(f"results: {out_dir / 'results.json'}, plot: {out_dir / 'curves.png'}")
+            return 128 + (Stop.signum or signal.SIGTERM)
+    if RANKS.main:
+        print_table(results)
+        print(f"results: {out_dir / 'results.json'}, plot: {out_dir / 'curves.png'}")
     return 0
+
+
+def plot_all(cfg, results, out_dir):
+    bench.plot_curves(results, out_dir / "curves.png")
+    if cfg.track_divergence:
+        bench.plot_divergence(results, out_dir / "divergence.png")
+    if any(r.get("projection") for r in results["methods"].values()):
+        bench.plot_projection(results, out_dir / "projection.png")
 
 
 def save_model(model, tokenizer, folder):
@@ -667,7 +775,9 @@ def save_model(model, tokenizer, folder):
 def load_model(cfg, setup):
     """The pretrained model; with --lora, wrapped in PEFT LoRA adapters (B = 0: the same function at first),
     only they trainable. PEFT is an optional dependency, the ecosystem's standard for adapters."""
-    model = data.load_model(setup.name, setup.kind, bench.DTYPES[cfg.dtype], setup.device, cfg.trust_remote_code)
+    model = data.load_model(setup.name, setup.kind, bench.DTYPES[cfg.dtype], setup.device, cfg.trust_remote_code,
+                            cfg.device_map)
+    setup.loss_fn.device = model.get_input_embeddings().weight.device  # where the inputs go (--device_map)
     if not cfg.lora:
         return model
     try:
@@ -704,16 +814,24 @@ def main(argv=None):
     try:
         check_config(cfg)
         check_out_dir(cfg)  # before the model is loaded: a run that would fail here fails fast
+        DEVICE[0] = RANKS.start()
         setup = prepare(cfg)
         model = load_model(cfg, setup)  # the first method's: broken weights are found before anything is written
         check_disk_space(cfg, model)
-        out_dir, results, lock = claim_out_dir(cfg, setup.data_hash)
+        # rank 0 owns the output folder; the others read what it holds once rank 0 has claimed it
+        out_dir, results, lock = claim_out_dir(cfg, setup.data_hash) if RANKS.main else (Path(cfg.out_dir), None,
+                                                                                           None)
+        RANKS.barrier()
+        results = results if RANKS.main else check_out_dir(cfg, setup.data_hash)
+        RANKS.barrier()
         restore_signals = Stop.install()
         try:
             return train_all(cfg, setup, out_dir, results, model)
         finally:
             restore_signals()
-            lock.close()
+            if lock is not None:
+                lock.close()
+            RANKS.stop()
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
