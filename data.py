@@ -1,5 +1,6 @@
 """What the model reads and how it is scored: tasks, prompts, data files, the prompt-based loss, the batch order,
-and the embedded default (a built-in task, its corpus and the tiny model pretrained on it).
+the pretrained model and its tokenizer, the embedded default (a built-in task, its corpus and the tiny model
+pretrained on it); and the files a run writes (results, checkpoints, saved models), each write atomic.
 
 * Real tasks: GLUE-style TSV files `train.tsv`, `dev.tsv`, `test.tsv` in one folder. The first line is a
   header; columns are found by name ("sentence", or "premise"/"hypothesis" -- GLUE RTE's "sentence1"/"sentence2"
@@ -796,3 +797,148 @@ def builtin_model() -> str:
         print(f"embedded tiny OPT: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"pretrained {TINY['pretrain_steps']} steps, final LM loss {loss:.3f}, saved to {folder}")
     return str(folder)
+
+
+# ------------------------------------------------------------------------------------- the run's folder
+#
+# results.json, checkpoints and saved models, every write atomic. The folder belongs to one run at a time (a lock),
+# and nothing in it that train.py did not write is ever replaced or removed: its results.json carries FORMAT, and
+# OUTPUTS are the only names it writes.
+
+def write_json(path, obj):
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+def checkpoint_dir(out_dir, method):
+    folder = out_dir / "checkpoints" / method
+    old = folder.with_name(method + ".old")
+    return old if not folder.exists() and old.exists() else folder  # a kill between the two renames
+
+
+def save_checkpoint(out_dir, method, model, tokenizer, state):
+    """A complete model folder (loadable with from_pretrained) plus the trainer state to resume from."""
+    def write(tmp):
+        model.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / "trainer_state.pt")
+
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_atomically(out_dir / "checkpoints" / method, write)
+
+
+def load_checkpoint(out_dir, method, model):
+    """Weights into `model` and the trainer state, from the method's last checkpoint; None if none was reached."""
+    from safetensors.torch import load_file
+
+    folder = checkpoint_dir(out_dir, method)
+    if not (folder / "trainer_state.pt").exists():
+        return None
+    try:
+        weights = {}
+        for path in sorted(folder.glob("*.safetensors")):  # one file, or shards
+            weights |= load_file(str(path), device=str(next(model.parameters()).device))
+        state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    except Exception as e:  # truncated or corrupt files
+        raise DataError(f"checkpoint {folder} is damaged ({first_line(e)}); start again without --resume")
+    if hasattr(model, "peft_config"):  # a LoRA checkpoint holds the adapters; the base comes from --model
+        from peft import set_peft_model_state_dict
+        unexpected, untied = set_peft_model_state_dict(model, weights).unexpected_keys, []
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # save_pretrained stores a tied tensor once (OPT's lm_head, RoBERTa's decoder): a key may be missing
+        # only if it shares its storage with a key that is there.
+        tensors = model.state_dict()
+        present = {tensors[k].data_ptr() for k in weights if k in tensors}
+        untied = [k for k in missing if tensors[k].data_ptr() not in present]
+    if unexpected or untied:
+        raise DataError(f"checkpoint {folder} does not match the model: {untied[:3]} {unexpected[:3]}")
+    return state
+
+
+FORMAT = "dizo-train/1"
+OUTPUTS = ("results.json", "curves.png", "divergence.png", "projection.png", "checkpoints", "model")
+
+
+def read_results(out_dir):
+    """The run saved in out_dir, or None; DataError if its results.json is not this tool's or is damaged."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return None
+    try:
+        results = json.loads(path.read_text())
+        ours = isinstance(results, dict) and results.get("format") == FORMAT
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise DataError(f"{path} was not written by train.py, or is damaged; choose another --out_dir")
+    return results
+
+
+def check_out_dir(out_dir, settings, resume, overwrite, inputs):
+    """What out_dir holds, checked against what a run with these settings would do to it (`inputs`: the paths it
+    reads, which must not be inside its outputs); returns the results so far. A settings["data_hash"] of None is
+    not compared (the data is not encoded yet)."""
+    out_dir = Path(out_dir)
+    saved = read_results(out_dir)
+    data_hash = settings.get("data_hash")
+    if resume:
+        if saved is None:
+            raise DataError(f"--resume: no results.json in {out_dir}, nothing to resume")
+        changed = [k for k in settings if k != "data_hash" and saved["config"].get(k) != settings[k]]
+        if changed:
+            raise DataError(f"--resume: flags differ from the saved run: {', '.join(changed)}")
+        if data_hash and saved["config"].get("data_hash") != data_hash:
+            raise DataError("--resume: the data differ from the saved run's (were the files changed?)")
+        return saved
+    if saved is not None and not overwrite:
+        raise DataError(f"{out_dir} already holds a run; pass --overwrite to replace it or --resume to "
+                         "continue it")
+    present = [out_dir / n for n in OUTPUTS if (out_dir / n).exists()]
+    if saved is None and present:
+        raise DataError(f"{present[0]} exists and was not written by train.py; choose another --out_dir")
+    for path in present:
+        for given in inputs:
+            if given and Path(given).resolve().is_relative_to(path.resolve()):
+                raise DataError(f"--overwrite would remove {path}, which holds {given}; choose another --out_dir")
+    return {"format": FORMAT, "config": settings, "methods": {}}
+
+
+def claim_out_dir(out_dir, settings, resume, overwrite, inputs):
+    """Create and lock out_dir for this run (another run into it fails at once), check it again under the lock
+    (see check_out_dir), and unless resuming remove the old run's outputs. Returns (results so far, lock)."""
+    import fcntl
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / ".lock", "w")
+    except OSError as e:
+        raise DataError(f"--out_dir {out_dir}: cannot write there ({e.strerror})")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise DataError(f"another train.py is running in {out_dir}; wait for it or choose another --out_dir")
+    results = check_out_dir(out_dir, settings, resume, overwrite, inputs)
+    if not resume:
+        for name in OUTPUTS:
+            remove(out_dir / name)
+    return results, lock
+
+
+def save_model(model, tokenizer, folder):
+    """A loadable Hugging Face folder of the model and its tokenizer, written atomically."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+def check_disk_space(out_dir, model, copies):
+    """Refuse to start without room for `copies` of the weights (+10%) where out_dir is, rather than fail at the
+    first checkpoint (a checkpoint needs two while it replaces the previous one)."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters()) * copies * 1.1
+    out_dir = Path(out_dir).absolute()
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise DataError(f"--out_dir {out_dir}: {free / 2**20:,.0f} MB free, checkpoints of this model need about "
+                         f"{need / 2**20:,.0f} MB")

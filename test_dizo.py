@@ -1365,14 +1365,14 @@ def test_sigterm_from_outside_writes_results_and_checkpoint(assets, tmp_path):
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    train.write_json(path, {"a": 1})
+    data.write_json(path, {"a": 1})
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(json, "dumps", crash)  # killed while writing: the old file stays whole
     with pytest.raises(KeyboardInterrupt):
-        train.write_json(path, {"a": 2})
+        data.write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
     monkeypatch.undo()
 

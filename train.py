@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -446,7 +445,7 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
             r["history"].append(history_entry(r, model, setup, losses, run.anchor, full=at_eval))
             losses = []
             if RANKS.main:
-                save_checkpoint(out_dir, method, model, setup.tokenizer, run.state(r))
+                data.save_checkpoint(out_dir, method, model, setup.tokenizer, run.state(r))
                 record(r)  # after the checkpoint: results.json never names a step the checkpoint has not reached
             if stopping:
                 break
@@ -562,130 +561,6 @@ class Stop:
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Files: results.json, checkpoints and saved models, every write atomic (data.write_atomically).
-
-def write_json(path, obj):
-    data.write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
-
-
-def checkpoint_dir(out_dir, method):
-    folder = out_dir / "checkpoints" / method
-    old = folder.with_name(method + ".old")
-    return old if not folder.exists() and old.exists() else folder  # a kill between the two renames
-
-
-def save_checkpoint(out_dir, method, model, tokenizer, state):
-    """A complete model folder (loadable with from_pretrained) plus the trainer state to resume from."""
-    def write(tmp):
-        model.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        torch.save(state, tmp / "trainer_state.pt")
-
-    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    data.write_atomically(out_dir / "checkpoints" / method, write)
-
-
-def load_checkpoint(out_dir, method, model):
-    """Weights into `model` and the trainer state, from the method's last checkpoint; None if none was reached."""
-    from safetensors.torch import load_file
-
-    folder = checkpoint_dir(out_dir, method)
-    if not (folder / "trainer_state.pt").exists():
-        return None
-    try:
-        weights = {}
-        for path in sorted(folder.glob("*.safetensors")):  # one file, or shards
-            weights |= load_file(str(path), device=str(next(model.parameters()).device))
-        state = torch.load(folder / "trainer_state.pt", weights_only=True)
-    except Exception as e:  # truncated or corrupt files
-        raise UsageError(f"checkpoint {folder} is damaged ({data.first_line(e)}); start again without --resume")
-    if hasattr(model, "peft_config"):  # a LoRA checkpoint holds the adapters; the base comes from --model
-        from peft import set_peft_model_state_dict
-        unexpected, untied = set_peft_model_state_dict(model, weights).unexpected_keys, []
-    else:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        # save_pretrained stores a tied tensor once (OPT's lm_head, RoBERTa's decoder): a key may be missing
-        # only if it shares its storage with a key that is there.
-        tensors = model.state_dict()
-        present = {tensors[k].data_ptr() for k in weights if k in tensors}
-        untied = [k for k in missing if tensors[k].data_ptr() not in present]
-    if unexpected or untied:
-        raise UsageError(f"checkpoint {folder} does not match the model: {untied[:3]} {unexpected[:3]}")
-    return state
-
-
-# The output folder belongs to one run at a time (a lock), and nothing in it that this tool did not write is ever
-# replaced or removed: its results.json carries FORMAT, and OUTPUTS are the only names it writes.
-FORMAT = "dizo-train/1"
-OUTPUTS = ("results.json", "curves.png", "divergence.png", "projection.png", "checkpoints", "model")
-
-
-def read_results(out_dir):
-    """The run saved in out_dir, or None; UsageError if its results.json is not this tool's or is damaged."""
-    path = out_dir / "results.json"
-    if not path.exists():
-        return None
-    try:
-        results = json.loads(path.read_text())
-        ours = isinstance(results, dict) and results.get("format") == FORMAT
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise UsageError(f"{path} was not written by train.py, or is damaged; choose another --out_dir")
-    return results
-
-
-def check_out_dir(cfg, data_hash=None):
-    """What out_dir holds, checked against what this run would do to it; returns the results so far."""
-    out_dir = Path(cfg.out_dir)
-    saved = read_results(out_dir)
-    settings = cfg.run_flags() | ({"data_hash": data_hash} if data_hash else {})
-    if cfg.resume:
-        if saved is None:
-            raise UsageError(f"--resume: no results.json in {out_dir}, nothing to resume")
-        changed = [k for k in settings if k != "data_hash" and saved["config"].get(k) != settings[k]]
-        if changed:
-            raise UsageError(f"--resume: flags differ from the saved run: {', '.join(changed)}")
-        if data_hash and saved["config"].get("data_hash") != data_hash:
-            raise UsageError("--resume: the data differ from the saved run's (were the files changed?)")
-        return saved
-    if saved is not None and not cfg.overwrite:
-        raise UsageError(f"{out_dir} already holds a run; pass --overwrite to replace it or --resume to "
-                         "continue it")
-    present = [out_dir / n for n in OUTPUTS if (out_dir / n).exists()]
-    if saved is None and present:
-        raise UsageError(f"{present[0]} exists and was not written by train.py; choose another --out_dir")
-    for path in present:
-        for given in (cfg.model, cfg.data_dir):
-            if given and Path(given).resolve().is_relative_to(path.resolve()):
-                raise UsageError(f"--overwrite would remove {path}, which holds {given}; choose another --out_dir")
-    return {"format": FORMAT, "config": settings, "methods": {}}
-
-
-def claim_out_dir(cfg, data_hash):
-    """Create and lock out_dir for this run (another run into it fails at once), check again under the lock,
-    and with --overwrite remove the old run's outputs. Returns (out_dir, results so far, lock)."""
-    import fcntl
-
-    out_dir = Path(cfg.out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / ".lock", "w")
-    except OSError as e:
-        raise UsageError(f"--out_dir {out_dir}: cannot write there ({e.strerror})")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise UsageError(f"another train.py is running in {out_dir}; wait for it or choose another --out_dir")
-    results = check_out_dir(cfg, data_hash)
-    if not cfg.resume:
-        for name in OUTPUTS:
-            data.remove(out_dir / name)
-    return out_dir, results, lock
-
-
 def weights_finite(model):
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -727,24 +602,24 @@ def train_all(cfg, setup, out_dir, results, model):
         model = load_model(cfg, setup) if model is None else model
         saved = None
         if cfg.resume and previous is not None:
-            saved = load_checkpoint(out_dir, method, model)
+            saved = data.load_checkpoint(out_dir, method, model)
 
         def record(r, method=method):
             results["methods"][method] = r | {"world_size": RANKS.world}
-            write_json(out_dir / "results.json", results)
+            data.write_json(out_dir / "results.json", results)
 
         r = train_method(method, model, setup, cfg, out_dir, saved, record)
         if r["status"] == "running":  # stopped by a signal before its last step
             r["status"] = "interrupted"
         if RANKS.main:
             if r["status"] == "done" and cfg.save:  # before results.json says done, and before a signal is obeyed
-                save_model(model, setup.tokenizer, out_dir / "model" / method if len(cfg.methods) > 1
+                data.save_model(model, setup.tokenizer, out_dir / "model" / method if len(cfg.methods) > 1
                            else out_dir / "model")
             record(r)
             plot_all(cfg, results, out_dir)
         model = None
         if r["status"] == "diverged":
-            kept = checkpoint_dir(out_dir, method)
+            kept = data.checkpoint_dir(out_dir, method)
             where = f"the last good checkpoint is in {kept}" if kept.exists() else "no checkpoint was reached"
             print(f"error: {method} diverged: {r['error']}; {where}", file=sys.stderr)
             return 1
@@ -764,12 +639,6 @@ def plot_all(cfg, results, out_dir):
         bench.plot_divergence(results, out_dir / "divergence.png")
     if any(r.get("projection") for r in results["methods"].values()):
         bench.plot_projection(results, out_dir / "projection.png")
-
-
-def save_model(model, tokenizer, folder):
-    """A loadable Hugging Face folder of the model and its tokenizer, written atomically."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    data.write_atomically(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
 def load_model(cfg, setup):
@@ -793,19 +662,6 @@ def load_model(cfg, setup):
         raise UsageError(f"--lora: {data.first_line(e)}")
 
 
-def check_disk_space(cfg, model):
-    """A checkpoint is the weights plus, while it is replaced, the previous one: refuse to start without room
-    for two (and for the saved models), rather than fail at the first checkpoint."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    need = weights * (2 + (len(cfg.methods) if cfg.save else 0)) * 1.1
-    out_dir = Path(cfg.out_dir).absolute()
-    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < need:
-        raise UsageError(f"--out_dir {out_dir}: {free / 2**20:,.0f} MB free, checkpoints of this model need about "
-                         f"{need / 2**20:,.0f} MB")
-
-
 def main(argv=None):
     """Command-line entry point; returns the exit code (0 ok, 1 diverged or a write failed, 2 bad input,
     128+n signal n)."""
@@ -813,16 +669,18 @@ def main(argv=None):
     cfg = parse_config(argv)
     try:
         check_config(cfg)
-        check_out_dir(cfg)  # before the model is loaded: a run that would fail here fails fast
+        out_dir = Path(cfg.out_dir)
+        folder = dict(out_dir=out_dir, resume=cfg.resume, overwrite=cfg.overwrite, inputs=(cfg.model, cfg.data_dir))
+        data.check_out_dir(settings=cfg.run_flags() | {"data_hash": None}, **folder)  # fail fast, before loading
         DEVICE[0] = RANKS.start()
         setup = prepare(cfg)
         model = load_model(cfg, setup)  # the first method's: broken weights are found before anything is written
-        check_disk_space(cfg, model)
+        data.check_disk_space(out_dir, model, copies=2 + (len(cfg.methods) if cfg.save else 0))
         # rank 0 owns the output folder; the others read what it holds once rank 0 has claimed it
-        out_dir, results, lock = claim_out_dir(cfg, setup.data_hash) if RANKS.main else (Path(cfg.out_dir), None,
-                                                                                           None)
+        settings = cfg.run_flags() | {"data_hash": setup.data_hash}
+        results, lock = data.claim_out_dir(settings=settings, **folder) if RANKS.main else (None, None)
         RANKS.barrier()
-        results = results if RANKS.main else check_out_dir(cfg, setup.data_hash)
+        results = results if RANKS.main else data.check_out_dir(settings=settings, **folder)
         RANKS.barrier()
         restore_signals = Stop.install()
         try:
