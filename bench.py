@@ -8,7 +8,7 @@ for RoBERTa.
     python bench.py                                   # CPU fp32, tiny, opt-125m, roberta-base: ~7 min on 2 idle cores
     python bench.py --shapes tiny --repeats 5         # a quick check
     python bench.py --device cuda --dtype bf16 --shapes opt-1.3b
-    python bench.py --precision                       # ZO under fp32 / bf16 / autocast: ~20 s on 1 core
+    python bench.py --precision                       # ZO under fp32 / bf16 plain, exact, autocast: ~30 s on 1 core
 
 What is measured, per (shape, method):
   time    median seconds per step over --repeats timed steps, after --warmup untimed ones; on CUDA the device
@@ -23,7 +23,8 @@ What is measured, per (shape, method):
           median ordinary step + phase / κ. Its peak covers both the ordinary steps and the phase.
 
 What --precision measures, per storage dtype and compute mode (fp32; bf16 and, on CUDA, fp16, each "plain":
-weights stored and computed in it, and "autocast": fp32 weights, the forward under torch.autocast), per weight
+weights stored, stepped and computed in it; "exact": stored and computed in it, stepped through dizo.py's fp32
+master, half_precision="exact"; "autocast": fp32 weights, the forward under torch.autocast), per weight
 scale (0.02, 0.05), ε 1e-3:
   lr-0 drift  T ZOSGD steps at learning rate 0 on the tiny OPT (random init with that weight std): relative
               ‖θ_T - θ_0‖/‖θ_0‖ and max |θ_T - θ_0|. The model must not move; every pass that rounds makes it.
@@ -39,6 +40,7 @@ scale (0.02, 0.05), ε 1e-3:
 
 import argparse
 import ctypes
+import functools
 import gc
 import itertools
 import json
@@ -51,6 +53,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -531,14 +534,23 @@ class Precision:
     values: Callable | None = None
 
 
-def plain_precisions(device):
-    """fp32; and per half dtype, plain (weights stored and computed in it) and autocast (fp32 weights, the
-    forward under torch.autocast). fp16 only on CUDA: CPU fp16 matmuls are slow or unsupported."""
+def half_precisions(device):
+    """fp32; and per half dtype: plain (weights stored, stepped and computed in it), exact (stored and computed
+    in it, stepped through an fp32 master: dizo.py's default) and autocast (fp32 weights, the forward under
+    torch.autocast). fp16 only on CUDA: CPU fp16 matmuls are slow or unsupported."""
     halves = ("bf16", "fp16") if device.type == "cuda" else ("bf16",)
+    plain = functools.partial(ZOSGD, half_precision="plain")
     modes = [Precision("fp32", torch.float32)]
     for h in halves:
-        modes += [Precision(f"{h} plain", DTYPES[h]), Precision(f"{h} autocast", torch.float32, DTYPES[h])]
+        modes += [Precision(f"{h} plain", DTYPES[h], optimizer=plain),
+                  Precision(f"{h} exact", DTYPES[h], z_dtype=torch.float32, values=master_values),
+                  Precision(f"{h} autocast", torch.float32, DTYPES[h])]
     return modes
+
+
+def master_values(opt, params):
+    """The fp32 values dizo.py steps for half-precision parameters under half_precision="exact"."""
+    return [opt.exact_value(p) for p in params]
 
 
 def fidelity_params(scale, dtype, device, seed=0):
@@ -736,6 +748,8 @@ def _ratio_cos(rc):
 
 def precision_main(args, precisions):
     torch.set_num_threads(args.threads)
+    # the plain rows measure what dizo.py's warning about them says
+    warnings.filterwarnings("ignore", message="half_precision='plain'")
     start = time.perf_counter()
     rows = precision_study(precisions, args)
     info = machine(args)
@@ -835,7 +849,8 @@ def parse_args(argv=None):
                         "with --precision runs/precision.json)")
     p.add_argument("--precision", action="store_true",
                    help="instead of timing shapes, measure ZO under each storage dtype and compute mode "
-                        "(fp32, bf16, fp16 on CUDA; plain or autocast): lr-0 drift, update fidelity, memory")
+                        "(fp32, bf16, fp16 on CUDA; plain, exact or autocast): lr-0 drift, update fidelity, "
+                        "memory")
     p.add_argument("--drift-steps", type=int, default=20, help="--precision: ZO steps at lr 0 (T)")
     p.add_argument("--study", metavar="DIR", default=None,
                    help="instead of benchmarking, summarise train.py runs DIR/<run>-s<seed>/ (README)")
@@ -900,7 +915,7 @@ def main():
     if args.study is not None:
         return study(args.study, args.target, args.plot)
     if args.precision:
-        return precision_main(args, plain_precisions(torch.device(args.device)))
+        return precision_main(args, half_precisions(torch.device(args.device)))
     if args.device == "cpu":
         import transformers  # noqa: F401 -- imported once here, inherited by the forked workers
     load_before = os.getloadavg()

@@ -44,6 +44,7 @@ What the closure may do, and what a step guarantees:
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -102,6 +103,38 @@ class _GlobalRNG:
             torch.cuda.set_rng_state(state, device)
 
 
+# Half precision. A bf16 or fp16 tensor updated in place loses every change smaller than half its resolution
+# (bf16 keeps 8 significant bits: a change below ~0.2% of a weight rounds away), and each ±εz pass rounds,
+# so θ drifts even at lr 0. Under half_precision="exact" the optimizer keeps the fp32 value θ* of such a
+# tensor, does every pass on it in fp32 with z drawn in fp32, and writes back θ = θ* rounded to nearest:
+#   bf16: θ* = (bits(θ) << 16) + low, with `low` an int16 companion: the bf16 tensor is the high half of its
+#         fp32 master, so a bf16 parameter costs 2 + 2 bytes, and the master follows fp32 ZOSGD bit for bit.
+#   fp16: an fp32 master copy, 2 + 4 bytes: fp16 (5 exponent bits) is not the high half of an fp32 number.
+#         fp32 weights with the forward under torch.autocast(dtype=torch.float16) cost 4 bytes.
+_HALF = (torch.bfloat16, torch.float16)
+_BLOCK = 1 << 18  # elements of a bf16 tensor rebuilt in fp32 at a time: int32 scratch that stays in cache
+
+
+def _join_bf16(hi, low, bits):
+    """The fp32 value whose high half is the bf16 tensor `hi` and low half the int16 `low`, built in `bits`
+    (int32): bits = (hi << 16) + low. Exact."""
+    return bits.copy_(hi.view(torch.int16)).bitwise_left_shift_(16).add_(low).view(torch.float32)
+
+
+def _split_bf16_(bits, hi, low):
+    """hi <- the fp32 value in `bits` (int32) rounded to the nearest bf16 (ties away from zero), low <- the
+    rest, so that _join_bf16 gives the value back exactly. bits = (hi << 16) + low with low in [-2^15, 2^15)
+    makes low the low 16 bits of `bits` read as int16. Overwrites `bits`."""
+    low.copy_(bits)  # int32 -> int16 keeps the low 16 bits
+    hi.view(torch.int16).copy_(bits.add_(0x8000).bitwise_right_shift_(16))  # + half a bf16 unit, keep 16 bits
+
+
+def _view_like(t, base, other):
+    """The view of `other` (laid out like `base`) that `t` is of `base`."""
+    offset = other.storage_offset() + t.storage_offset() - base.storage_offset()
+    return other.as_strided(t.shape, t.stride(), offset)
+
+
 class ZOSGD(torch.optim.Optimizer):
     """ZO-SGD with MeZO's seed replay: two forward passes per step, no gradient, no optimizer state.
 
@@ -115,35 +148,46 @@ class ZOSGD(torch.optim.Optimizer):
     and the update are fused into one pass, θ <- θ + (ε - ηg) z, so z is generated three times.
 
     Arguments (defaults as MeZO's and DiZO's code):
-        lr            η; ~1e-6 for billion-parameter LMs (the released value for OPT), far larger for small
-                      models: sweep a few decades and keep the largest that lowers the training loss.
-                      Per group, and read at every step (learning-rate schedulers work).
-        eps           ε of eq. (1) (released: 1e-3). One for all groups: g is one scalar for the whole model.
-        weight_decay  λ, MeZO's (DiZO's code has none: default 0), on matrices only, i.e. tensors with two
-                      or more dimensions: biases and LayerNorm weights are vectors. Decided by shape.
-        seed          seeds the optimizer's generator; the global torch RNG is never re-seeded (only
-                      replayed, so that both forward passes draw the same dropout masks).
+        lr              η; ~1e-6 for billion-parameter LMs (the released value for OPT), far larger for small
+                        models: sweep a few decades and keep the largest that lowers the training loss.
+                        Per group, and read at every step (learning-rate schedulers work).
+        eps             ε of eq. (1) (released: 1e-3). One for all groups: g is one scalar for the whole model.
+        weight_decay    λ, MeZO's (DiZO's code has none: default 0), on matrices only, i.e. tensors with two
+                        or more dimensions: biases and LayerNorm weights are vectors. Decided by shape.
+        seed            seeds the optimizer's generator; the global torch RNG is never re-seeded (only
+                        replayed, so that both forward passes draw the same dropout masks).
+        half_precision  for bf16 and fp16 parameters: "exact" (default) keeps their fp32 value (see _HALF
+                        above: 2 more bytes per bf16 parameter, 4 per fp16 one) and steps it exactly as an
+                        fp32 parameter, with z drawn in fp32; "plain" steps them in place, z drawn in their
+                        dtype, as MeZO's and DiZO's code do in fp16 (it warns, with the numbers). A
+                        checkpoint (state_dict) holds the fp32 values, so a resumed run continues bit for bit.
     """
 
-    _SHARED = ("eps",)  # settings every group must share
+    _SHARED = ("eps", "half_precision")  # settings every group must share
 
     def __init__(self, params: Params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0,
-                 seed: int = 0) -> None:
-        self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed)
+                 seed: int = 0, *, half_precision: str = "exact") -> None:
+        self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, half_precision=half_precision), seed)
 
     def _start(self, params, defaults, seed):
         _check("seed", seed, isinstance(seed, int) and seed >= 0, "an int >= 0")
+        self._constructed = False
         super().__init__(params, defaults)  # add_param_group checks every group's settings
+        self._warn_if_plain_half(self.param_groups)
+        self._constructed = True
         self.steps_done = 0
         self.projected_grad = None  # g of the last step, for logging
         self._seeds = torch.Generator().manual_seed(seed)  # draws one seed per step
         self._z_gens = {}  # device -> torch.Generator, re-seeded at every pass
         self._buffers = {}  # (device, dtype) -> flat scratch tensor for z
+        self._scratch = {}  # device -> int32 scratch in which a block of a bf16 tensor's fp32 value is built
 
     def _check_settings(self, s):
         _check("lr", s["lr"], 0 <= s["lr"] < math.inf, "finite and >= 0")
         _check("eps", s["eps"], 0 < s["eps"] < math.inf, "finite and > 0")
         _check("weight_decay", s["weight_decay"], 0 <= s["weight_decay"] < math.inf, "finite and >= 0")
+        _check("half_precision", s["half_precision"], s["half_precision"] in ("exact", "plain"),
+               '"exact" or "plain"')
 
     def _shared_settings(self, groups=None):
         """The settings all groups share (g is one scalar for the whole model, so there is one ε)."""
@@ -161,6 +205,26 @@ class ZOSGD(torch.optim.Optimizer):
         self._check_settings(settings)
         self._shared_settings(self.param_groups + [settings])
         super().add_param_group(param_group)
+        if self._constructed:
+            self._warn_if_plain_half(self.param_groups[-1:])
+
+    def _warn_if_plain_half(self, groups):
+        """Warn, with the numbers, that plain half precision rounds away updates below its resolution."""
+        halves = [p for g in groups for p in g["params"] if p.dtype in _HALF and p.requires_grad]
+        lr = max(g["lr"] for g in groups)
+        if groups[0]["half_precision"] != "plain" or not halves or lr == 0:
+            return
+        dtype, n = halves[0].dtype, sum(p.numel() for p in halves)
+        # a change below half the spacing of the values near θ, |θ|·eps/4 to |θ|·eps/2, rounds away
+        eps = torch.finfo(dtype).eps
+        with torch.no_grad():
+            typical = float(sum(p.abs().sum(dtype=torch.float32) for p in halves)) / n
+        warnings.warn(f"half_precision='plain': {n:,} {dtype} parameters are stepped in place; {dtype} rounds "
+                      f"away a change smaller than half its spacing, |θ|·{eps / 4:.2g} to |θ|·{eps / 2:.2g}, so "
+                      f"with lr = {lr:g} a weight of the mean size here (|θ| = {typical:.3g}) moves only "
+                      f"where |g·z| > {typical * eps / 4 / lr:.3g} or more, and every ±εz pass rounds (θ drifts "
+                      f"even at lr 0). half_precision='exact' (the default) steps an fp32 value instead.",
+                      stacklevel=4)
 
     def _params(self):
         for group in self.param_groups:
@@ -171,14 +235,76 @@ class ZOSGD(torch.optim.Optimizer):
     def _devices(self):
         return list(dict.fromkeys(p.device for _, p in self._params()))  # in order of first appearance
 
+    def _keeps_master(self, p):
+        """True if p is stepped through an fp32 master: a half-precision tensor under half_precision="exact"."""
+        return p.dtype in _HALF and self.param_groups[0]["half_precision"] == "exact"
+
+    def _value_dtype(self, p):
+        """The dtype in which p's value is stepped, and z drawn: fp32 for a master, else p's own."""
+        return torch.float32 if self._keeps_master(p) else p.dtype
+
+    def _companion(self, t):
+        """The part of t's fp32 master that t does not hold, as a tensor laid out like t (a view if t is a view
+        of a parameter): int16 low bits for bf16, the whole fp32 value for fp16. Created at first use from t
+        itself, so the master starts as the weights are."""
+        base = t if t._base is None else t._base
+        state = self.state[base]
+        key = "low_bits" if base.dtype == torch.bfloat16 else "master"
+        if key not in state:
+            if key == "low_bits":
+                state[key] = torch.zeros_like(base, dtype=torch.int16)
+            else:
+                state[key] = torch.empty_like(base, dtype=torch.float32).copy_(base)
+        return _view_like(t, base, state[key])
+
+    def _block_scratch(self, device, n):
+        buf = self._scratch.get(device)
+        if buf is None or buf.numel() < n:
+            buf = self._scratch[device] = torch.empty(max(n, _BLOCK), device=device, dtype=torch.int32)
+        return buf[:n]
+
+    def _values(self, t, *others, write=True):
+        """Blocks (x, *o) that cover tensor t: x holds the exact value of a block of t, in the dtype of
+        _value_dtype(t), and each o the same block of one of `others` (tensors shaped like t). The caller
+        may change x in place; with write=True it is stored back before the next block is given: into t
+        itself, or for a master, into the master and t (rounded to nearest). A bf16 master is rebuilt from t
+        and its low bits block by block, in scratch memory of _BLOCK elements."""
+        if not self._keeps_master(t):
+            yield (t, *others)
+            return
+        if t.dtype == torch.float16:
+            master = self._companion(t)
+            yield (master, *others)
+            if write:
+                t.copy_(master)
+            return
+        tensors = [x.view(1) if x.dim() == 0 else x for x in (t, self._companion(t), *others)]
+        rows = max(1, _BLOCK // max(1, tensors[0][0].numel())) if t.numel() else 1
+        for hi, low, *rest in zip(*(x.split(rows) for x in tensors)):
+            bits = self._block_scratch(hi.device, hi.numel()).view(hi.shape)
+            yield (_join_bf16(hi, low, bits), *rest)
+            if write:
+                _split_bf16_(bits, hi, low)
+
+    def exact_value(self, p: torch.Tensor) -> torch.Tensor:
+        """The value the optimizer steps for trained tensor p: for a bf16 or fp16 p under half_precision=
+        "exact" a new fp32 tensor (p is this rounded to nearest), else p itself (detached)."""
+        if not self._keeps_master(p):
+            return p.detach()
+        out = torch.empty(p.shape, device=p.device, dtype=torch.float32)
+        with torch.no_grad():
+            for x, o in self._values(p, out, write=False):
+                o.copy_(x)
+        return out
+
     def _z(self, p):
         """The next z for tensor p, from p's device generator, in a reused scratch buffer."""
-        key = (p.device, p.dtype)
+        key = (p.device, self._value_dtype(p))
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < p.numel():  # a group added or a tensor unfrozen: grow the buffer
-            largest = max(q.numel() for _, q in self._params() if (q.device, q.dtype) == key)
-            buf = self._buffers[key] = torch.empty(largest, device=p.device, dtype=p.dtype)
-        return buf[: p.numel()].view_as(p).normal_(generator=self._z_gens[p.device])
+            largest = max(q.numel() for _, q in self._params() if (q.device, self._value_dtype(q)) == key)
+            buf = self._buffers[key] = torch.empty(largest, device=p.device, dtype=key[1])
+        return buf[: p.numel()].view(p.shape).normal_(generator=self._z_gens[p.device])
 
     def _zs(self, seed):
         """(group, p, z) for every trainable tensor, z regenerated from the step's seed (MeZO's seed replay)."""
@@ -193,7 +319,8 @@ class ZOSGD(torch.optim.Optimizer):
     def _perturb_(self, seed, alpha):
         """θ <- θ + alpha z."""
         for _, p, z in self._zs(seed):
-            p.add_(z, alpha=alpha)
+            for x, zb in self._values(p, z):
+                x.add_(zb, alpha=alpha)
 
     @torch.no_grad()
     def _update_(self, seed, eps, grad):
@@ -202,10 +329,11 @@ class ZOSGD(torch.optim.Optimizer):
         for group, p, z in self._zs(seed):
             alpha = eps - group["lr"] * grad
             decay = 1.0 - group["lr"] * group["weight_decay"] if p.dim() >= 2 else 1.0
-            if decay != 1.0:
-                p.add_(z, alpha=eps).mul_(decay).add_(z, alpha=alpha - eps)
-            else:
-                p.add_(z, alpha=alpha)
+            for x, zb in self._values(p, z):
+                if decay != 1.0:
+                    x.add_(zb, alpha=eps).mul_(decay).add_(zb, alpha=alpha - eps)
+                else:
+                    x.add_(zb, alpha=alpha)
 
     def _next_seed(self):
         return int(torch.randint(0, 2**62, (1,), generator=self._seeds))
@@ -246,7 +374,7 @@ class ZOSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def _put_back_(self, error, seed, offset):
         """Undo θ + offset·z (offset = ±ε) by replaying z, the perturbations undone in reverse order, and
-        say on the error how close θ is to its value before the step.
+        say on the error how close θ is to its value before the step (θ's fp32 master, where it has one).
 
         Replay cannot restore θ bit for bit (that would need a copy of the model), but it can bound the
         rounding: each add_ rounds at most twice (αz, then the sum), by at most half a unit in the last
@@ -255,12 +383,13 @@ class ZOSGD(torch.optim.Optimizer):
         """
         bound, largest, eps = 0.0, 0.0, abs(offset)
         for _, p, z in self._zs(seed):
-            if offset < 0:
-                p.add_(z, alpha=2 * eps)
-            p.add_(z, alpha=-eps)
-            err = float(torch.finfo(p.dtype).eps * (3 * p.abs() + 8 * eps * z.abs()).max())
-            bound = max(bound, err) if math.isfinite(err) else math.inf  # inf: θ ± εz overflowed
-            largest = max(largest, float(p.abs().max()))
+            for x, zb in self._values(p, z):
+                if offset < 0:
+                    x.add_(zb, alpha=2 * eps)
+                x.add_(zb, alpha=-eps)
+                err = float(torch.finfo(x.dtype).eps * (3 * x.abs() + 8 * eps * zb.abs()).max())
+                bound = max(bound, err) if math.isfinite(err) else math.inf  # inf: θ ± εz overflowed
+                largest = max(largest, float(x.abs().max()))
         what = (f"ZO step {self.steps_done + 1} stopped with θ at θ {'+' if offset > 0 else '-'} εz"
                 + (" (the closure runs under torch.no_grad(): return the loss, do not call backward())"
                    if "does not require grad" in str(error) else ""))
@@ -276,8 +405,8 @@ class ZOSGD(torch.optim.Optimizer):
         return self._zo_step(closure)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state (the param groups and their settings) plus what continues the run bit for
-        bit: the step count and the seed generator's state."""
+        """torch.optim's state (the param groups and their settings, the fp32 masters of half-precision
+        tensors) plus what continues the run bit for bit: the step count and the seed generator's state."""
         state = super().state_dict()
         state["zo"] = {"steps_done": self.steps_done, "seeds": self._seeds.get_state()}
         return state
@@ -292,8 +421,19 @@ class ZOSGD(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo")
         super().load_state_dict(state_dict)
+        self._restore_masters(state_dict["state"])
         self.steps_done = zo["steps_done"]
         self._seeds.set_state(zo["seeds"])
+
+    def _restore_masters(self, saved):
+        """torch.optim's load_state_dict casts every floating-point state tensor to its parameter's dtype,
+        which would round an fp32 master to fp16 and read int16 low bits as bf16 numbers: put back the
+        saved ones as saved."""
+        params = [p for group in self.param_groups for p in group["params"]]  # torch's numbering
+        for index, entries in saved.items():
+            for key in ("low_bits", "master"):
+                if key in entries:
+                    self.state[params[index]][key] = entries[key].to(params[index].device, copy=True)
 
 
 _END = object()  # end of an iterator
@@ -336,15 +476,16 @@ class DiZO(ZOSGD):
     The settings above are in `defaults` and must be the same in every parameter group.
     """
 
-    _SHARED = ("eps", "interval", "proj_iters", "proj_eps", "proj_lr", "tau")
+    _SHARED = ZOSGD._SHARED + ("interval", "proj_iters", "proj_eps", "proj_lr", "tau")
 
     def __init__(self, params: Params, projected: Projected, lr: float, eps: float = 1e-3,
-                 weight_decay: float = 0.0, seed: int = 0, *, interval: int = 50, proj_iters: int = 10,
-                 proj_eps: float = 0.1, proj_lr: float = 2.0, tau: float = 0.2,
-                 search_data: Iterable[Any] | Callable[[], Any] | None = None,
+                 weight_decay: float = 0.0, seed: int = 0, *, half_precision: str = "exact",
+                 interval: int = 50, proj_iters: int = 10, proj_eps: float = 0.1, proj_lr: float = 2.0,
+                 tau: float = 0.2, search_data: Iterable[Any] | Callable[[], Any] | None = None,
                  search_loss: Callable[[Any], Loss] | None = None) -> None:
-        self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, interval=interval,
-                                 proj_iters=proj_iters, proj_eps=proj_eps, proj_lr=proj_lr, tau=tau), seed)
+        self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, half_precision=half_precision,
+                                 interval=interval, proj_iters=proj_iters, proj_eps=proj_eps, proj_lr=proj_lr,
+                                 tau=tau), seed)
         self._check_search_source(search_data, search_loss)
         pairs = self._checked_projection(projected)
         self.names = [n for n, _ in pairs]
@@ -430,32 +571,43 @@ class DiZO(ZOSGD):
         batch = self._search_batch()
         return lambda: self._search_loss(batch)
 
+    @torch.no_grad()
     def distances(self) -> torch.Tensor:
-        """s_l = ||θ_l - θ0_l||_F for every projected matrix (float64, on the CPU)."""
-        with torch.no_grad():
+        """s_l = ||θ_l - θ0_l||_F for every projected matrix (float64, on the CPU), θ_l its exact value (the
+        fp32 master of a half-precision matrix under half_precision="exact")."""
+        dist = []
+        for m, a in zip(self.matrices, self.anchors):
             # half precision is summed in fp32: a norm over millions of squares overflows fp16
-            norms = [torch.linalg.vector_norm(m - a, dtype=torch.promote_types(m.dtype, torch.float32))
-                     for m, a in zip(self.matrices, self.anchors)]
-        return torch.tensor([float(n) for n in norms], dtype=torch.float64)
+            squares = [float(torch.linalg.vector_norm(x - ab, dtype=torch.promote_types(x.dtype, torch.float32)))
+                       ** 2 for x, ab in self._values(m, a, write=False)]
+            dist.append(math.sqrt(sum(squares)))
+        return torch.tensor(dist, dtype=torch.float64)
 
     @torch.no_grad()
     def _set_ratios_(self, ratios, start):
-        """θ_l <- θ0_l + r_l (θ_start,l - θ0_l), written in place; r_l = 1 gives θ_start,l exactly."""
+        """θ_l <- θ0_l + r_l (θ_start,l - θ0_l), written in place; r_l = 1 gives θ_start,l exactly. A matrix
+        with an fp32 master is projected in fp32 and rounded once (low bits included)."""
         for m, a, s, r in zip(self.matrices, self.anchors, start, ratios.tolist()):
-            m.copy_(a).lerp_(s, r)  # lerp(a, s, r) = a + r (s - a); works on views (GPT-2, NeoX)
+            for x, ab, sb in self._values(m, a, s):
+                x.copy_(ab).lerp_(sb, r)  # lerp(a, s, r) = a + r (s - a); works on views (GPT-2, NeoX)
 
+    @torch.no_grad()
     def _saved_copies(self, tensors):
-        """Copies of `tensors`, placed in the z scratch buffers while they are idle (no new memory) as far as
-        they fit, in new tensors beyond that. The next ZO step overwrites the buffers with fresh z."""
+        """Copies of the exact values of `tensors` (fp32 masters where kept), placed in the z scratch buffers
+        while they are idle (no new memory) as far as they fit, in new tensors beyond that. The next ZO step
+        overwrites the buffers with fresh z."""
         used, copies = {}, []
         for t in tensors:
-            key = (t.device, t.dtype)
+            key = (t.device, self._value_dtype(t))
             buf, start = self._buffers.get(key), used.get(key, 0)
             if buf is not None and start + t.numel() <= buf.numel():
-                copies.append(buf[start:start + t.numel()].view(t.shape).copy_(t))
+                copy = buf[start:start + t.numel()].view(t.shape)
                 used[key] = start + t.numel()
             else:
-                copies.append(t.detach().clone())
+                copy = torch.empty(t.shape, device=t.device, dtype=key[1])
+            for x, c in self._values(t, copy, write=False):
+                c.copy_(x)
+            copies.append(copy)
         return copies
 
     @torch.no_grad()

@@ -848,6 +848,215 @@ def test_readme_example_runs_with_dizo_py_alone(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# dizo.py: half precision. bf16 and fp16 parameters are stepped through an fp32 master (half_precision=
+# "exact", the default), or in place (half_precision="plain"); references: fp32 ZOSGD on an fp32 twin, the
+# seed-replay reference z, and bf16 rounding written out on the bits.
+
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def scripted_losses(gs, eps=1e-3):
+    """A closure without a forward pass whose losses give g = gs[0], gs[1], ... step after step:
+    ℓ+ = g ε, ℓ- = -g ε."""
+    losses = iter([v for g in gs for v in (g * eps, -g * eps)])
+    return lambda: next(losses)
+
+
+def bf16_nearest(x):
+    """x (fp32) rounded to the nearest bf16, ties away from zero, on the bits: the top 16 bits of bits + 2^15."""
+    bits = x.view(torch.int32).to(torch.int64)
+    top = torch.where(bits >= 0, (bits + 0x8000) >> 16, -((-bits + 0x8000) >> 16))  # |x| rounded, sign kept
+    return (top << 16).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+
+
+def test_bf16_at_lr_0_keeps_the_weights_bit_identical():
+    """30 ZO steps at lr 0: every nonzero bf16 weight comes back bit for bit. The fp32 master's round trip
+    θ + εz - 2εz + εz is fp32 ZOSGD's, exact to fp32 round-off of ε|z| (~1e-11): a weight that is exactly
+    0 (OPT's biases at initialisation) shows it. Plain bf16 moves almost every weight."""
+    model, plain = tiny_opt().to(torch.bfloat16), tiny_opt().to(torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = ZOSGD(model.parameters(), lr=0.0, eps=1e-3, seed=1)
+    with pytest.warns(UserWarning, match=r"half_precision='plain'.*moves only where \|g·z\| > "):
+        plain_opt = ZOSGD(plain.parameters(), lr=1e-6, eps=1e-3, seed=1, half_precision="plain")
+    plain_opt.param_groups[0]["lr"] = 0.0
+    for _ in range(30):
+        opt.step(lm_closure(model))
+        plain_opt.step(lm_closure(plain))
+    zeros = [b == 0 for b in before]
+    assert sum(int(z.sum()) for z in zeros) > 0
+    for p, b, z in zip(model.parameters(), before, zeros):
+        assert torch.equal(p[~z], b[~z])
+        assert float(p.detach()[z].float().abs().sum()) < 1e-9 * max(1, int(z.sum()))
+    moved = sum(int((p != b).sum()) for p, b in zip(plain.parameters(), before))
+    assert moved > 0.5 * sum(b.numel() for b in before)
+
+
+@pytest.mark.parametrize("dtype", list(HALF_DTYPES))
+def test_the_master_of_half_parameters_follows_fp32_zosgd_bit_for_bit(dtype):
+    """Same seeds, same g, weight decay, and a group added after the first step: the fp32 master of each
+    half-precision parameter equals the fp32 twin's parameter bit for bit, and the parameter is it rounded
+    to nearest."""
+    half = [p.detach().to(HALF_DTYPES[dtype]).requires_grad_() for p in tiny_opt().parameters()]
+    full = [p.detach().float().requires_grad_() for p in half]
+    gs = [float(g) for g in torch.randn(10, generator=torch.Generator().manual_seed(0)) * 5]
+    opts = [ZOSGD(ps[:8], lr=1e-3, eps=1e-3, weight_decay=0.1, seed=3) for ps in (half, full)]
+    for opt, ps in zip(opts, (half, full)):
+        closure = scripted_losses(gs)
+        opt.step(closure)
+        opt.add_param_group({"params": ps[8:], "lr": 1e-2})
+        for _ in range(9):
+            opt.step(closure)
+    for h, f in zip(half, full):
+        assert torch.equal(opts[0].exact_value(h), f)
+        assert torch.equal(h, bf16_nearest(f.detach()) if dtype == "bf16" else f.to(torch.float16))
+    assert any(not torch.equal(h.float(), f) for h, f in zip(half, full))  # the master holds more than θ
+
+
+@pytest.mark.parametrize("dtype", list(HALF_DTYPES))
+def test_a_half_precision_update_is_minus_lr_g_z(dtype):
+    """One step with g = 10 and lr 1e-6 on weights ~ N(0, 0.05²): the update, 1e-5·z, is far below the
+    resolution of bf16 (2^-9 |θ| ~ 1e-4) and of fp16 near the largest weights. Over 16 seeds the fp32 master
+    moves by -ηgz, z the reference z of the step's seed; in place (plain) the change is noise."""
+    def step_change(mode, seed):
+        w = (torch.randn(256, 64, generator=torch.Generator().manual_seed(seed)) * 0.05).to(HALF_DTYPES[dtype])
+        p = w.requires_grad_()
+        opt = ZOSGD([p], lr=1e-6, eps=1e-3, seed=seed, half_precision=mode)
+        before = opt.exact_value(p).double()
+        opt.step(scripted_losses([10.0]))
+        z = reference_z([p.float()], reference_seeds(seed, 1)[0])[0].double()
+        return opt.exact_value(p).double() - before, -1e-6 * 10.0 * z
+
+    cosine = torch.nn.functional.cosine_similarity
+    changes = [step_change("exact", s) for s in range(16)]
+    mean_change = torch.stack([c for c, _ in changes]).mean(0)
+    mean_wanted = torch.stack([w for _, w in changes]).mean(0)
+    for change, wanted in changes:
+        assert float(change.norm() / wanted.norm()) == pytest.approx(1.0, abs=1e-3)
+        assert float(cosine(change.flatten(), wanted.flatten(), dim=0)) > 0.9999
+    torch.testing.assert_close(mean_change, mean_wanted, rtol=0, atol=1e-3 * float(mean_wanted.abs().max()))
+    with pytest.warns(UserWarning, match="half_precision='plain'"):
+        change, wanted = step_change("plain", 0)
+    assert float(cosine(change.flatten(), wanted.flatten(), dim=0)) < 0.5
+
+
+def test_bf16_trains_below_its_resolution_as_fp32_does():
+    """L = ½||θ - c||² with θ ~ 1 (bf16 spacing 2^-7), ε 0.05 (visible in bf16), lr 1e-3: each update,
+    about 4e-4 per weight, is below half the bf16 spacing. Over 700 steps (mean of 2 seeds) the fp32 master
+    makes the progress fp32 makes, within 5% (the loss is computed on the bf16 weights, whose rounding
+    costs a little); plain bf16 makes none: its ±εz round trips random-walk θ away."""
+    def run(dtype, seed, mode="exact"):
+        gen = torch.Generator().manual_seed(0)
+        start = 1 + 0.1 * torch.rand(64, generator=gen)
+        target = start + 0.05 * torch.randn(64, generator=gen)
+        theta = start.to(dtype).requires_grad_()
+        opt = ZOSGD([theta], lr=1e-3, eps=0.05, seed=seed, half_precision=mode)
+
+        def loss():
+            return 0.5 * float(((theta.detach().float() - target) ** 2).sum())
+
+        first = loss()
+        for _ in range(700):
+            opt.step(loss)
+        return loss() / first
+
+    fp32 = sum(run(torch.float32, s) for s in range(2)) / 2
+    exact = sum(run(torch.bfloat16, s) for s in range(2)) / 2
+    with pytest.warns(UserWarning, match="half_precision='plain'"):
+        plain = run(torch.bfloat16, 0, "plain")
+    assert fp32 < 0.3
+    assert exact == pytest.approx(fp32, rel=0.05)
+    assert plain > 1.0
+
+
+@pytest.mark.parametrize("make", ["zosgd", "dizo"])
+@pytest.mark.parametrize("dtype", list(HALF_DTYPES))
+def test_half_precision_resumes_bit_for_bit(dtype, make):
+    """A checkpoint holds the masters (int16 low bits for bf16, fp32 copies for fp16), in their own dtype."""
+    def build(model):
+        if make == "zosgd":
+            return ZOSGD(model.parameters(), lr=1e-2, weight_decay=0.01, seed=9)
+        return DiZO(model.parameters(), projected_params(model), lr=1e-2, seed=9, interval=4, proj_iters=2)
+
+    def model(seed=0):
+        return tiny_opt(seed).to(HALF_DTYPES[dtype])
+
+    full = model()
+    opt = build(full)
+    for _ in range(20):
+        opt.step(lm_closure(full))
+    masters = [opt.exact_value(p) for p in full.parameters()]
+
+    half = model()
+    opt = build(half)
+    for _ in range(10):
+        opt.step(lm_closure(half))
+    saved_model, saved_opt = copy.deepcopy(half.state_dict()), copy.deepcopy(opt.state_dict())
+    assert any(not torch.equal(opt.exact_value(p), p.float()) for p in half.parameters())
+    resumed = model(seed=123)
+    resumed.load_state_dict(saved_model)
+    opt = build(resumed)
+    opt.load_state_dict(saved_opt)
+    for _ in range(10):
+        opt.step(lm_closure(resumed))
+    for a, b, m in zip(full.parameters(), resumed.parameters(), masters):
+        assert torch.equal(a, b) and torch.equal(opt.exact_value(b), m)
+
+
+def test_dizo_projects_the_bf16_masters_in_fp32():
+    """Δ = master - θ0 in fp32; the final θ0 + rΔ is the fp32 lerp of anchor and phase-start master, split
+    back; a phase with η_γ = 0, or one that fails, leaves every master bit-identical (low bits included)."""
+    model = tiny_opt().to(torch.bfloat16)
+    pairs = projected_params(model)
+    opt = DiZO(model.parameters(), pairs, lr=1e-2, interval=1000, proj_iters=3, seed=4)
+    closure = lm_closure(model)
+    for _ in range(5):
+        opt.step(closure)
+    start = [opt.exact_value(t).clone() for _, t in pairs]
+    assert all(not torch.equal(s, t.float()) for s, (_, t) in zip(start, pairs))  # low bits are in use
+    anchors = [a.float() for a in opt.anchors]
+    dist = torch.tensor([float((s - a).norm()) for s, a in zip(start, anchors)], dtype=torch.float64)
+    torch.testing.assert_close(opt.distances(), dist, rtol=1e-6, atol=0)
+
+    opt.param_groups[0]["proj_lr"] = 0.0
+    opt.project(lambda: closure)
+    assert all(torch.equal(opt.exact_value(t), s) for (_, t), s in zip(pairs, start))
+
+    fails = failing_closure("raises", closure, fail_at=4)
+    opt.param_groups[0]["proj_lr"] = 2.0
+    with pytest.raises(ValueError, match="data loader broke"):
+        opt.project(lambda: fails)
+    assert all(torch.equal(opt.exact_value(t), s) for (_, t), s in zip(pairs, start))
+
+    opt.project(lambda: closure)
+    assert not torch.all(opt.ratios == 1.0)
+    for (_, t), s, a, r in zip(pairs, start, anchors, opt.ratios.tolist()):
+        assert torch.equal(opt.exact_value(t), a.lerp(s, r))  # θ0 + r (θ_start - θ0) in fp32
+        assert torch.equal(t, bf16_nearest(a.lerp(s, r)))
+
+
+def test_a_failing_closure_restores_the_bf16_master_by_replay():
+    """The replay runs on the fp32 master: it ends where replaying z on an fp32 twin ends, bit for bit."""
+    model = tiny_opt().to(torch.bfloat16)
+    params = list(model.parameters())
+    twin = [p.detach().float() for p in params]
+    opt = ZOSGD(params, lr=1e-2, eps=1e-3, seed=6)
+    with pytest.raises(ValueError, match="data loader broke"):
+        opt.step(failing_closure("raises", lm_closure(model), fail_at=2))
+    expected = undone_by_replay(twin, reference_seeds(6, 1)[0], 1e-3, -1e-3)
+    assert all(torch.equal(opt.exact_value(p), e) for p, e in zip(params, expected))
+    assert all(torch.equal(p, bf16_nearest(e)) for p, e in zip(params, expected))
+
+
+def test_half_precision_is_checked_and_shared():
+    model = tiny_opt()
+    with pytest.raises(ValueError, match='^half_precision must be "exact" or "plain"'):
+        ZOSGD(model.parameters(), lr=1e-3, half_precision="fp32")
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="half_precision differs between parameter groups"):
+        ZOSGD([{"params": params[:3], "half_precision": "plain"}, {"params": params[3:]}], lr=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # dizo.py: which matrices, per architecture family
 
 def tiny_models():
