@@ -16,6 +16,7 @@ pretrained on it); and the files a run writes (results, checkpoints, saved model
   seeded `random.Random`, and a tiny OPT pretrained on that corpus once and cached as an ordinary Hugging Face
   folder (`builtin_model`), so that the whole pipeline runs offline.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -354,6 +355,7 @@ class PromptLoss:
     def __init__(self, task, tokenizer, kind, device, max_length=MAX_LENGTH):
         self.task, self.tok, self.kind, self.device = task, tokenizer, kind, device
         self.max_length = max_length
+        self.autocast = None  # a half dtype: the forward runs under torch.autocast (fp32 weights, FO)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         words = task.causal_words if kind == "causal" else task.label_words
         self.words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
@@ -396,9 +398,10 @@ class PromptLoss:
 
     def scores(self, model, prompts):
         """[batch, candidates] scores; the forward pass is the only model call."""
-        if self.kind == "masked":
-            return self._masked_scores(model, prompts)
-        return self._causal_scores(model, prompts)
+        with torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext():
+            if self.kind == "masked":
+                return self._masked_scores(model, prompts)
+            return self._causal_scores(model, prompts)
 
     def _masked_scores(self, model, prompts):
         length = max(len(p) for p in prompts)

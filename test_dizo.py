@@ -1878,3 +1878,25 @@ def test_a_model_placed_by_accelerate_trains_like_one_on_a_device(assets, tmp_pa
         assert run_train(assets, tmp_path / name, "--method", "dizo", "--steps", "4", "--save", *extra) == 0
     a, b = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("plain", "placed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_at_learning_rate_zero_leaves_the_weights_as_they_were(assets, tmp_path):
+    """At lr 0 a ZO step must leave θ where it was: θ + εz - 2εz + εz only rounds. fp32: round-off; bf16 (stored
+    in bf16, stepped through its exact fp32 value by dizo.py): no more drift than fp32's, where plain bf16
+    arithmetic drifts by percents. FO under bf16 autocast keeps fp32 weights."""
+    from safetensors.torch import load_file
+    base = load_file(str(Path(assets["causal"]) / "model.safetensors"))
+    drift = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        assert run_train(assets, out, "--method", "all", "--dtype", dtype, "--lr", "0", "--steps", "4",
+                         "--save") == 0
+        results = json.loads((out / "results.json").read_text())["methods"]
+        assert {m: (r["storage_dtype"], r["compute_dtype"]) for m, r in results.items()} == {
+            "fo": ("fp32", dtype), "zo": (dtype, dtype), "dizo": (dtype, dtype)}
+        saved = load_file(str(out / "model" / "zo" / "model.safetensors"))
+        ref = {k: base[k].to(t.dtype).double() for k, t in saved.items()}
+        delta = sum(float((saved[k].double() - ref[k]).norm()) ** 2 for k in saved) ** 0.5
+        drift[dtype] = delta / sum(float(r.norm()) ** 2 for r in ref.values()) ** 0.5
+        assert max(float((saved[k].double() - ref[k]).abs().max()) for k in saved) < 1e-6
+    assert 0 < drift["fp32"] < 1e-6 and drift["bf16"] <= 10 * drift["fp32"], drift

@@ -73,7 +73,9 @@ class Config:
     num_test: int | None = flag(None, "test examples (MeZO: 1000)", int)
     eval_every: int | None = flag(None, "steps between dev evaluations and checkpoints (builtin 100, real 500)", int)
     out_dir: str = flag("runs/default", "where results.json, plots, checkpoints and --save go")
-    dtype: str = flag("fp32", "fp32, bf16 or fp16 (fp16 needs a GPU)")
+    dtype: str | None = flag(None, "compute precision: fp32, bf16 or fp16 (a GPU); default bf16 for a real model on a "
+                                   "GPU, else fp32. ZO and DiZO keep the weights in it and step their exact fp32 "
+                                   "value (dizo.py's half_precision); FO keeps fp32 weights under autocast", str)
     save: bool = flag(False, "save the final model(s) to out_dir/model/")
     template: str | None = flag(None, "prompt template with {sentence} and {mask}", str)
     label_words: str | None = flag(None, "comma-separated label words, one per class", str)
@@ -129,6 +131,18 @@ class Config:
         return ROLES if self.lora else ("k", "v")
 
     @property
+    def compute_dtype(self):
+        """--dtype, or the default: bf16 for a real model on a GPU (stored in bf16, stepped exactly by the
+        optimizer: 4 bytes per parameter in all), fp32 otherwise."""
+        if self.dtype is not None:
+            return self.dtype
+        return "bf16" if not self.builtin and torch.cuda.is_available() else "fp32"
+
+    def storage_dtype(self, method):
+        """How the weights are held: in the compute dtype for ZO and DiZO; fp32 for FO, whose AdamW needs it."""
+        return "fp32" if method == "fo" else self.compute_dtype
+
+    @property
     def task_name(self):
         return self.task or ("toy" if self.builtin or self.data_dir is None else None)
 
@@ -136,7 +150,8 @@ class Config:
         """The settings a resumed run must share with the saved one."""
         skip = {"method", "out_dir", "save", "resume", "overwrite", "trust_remote_code"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip} | {
-            "task": self.task_name, "eval_every": self.eval_interval, "methods": list(self.methods)}
+            "task": self.task_name, "eval_every": self.eval_interval, "dtype": self.compute_dtype,
+            "methods": list(self.methods)}
 
 
 # --recipe released: what the released DiZO code ran for OPT on SST-2 (its script, its logs' learning-rate
@@ -176,9 +191,9 @@ def check_config(cfg):
     for name, allowed in (("zo_params", ("all", "no_embed")), ("lr_schedule", ("constant", "linear"))):
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
-    if cfg.dtype not in bench.DTYPES:
+    if cfg.compute_dtype not in bench.DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(bench.DTYPES)}; got {cfg.dtype!r}")
-    if cfg.dtype == "fp16" and not torch.cuda.is_available():
+    if cfg.compute_dtype == "fp16" and not torch.cuda.is_available():
         raise UsageError("--dtype fp16 needs a GPU: fp16 matmuls on the CPU are slow or unsupported; "
                          "use fp32 or bf16")
     counts = [("steps", 0), ("batch_size", 1), ("eval_every", 1), ("k", 1), ("num_train", 1), ("num_dev", 1),
@@ -261,7 +276,7 @@ def prepare(cfg):
     max_length = min(data.MAX_LENGTH, getattr(config, "max_position_embeddings", data.MAX_LENGTH) - 2)
     loss_fn = data.PromptLoss(task, tokenizer, kind, device, max_length)
     splits = {s: loss_fn.encode(raw[s]) for s in ("train", "dev", "test")}
-    print(f"model {cfg.model} ({kind} LM, {config.model_type}) on {device}, {cfg.dtype}; task {task.name}: "
+    print(f"model {cfg.model} ({kind} LM, {config.model_type}) on {device}, {cfg.compute_dtype}; task {task.name}: "
           f"{len(splits['train'].labels)} train / {len(splits['dev'].labels)} dev / "
           f"{len(splits['test'].labels)} test")
     digest = hashlib.sha256(json.dumps([[splits[s].prompts, splits[s].labels] for s in splits]).encode())
@@ -415,6 +430,8 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
     else:
         forward = model
     loss = TrainLoss(setup, forward, cfg, backward=method == "fo")
+    storage, compute = cfg.storage_dtype(method), cfg.compute_dtype
+    setup.loss_fn.autocast = bench.DTYPES[compute] if compute != storage else None  # FO's mixed precision
     run = build_run(method, model, setup, cfg, loss)
     r = run.restore(saved) if saved is not None else start_result(method, model, setup, cfg, run)
     loss.calls = r["forward_passes"]
@@ -509,7 +526,8 @@ def build_run(method, model, setup, cfg, loss):
 def start_result(method, model, setup, cfg, run):
     """A new result: what trains, zero-shot test accuracy, dev accuracy at step 0."""
     r = {"method": method, "lr": cfg.lr_for(method), "status": "running", "history": [], "steps": 0,
-         "forward_passes": 0, "wall_s": 0.0,
+         "forward_passes": 0, "wall_s": 0.0, "storage_dtype": cfg.storage_dtype(method),
+         "compute_dtype": cfg.compute_dtype,
          "trained_params": sum(p.numel() for g in run.opt.param_groups for p in g["params"])}
     if method == "dizo":
         r |= {"projected": list(run.opt.names), "projection": []}
@@ -599,7 +617,7 @@ def train_all(cfg, setup, out_dir, results, model):
             return 1
         if previous is not None and previous["status"] == "done":
             continue
-        model = load_model(cfg, setup) if model is None else model
+        model = load_model(cfg, setup, method) if model is None else model
         saved = None
         if cfg.resume and previous is not None:
             saved = data.load_checkpoint(out_dir, method, model)
@@ -641,11 +659,12 @@ def plot_all(cfg, results, out_dir):
         bench.plot_projection(results, out_dir / "projection.png")
 
 
-def load_model(cfg, setup):
-    """The pretrained model; with --lora, wrapped in PEFT LoRA adapters (B = 0: the same function at first),
-    only they trainable. PEFT is an optional dependency, the ecosystem's standard for adapters."""
-    model = data.load_model(setup.name, setup.kind, bench.DTYPES[cfg.dtype], setup.device, cfg.trust_remote_code,
-                            cfg.device_map)
+def load_model(cfg, setup, method):
+    """The pretrained model, in the method's storage dtype; with --lora, wrapped in PEFT LoRA adapters (B = 0:
+    the same function at first), only they trainable. PEFT is an optional dependency, the ecosystem's standard
+    for adapters."""
+    model = data.load_model(setup.name, setup.kind, bench.DTYPES[cfg.storage_dtype(method)], setup.device,
+                            cfg.trust_remote_code, cfg.device_map)
     setup.loss_fn.device = model.get_input_embeddings().weight.device  # where the inputs go (--device_map)
     if not cfg.lora:
         return model
@@ -674,7 +693,7 @@ def main(argv=None):
         data.check_out_dir(settings=cfg.run_flags() | {"data_hash": None}, **folder)  # fail fast, before loading
         DEVICE[0] = RANKS.start()
         setup = prepare(cfg)
-        model = load_model(cfg, setup)  # the first method's: broken weights are found before anything is written
+        model = load_model(cfg, setup, cfg.methods[0])  # broken weights are found before anything is written
         data.check_disk_space(out_dir, model, copies=2 + (len(cfg.methods) if cfg.save else 0))
         # rank 0 owns the output folder; the others read what it holds once rank 0 has claimed it
         settings = cfg.run_flags() | {"data_hash": setup.data_hash}
