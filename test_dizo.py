@@ -1900,3 +1900,39 @@ def test_training_at_learning_rate_zero_leaves_the_weights_as_they_were(assets, 
         drift[dtype] = delta / sum(float(r.norm()) ** 2 for r in ref.values()) ** 0.5
         assert max(float((saved[k].double() - ref[k]).abs().max()) for k in saved) < 1e-6
     assert 0 < drift["fp32"] < 1e-6 and drift["bf16"] <= 10 * drift["fp32"], drift
+
+
+def test_a_process_that_dies_stops_the_whole_data_parallel_run(assets, tmp_path):
+    """SIGKILL one of two torchrun processes after the first checkpoint: the run ends (no process left waiting),
+    the survivor says so in one line, and results.json and the checkpoint are those of the last evaluation."""
+    out = tmp_path / "out"
+    flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--batch_size", "4",
+             "--method", "zo", "--steps", "1000000", "--eval_every", "5", "--out_dir", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", *flags], cwd=Path(__file__).parent, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "checkpoints" / "zo" / "trainer_state.pt").exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        ranks = {}  # rank -> pid, from the environment torchrun gave each worker
+        for entry in Path("/proc").iterdir():
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+                if b"TORCHELASTIC_RUN_ID=" in b"".join(env) and str(out).encode() in (
+                        entry / "cmdline").read_bytes():
+                    rank = next(int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK="))
+                    ranks[rank] = int(entry.name)
+            except (OSError, StopIteration, ValueError):
+                continue
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "error: rank 0 lost the other processes" in err and "--resume" in err
+    r = json.loads((out / "results.json").read_text())["methods"]["zo"]
+    state = torch.load(out / "checkpoints" / "zo" / "trainer_state.pt", weights_only=True)
+    assert r["status"] == "running" and r["steps"] == state["result"]["steps"] and r["steps"] % 5 == 0

@@ -704,6 +704,13 @@ def main(argv=None):
         restore_signals = Stop.install()
         try:
             return train_all(cfg, setup, out_dir, results, model)
+        except RuntimeError as e:
+            if RANKS.world == 1:
+                raise
+            # under torchrun, a collective fails when another process of the run died
+            print(f"error: rank {RANKS.rank} lost the other processes ({data.first_line(e)[:120]}); the last "
+                  "checkpoint is kept, continue with --resume", file=sys.stderr)
+            return 1
         finally:
             restore_signals()
             if lock is not None:
