@@ -8,9 +8,10 @@ This module depends on torch alone; copy it into any project. Read it beside the
            large_models/trainer.py (a fork of MeZO's).
 
 Equation map (sections and equations of the DiZO paper)
-  z ~ N(0, I), regenerated tensor by tensor from a per-step seed   ZOSGD._zs                 MeZO's seed replay
-  g = (L(θ + εz) - L(θ - εz)) / (2ε)                               ZOSGD._zo_step            §2.1 eq. (1), q = 1
-  θ <- θ - η (g z + λ θ), restore and update fused                 ZOSGD._update_            §2.1 eq. (2)
+  z ~ N(0, I) (or ±1), regenerated tensor by tensor from a seed   ZOSGD._zs                 MeZO's seed replay
+  g_j = (L(θ + εz_j) - L(θ - εz_j)) / (2ε), j = 1..q               ZOSGD._query              §2.1 eq. (1)
+  θ <- θ - η ((1/q) Σ_j g_j z_j + λ θ), restore and update fused   ZOSGD._update_            §2.1 eq. (2)
+  half precision: the same steps on an fp32 master                 ZOSGD._values
   Δ_l = θ_l - θ0_l,  s_l = ||Δ_l||_F  (the layer-wise divergence)  DiZO.distances            §2.2
   θ_l <- θ0_l + (γ_l / s_l) Δ_l = θ0_l + r_l Δ_l                   DiZO._set_ratios_         §3, projection
   γ search: SPSA on per-matrix scalars, u clipped, r in [1-τ, 1+τ]  DiZO._search_ratios       §3, as trainer.py
@@ -129,6 +130,23 @@ def _split_bf16_(bits, hi, low):
     hi.view(torch.int16).copy_(bits.add_(0x8000).bitwise_right_shift_(16))  # + half a bf16 unit, keep 16 bits
 
 
+# Directions. "gaussian" (MeZO, DiZO): z ~ N(0, I) by normal_, one call per tensor. "rademacher" (Spall's
+# SPSA): z_i = ±1, one random bit each: a tensor of n entries takes ceil(n/64) random 64-bit words from the
+# generator, z_i = +1 where bit i of their little-endian bytes is 0 and -1 where it is 1, and a lookup table
+# turns each byte into its 8 signs. Both have E[z zᵀ] = I, so E[g z] = ∇L; with a = ∇L the covariance of g z
+# is ||a||² I + a aᵀ for Gaussian z and ||a||² I + a aᵀ - 2 diag(a²) for Rademacher z (total variance
+# (d + 1)||a||² against (d - 1)||a||²), and a Rademacher perturbation has ||εz|| = ε√d exactly. On a CPU the
+# signs cost about a fifth of normal_, whose generator (mt19937) spends ~5 ns on each 32-bit draw.
+_DIRECTIONS = ("gaussian", "rademacher")
+_SIGN_BLOCK = 1 << 20  # random bytes turned into signs at a time: bounds the int32 index scratch to 4 MiB
+
+
+def _sign_table(device, dtype):
+    """Row b holds the 8 signs that byte b stands for: +1 where bit j of b is 0, -1 where it is 1."""
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+    return (1 - 2 * bits).to(device, dtype)
+
+
 def _view_like(t, base, other):
     """The view of `other` (laid out like `base`) that `t` is of `base`."""
     offset = other.storage_offset() + t.storage_offset() - base.storage_offset()
@@ -161,13 +179,20 @@ class ZOSGD(torch.optim.Optimizer):
                         fp32 parameter, with z drawn in fp32; "plain" steps them in place, z drawn in their
                         dtype, as MeZO's and DiZO's code do in fp16 (it warns, with the numbers). A
                         checkpoint (state_dict) holds the fp32 values, so a resumed run continues bit for bit.
+        direction       "gaussian" (default; MeZO's and DiZO's z ~ N(0, I)) or "rademacher" (z_i = ±1, the
+                        original SPSA; a different z stream, faster to draw: see _DIRECTIONS above).
+        queries         q of eq. (1): directions per step, each with its own seed, all evaluated at the same
+                        θ and averaged in the update, θ <- θ - (η/q) Σ_j g_j z_j (default 1, as MeZO and
+                        DiZO). 2q forward passes and 4q - 1 passes over θ per step, at q = 1's memory.
     """
 
-    _SHARED = ("eps", "half_precision")  # settings every group must share
+    _SHARED = ("eps", "half_precision", "direction", "queries")  # settings every group must share
 
     def __init__(self, params: Params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0,
-                 seed: int = 0, *, half_precision: str = "exact") -> None:
-        self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, half_precision=half_precision), seed)
+                 seed: int = 0, *, half_precision: str = "exact", direction: str = "gaussian",
+                 queries: int = 1) -> None:
+        self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, half_precision=half_precision,
+                                 direction=direction, queries=queries), seed)
 
     def _start(self, params, defaults, seed):
         _check("seed", seed, isinstance(seed, int) and seed >= 0, "an int >= 0")
@@ -176,11 +201,13 @@ class ZOSGD(torch.optim.Optimizer):
         self._warn_if_plain_half(self.param_groups)
         self._constructed = True
         self.steps_done = 0
-        self.projected_grad = None  # g of the last step, for logging
+        self.projected_grad = None  # g of the last step (the mean over its queries), for logging
+        self.projected_grads = []  # g_1 .. g_q of the last step
         self._seeds = torch.Generator().manual_seed(seed)  # draws one seed per step
         self._z_gens = {}  # device -> torch.Generator, re-seeded at every pass
         self._buffers = {}  # (device, dtype) -> flat scratch tensor for z
-        self._scratch = {}  # device -> int32 scratch in which a block of a bf16 tensor's fp32 value is built
+        self._scratch = {}  # (use, device) -> scratch tensor: a block of a bf16 master, random words, indices
+        self._sign_tables = {}  # (device, dtype) -> _sign_table
 
     def _check_settings(self, s):
         _check("lr", s["lr"], 0 <= s["lr"] < math.inf, "finite and >= 0")
@@ -188,6 +215,8 @@ class ZOSGD(torch.optim.Optimizer):
         _check("weight_decay", s["weight_decay"], 0 <= s["weight_decay"] < math.inf, "finite and >= 0")
         _check("half_precision", s["half_precision"], s["half_precision"] in ("exact", "plain"),
                '"exact" or "plain"')
+        _check("direction", s["direction"], s["direction"] in _DIRECTIONS, '"gaussian" or "rademacher"')
+        _check("queries", s["queries"], isinstance(s["queries"], int) and s["queries"] >= 1, "an int >= 1")
 
     def _shared_settings(self, groups=None):
         """The settings all groups share (g is one scalar for the whole model, so there is one ε)."""
@@ -257,10 +286,11 @@ class ZOSGD(torch.optim.Optimizer):
                 state[key] = torch.empty_like(base, dtype=torch.float32).copy_(base)
         return _view_like(t, base, state[key])
 
-    def _block_scratch(self, device, n):
-        buf = self._scratch.get(device)
+    def _scratch_for(self, use, device, dtype, n):
+        """n elements of reused scratch memory, one tensor per (use, device), grown as needed."""
+        buf = self._scratch.get((use, device))
         if buf is None or buf.numel() < n:
-            buf = self._scratch[device] = torch.empty(max(n, _BLOCK), device=device, dtype=torch.int32)
+            buf = self._scratch[(use, device)] = torch.empty(n, device=device, dtype=dtype)
         return buf[:n]
 
     def _values(self, t, *others, write=True):
@@ -281,7 +311,8 @@ class ZOSGD(torch.optim.Optimizer):
         tensors = [x.view(1) if x.dim() == 0 else x for x in (t, self._companion(t), *others)]
         rows = max(1, _BLOCK // max(1, tensors[0][0].numel())) if t.numel() else 1
         for hi, low, *rest in zip(*(x.split(rows) for x in tensors)):
-            bits = self._block_scratch(hi.device, hi.numel()).view(hi.shape)
+            bits = self._scratch_for("master", hi.device, torch.int32, max(hi.numel(), _BLOCK))[:hi.numel()]
+            bits = bits.view(hi.shape)
             yield (_join_bf16(hi, low, bits), *rest)
             if write:
                 _split_bf16_(bits, hi, low)
@@ -303,8 +334,28 @@ class ZOSGD(torch.optim.Optimizer):
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < p.numel():  # a group added or a tensor unfrozen: grow the buffer
             largest = max(q.numel() for _, q in self._params() if (q.device, self._value_dtype(q)) == key)
-            buf = self._buffers[key] = torch.empty(largest, device=p.device, dtype=key[1])
-        return buf[: p.numel()].view(p.shape).normal_(generator=self._z_gens[p.device])
+            # rounded up to whole bytes of signs: Rademacher z is written 8 entries at a time
+            buf = self._buffers[key] = torch.empty(-(-largest // 8) * 8, device=p.device, dtype=key[1])
+        gen = self._z_gens[p.device]
+        if self.param_groups[0]["direction"] == "gaussian":
+            return buf[: p.numel()].view(p.shape).normal_(generator=gen)
+        return self._signs_(buf, p.numel(), gen).view(p.shape)
+
+    def _signs_(self, buf, n, gen):
+        """buf[:n] <- Rademacher z from ceil(n/64) random 64-bit words of gen (see _DIRECTIONS); returns it."""
+        nbytes = -(-n // 8)
+        words = self._scratch_for("words", buf.device, torch.int64, -(-n // 64))
+        words.random_(-2**63, None, generator=gen)  # the full 64-bit range: every bit random
+        rows = buf[: 8 * nbytes].view(nbytes, 8)
+        key = (buf.device, buf.dtype)
+        if key not in self._sign_tables:
+            self._sign_tables[key] = _sign_table(*key)
+        for start in range(0, nbytes, _SIGN_BLOCK):
+            part = words.view(torch.uint8)[start:min(start + _SIGN_BLOCK, nbytes)]
+            index = self._scratch_for("index", buf.device, torch.int32, min(nbytes, _SIGN_BLOCK))
+            index = index[:part.numel()].copy_(part)
+            torch.index_select(self._sign_tables[key], 0, index, out=rows[start:start + part.numel()])
+        return buf[:n]
 
     def _zs(self, seed):
         """(group, p, z) for every trainable tensor, z regenerated from the step's seed (MeZO's seed replay)."""
@@ -323,27 +374,50 @@ class ZOSGD(torch.optim.Optimizer):
                 x.add_(zb, alpha=alpha)
 
     @torch.no_grad()
-    def _update_(self, seed, eps, grad):
-        """From θ - εz: θ <- θ + (ε - ηg) z = θ - ηgz, the restore and eq. (2) in one pass. MeZO's decay
-        θ <- (1 - ηλ) θ applies to the restored θ, between adding εz and subtracting ηgz."""
-        for group, p, z in self._zs(seed):
-            alpha = eps - group["lr"] * grad
+    def _update_(self, seeds, eps, grads):
+        """From θ - εz_q: θ <- θ - (η/q) Σ_j g_j z_j, eq. (2) averaged over the q queries. The last query's
+        restore and update are one pass, θ <- θ + (ε - ηg_q/q) z_q; MeZO's decay θ <- (1 - ηλ) θ applies to
+        the restored θ, between adding εz_q and subtracting; then one pass per other query."""
+        q = len(grads)
+        for group, p, z in self._zs(seeds[-1]):
+            alpha = eps - group["lr"] * grads[-1] / q
             decay = 1.0 - group["lr"] * group["weight_decay"] if p.dim() >= 2 else 1.0
             for x, zb in self._values(p, z):
                 if decay != 1.0:
                     x.add_(zb, alpha=eps).mul_(decay).add_(zb, alpha=alpha - eps)
                 else:
                     x.add_(zb, alpha=alpha)
+        for seed, grad in zip(seeds[:-1], grads[:-1]):
+            for group, p, z in self._zs(seed):
+                for x, zb in self._values(p, z):
+                    x.add_(zb, alpha=-group["lr"] * grad / q)
 
     def _next_seed(self):
         return int(torch.randint(0, 2**62, (1,), generator=self._seeds))
 
     @torch.no_grad()
     def _zo_step(self, closure):
-        """One ZO-SGD step, eq. (1) and (2): ℓ+ at θ + εz, ℓ- at θ - εz, then θ <- θ + (ε - ηg) z."""
+        """One ZO-SGD step, eq. (1) and (2) with q queries: g_j from ℓ± at θ ± εz_j for j = 1..q, all at
+        the same θ, then θ <- θ - (η/q) Σ_j g_j z_j. q = 1: ℓ+, ℓ-, then θ <- θ + (ε - ηg) z."""
         _require_closure(closure)
-        eps = self._shared_settings()["eps"]
-        seed = self._next_seed()
+        settings = self._shared_settings()
+        eps = settings["eps"]
+        seeds = [self._next_seed() for _ in range(settings["queries"])]
+        grads, losses = [], []
+        for j, seed in enumerate(seeds):
+            if j > 0:
+                self._perturb_(seeds[j - 1], eps)  # θ - εz_{j-1} back to θ
+            grad, loss_plus = self._query(closure, seed, eps)
+            grads.append(grad)
+            losses.append(loss_plus)
+        self._update_(seeds, eps, grads)                                    # eq. (2)
+        self.steps_done += 1
+        self.projected_grads = grads
+        self.projected_grad = sum(grads) / len(grads)
+        return losses[0]
+
+    def _query(self, closure, seed, eps):
+        """From θ: ℓ+ at θ + εz and ℓ- at θ - εz, z from `seed`; returns g (eq. (1)) and ℓ+, θ left at θ - εz."""
         rng = _GlobalRNG(self._devices())
         loss_plus = self._loss_at(closure, seed, eps, moved_from=0.0)       # ℓ+ = L(θ + εz)
         rng.replay()  # the same dropout masks in both passes
@@ -354,10 +428,7 @@ class ZOSGD(torch.optim.Optimizer):
                                        f"{float(loss_plus)}, L(θ-εz)={float(loss_minus)}")
             self._put_back_(error, seed, -eps)
             raise error
-        self._update_(seed, eps, grad)                                      # θ <- θ + (ε - ηg) z, eq. (2)
-        self.steps_done += 1
-        self.projected_grad = grad
-        return loss_plus
+        return grad, loss_plus
 
     def _loss_at(self, closure, seed, offset, moved_from):
         """Move θ from θ + moved_from·z to θ + offset·z and return the closure's loss there; if the closure
@@ -480,12 +551,13 @@ class DiZO(ZOSGD):
 
     def __init__(self, params: Params, projected: Projected, lr: float, eps: float = 1e-3,
                  weight_decay: float = 0.0, seed: int = 0, *, half_precision: str = "exact",
-                 interval: int = 50, proj_iters: int = 10, proj_eps: float = 0.1, proj_lr: float = 2.0,
-                 tau: float = 0.2, search_data: Iterable[Any] | Callable[[], Any] | None = None,
+                 direction: str = "gaussian", queries: int = 1, interval: int = 50, proj_iters: int = 10,
+                 proj_eps: float = 0.1, proj_lr: float = 2.0, tau: float = 0.2,
+                 search_data: Iterable[Any] | Callable[[], Any] | None = None,
                  search_loss: Callable[[Any], Loss] | None = None) -> None:
         self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, half_precision=half_precision,
-                                 interval=interval, proj_iters=proj_iters, proj_eps=proj_eps, proj_lr=proj_lr,
-                                 tau=tau), seed)
+                                 direction=direction, queries=queries, interval=interval,
+                                 proj_iters=proj_iters, proj_eps=proj_eps, proj_lr=proj_lr, tau=tau), seed)
         self._check_search_source(search_data, search_loss)
         pairs = self._checked_projection(projected)
         self.names = [n for n, _ in pairs]
@@ -546,7 +618,8 @@ class DiZO(ZOSGD):
         return self.steps_done > 0 and self.steps_done % self._shared_settings()["interval"] == 0
 
     def step(self, closure: Closure | None = None) -> Loss:
-        """One ZO step; after every κ-th, a projection phase (then 2 + 2M + 2 closure or search_loss calls)."""
+        """One ZO step (2q closure calls); after every κ-th, a projection phase (2M + 2 more calls of the
+        closure or of search_loss)."""
         loss = self._zo_step(closure)
         if self.projection_due:
             self.project(self._search_closure if self._search_loss is not None else lambda: closure)
