@@ -39,6 +39,7 @@ scale (0.02, 0.05), ε 1e-3:
 """
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import gc
@@ -54,12 +55,15 @@ import sys
 import time
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import data
 from dizo import DiZO, ZOSGD, projected_params, projection_report
@@ -75,7 +79,8 @@ SHAPES = {
     "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
                              word_embed_proj_dim=2048)),
 }
-METHODS = ("inference", "mezo", "zosgd", "rademacher", "dizo", "fo")
+METHODS = ("inference", "mezo", "zosgd", "rademacher", "dizo", "dizo-host", "fo")
+DIZO = ("dizo", "dizo-host")  # anchors beside the matrices; in host memory (anchor_device="cpu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR_ZO, EPS_ZO, LR_FO = 1e-6, 1e-3, 1e-5  # MeZO's OPT defaults; the values do not change the cost
 MASK_FRACTION = 0.15  # masked-LM loss: share of positions masked (BERT's choice)
@@ -168,6 +173,43 @@ def _rss_bytes(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+class TrackedTensors(TorchDispatchMode):
+    """The bytes of tensor storage that the ops run under it allocate and that are still referenced, and
+    their peak: on the CPU an exact count of a method's own tensors (the resident set also moves with the
+    allocator and the rest of the process). Storage that a kernel allocates and frees inside one op is not
+    seen, nor storage that only autograd still holds (FO's saved activations): for ZO methods, which run
+    under no_grad, it is their whole memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # storage address -> [bytes, tensors referencing it]
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            address = t.untyped_storage().data_ptr()
+            if address not in self.live:
+                if address in inputs or address == 0:  # written in place, or a view of older memory
+                    continue
+                self.live[address] = [t.untyped_storage().nbytes(), 0]
+                self.now += self.live[address][0]
+                self.peak = max(self.peak, self.now)
+            self.live[address][1] += 1
+            weakref.finalize(t, self._release, address)
+        return out
+
+    def _release(self, address):
+        entry = self.live[address]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.live[address]
+            self.now -= entry[0]
+
+
 class PeakMemory:
     """Peak memory of whatever runs after reset(): the CUDA allocator's peak, or the process's peak RSS."""
 
@@ -250,8 +292,15 @@ def make_step(method, model, batch, fresh, args):
         if args.warmup + args.repeats >= args.kappa:
             raise ValueError("warmup + repeats must be < kappa: DiZO's ordinary steps are timed without a phase")
         opt = DiZO(params, projected_params(model), lr=LR_ZO, eps=EPS_ZO, interval=args.kappa,
-                   proj_iters=args.proj_iters, search_data=fresh, search_loss=lambda b: loss_fn(model, b))
+                   proj_iters=args.proj_iters, search_data=fresh, search_loss=lambda b: loss_fn(model, b),
+                   anchor_device="cpu" if method == "dizo-host" else None)
     return (lambda: opt.step(closure)), opt
+
+
+def dizo_report(opt):
+    """What DiZO projects: projection_report plus the largest projected matrix in bytes."""
+    pairs = list(zip(opt.names, opt.matrices))
+    return {**projection_report(pairs), "largest_matrix_bytes": max(t.numel() * t.element_size() for t in opt.matrices)}
 
 
 def time_phase(opt, device):
@@ -319,12 +368,13 @@ def timing_worker(shape, methods, args):
             seconds = time_steps(step, 0, 1, device)[0]
             if i >= args.warmup:
                 times[m].append(seconds)
-    out = {"shape": shape, "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
+    out = {"shape": shape, "dtype": args.dtype, "device": args.device, "repeats": args.repeats, "warmup": args.warmup,
            "times_s": times, "median_s": {m: statistics.median(t) for m, t in times.items()}}
-    if "dizo" in steps:
-        opt = steps["dizo"][1]
-        out["dizo"] = {"phase_s": time_phase(opt, device), "kappa": args.kappa, "proj_iters": args.proj_iters,
-                       **projection_report(list(zip(opt.names, opt.matrices)))}
+    for m in DIZO:
+        if m in steps:
+            opt = steps[m][1]
+            out[m] = {"phase_s": time_phase(opt, device), "kappa": args.kappa, "proj_iters": args.proj_iters,
+                      **dizo_report(opt)}
     if args.profile:
         out["profile"] = profile_zo_step(model, batch, args, device)
     return out
@@ -332,20 +382,23 @@ def timing_worker(shape, methods, args):
 
 def memory_worker(shape, method, args):
     """One method in this process: build, one forward, reset the peak, --warmup + 1 steps (and for DiZO
-    a projection phase), read the peak."""
-    args = argparse.Namespace(**vars(args), repeats=1) if args.repeats is None else args
+    a projection phase), read the peak; on the CPU also the peak of the method's tracked tensors."""
+    args = argparse.Namespace(**{**vars(args), "repeats": 1})
     device = torch.device(args.device)
     model, batch, fresh = setup(shape, args)
     params = list(model.parameters())
-    mem = PeakMemory(device)
+    mem, tracked = PeakMemory(device), TrackedTensors()
     mem.reset()
-    step, opt = make_step(method, model, batch, fresh, args)
-    time_steps(step, args.warmup, 1, device)
-    info = {}
-    if method == "dizo":
-        time_phase(opt, device)
-        info = projection_report(list(zip(opt.names, opt.matrices)))
+    with tracked if device.type == "cpu" else contextlib.nullcontext():
+        step, opt = make_step(method, model, batch, fresh, args)
+        time_steps(step, args.warmup, 1, device)
+        info = {}
+        if method in DIZO:
+            time_phase(opt, device)
+            info = dizo_report(opt)
     peak = mem.peak()
+    if device.type == "cpu" and method != "fo":  # FO's saved activations are held by autograd, unseen
+        info["tracked_peak_bytes"] = tracked.peak
     return {"shape": shape, "method": method, "dtype": args.dtype, "peak_bytes": peak,
             "baseline_bytes": mem.baseline, "extra_bytes": peak - mem.baseline, "hwm_reset": mem.hwm_reset,
             "n_params": sum(p.numel() for p in params),
@@ -360,31 +413,33 @@ def _mb(n):
 
 
 LABELS = {"inference": "inference (one forward)", "mezo": "MeZO-style", "zosgd": "ZOSGD (Gaussian z)",
-          "rademacher": "ZOSGD (Rademacher z)", "dizo": "DiZO (amortised)", "fo": "FO (AdamW)"}
+          "rademacher": "ZOSGD (Rademacher z)", "dizo": "DiZO (amortised)",
+          "dizo-host": "DiZO, anchors on the host (amortised)", "fo": "FO (AdamW)"}
 
 
-def amortised(timing):
+def amortised(timing, method):
     """DiZO's seconds per step over κ steps: median ordinary step + phase / κ."""
-    d = timing["dizo"]
-    return timing["median_s"]["dizo"] + d["phase_s"] / d["kappa"]
+    d = timing[method]
+    return timing["median_s"][method] + d["phase_s"] / d["kappa"]
 
 
 def table(timing, memory):
     """One row per (shape, method): median s/step from the interleaved rounds, its ratios to two forward
-    passes and to ZOSGD, and the method's memory from its own process."""
-    lines = ["| shape | dtype | method | median s/step | ÷ two forwards | ÷ ZOSGD | extra MB | peak MB |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    passes and to ZOSGD, and the method's memory from its own process (tracked: the CPU count of its
+    tensors, see TrackedTensors)."""
+    lines = ["| shape | dtype | method | median s/step | ÷ two forwards | ÷ ZOSGD | extra MB | tracked MB "
+             "| peak MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     mem = {(r["shape"], r["dtype"], r["method"]): r for r in memory}
     for t in timing:
-        med = dict(t["median_s"])
-        if "dizo" in med:
-            med["dizo"] = amortised(t)
+        med = {m: amortised(t, m) if m in DIZO else s for m, s in t["median_s"].items()}
         for m, s in med.items():
             two = f"{s / (2 * med['inference']):.2f}" if "inference" in med else "-"
             zo = f"{s / med['zosgd']:.2f}" if "zosgd" in med else "-"
             r = mem.get((t["shape"], t["dtype"], m))
             extra, peak = (_mb(r["extra_bytes"]), _mb(r["peak_bytes"])) if r else ("-", "-")
-            lines.append(f"| {t['shape']} | {t['dtype']} | {LABELS[m]} | {s:.4g} | {two} | {zo} | {extra} | {peak} |")
+            tracked = _mb(r["tracked_peak_bytes"]) if r and "tracked_peak_bytes" in r else "-"
+            lines.append(f"| {t['shape']} | {t['dtype']} | {LABELS[m]} | {s:.4g} | {two} | {zo} | {extra} "
+                         f"| {tracked} | {peak} |")
     return "\n".join(lines)
 
 
@@ -398,28 +453,34 @@ def ratios(t, memory):
         out += [f"{tag} {LABELS[m]} step / two forwards = {s / two:.2f}" for m, s in zos]
     if "mezo" in med:
         out += [f"{tag} MeZO-style / {LABELS[m]} = {med['mezo'] / s:.2f}" for m, s in zos]
-    if "dizo" in med and "zosgd" in med and two:
-        d, forward = t["dizo"], med["inference"]
+    for m in (m for m in DIZO if m in med and "zosgd" in med and two):
+        d, forward = t[m], med["inference"]
         extra = (2 * d["proj_iters"] + 2) / d["kappa"] * forward  # the phase's 2M + 2 forward passes per step
         bound = med["zosgd"] + extra
-        out.append(f"{tag} DiZO amortised {amortised(t):.4g} s (ordinary step {med['dizo']:.4g} s + phase "
-                   f"{d['phase_s']:.4g} s / κ={d['kappa']}, M={d['proj_iters']}) / (ZOSGD {med['zosgd']:.4g} s "
-                   f"+ (2M+2)/κ forwards {extra:.4g} s) = {amortised(t) / bound:.3f}")
+        out.append(f"{tag} {LABELS[m]} {amortised(t, m):.4g} s (ordinary step {med[m]:.4g} s + phase "
+                   f"{d['phase_s']:.4g} s = {d['phase_s'] / ((2 * d['proj_iters'] + 2) * forward):.2f} x its "
+                   f"2M+2 forwards, / κ={d['kappa']}, M={d['proj_iters']}) / (ZOSGD {med['zosgd']:.4g} s + "
+                   f"(2M+2)/κ forwards {extra:.4g} s) = {amortised(t, m) / bound:.3f}")
     if "profile" in t and "zosgd" in med:
         parts = t["profile"]
         rest = med["zosgd"] - sum(parts.values())
         out.append(f"{tag} ZOSGD step {med['zosgd']:.4g} s = " + " + ".join(
             f"{name[:-2]} {sec:.4g} s" for name, sec in parts.items()) + f" + rest {rest:.4g} s")
     mem = {r["method"]: r for r in memory if (r["shape"], r["dtype"]) == (t["shape"], t["dtype"])}
-    if "zosgd" in mem and "inference" in mem:
-        zo, inf = mem["zosgd"], mem["inference"]
-        out.append(f"{tag} memory ZO - inference = {_mb(zo['extra_bytes'] - inf['extra_bytes'])} MB; largest "
-                   f"tensor {_mb(zo['largest_tensor_bytes'])} MB")
-    if "zosgd" in mem and "dizo" in mem:
-        zo, dz = mem["zosgd"], mem["dizo"]
-        diff = dz["extra_bytes"] - zo["extra_bytes"]
-        out.append(f"{tag} memory DiZO - ZO = {_mb(diff)} MB = {diff / dz['anchor_bytes']:.2f} x anchor "
-                   f"({_mb(dz['anchor_bytes'])} MB: {dz['matrices']} matrices, {dz['params'] / 1e6:.2f}M params)")
+    kinds = [("extra_bytes", "allocator peak" if t["device"] == "cuda" else "RSS"),
+             ("tracked_peak_bytes", "tracked tensors")]
+    for key, kind in kinds:
+        mem = {m: r for m, r in mem.items() if key in r}
+        if "zosgd" in mem and "inference" in mem:
+            zo, inf = mem["zosgd"], mem["inference"]
+            out.append(f"{tag} memory ({kind}) ZO - inference = {_mb(zo[key] - inf[key])} MB; largest tensor "
+                       f"{_mb(zo['largest_tensor_bytes'])} MB")
+        for m in (m for m in DIZO if m in mem and "zosgd" in mem):
+            dz = mem[m]
+            diff = dz[key] - mem["zosgd"][key]
+            out.append(f"{tag} memory ({kind}) {m} - ZO = {_mb(diff)} MB = {diff / dz['anchor_bytes']:.2f} x "
+                       f"anchor ({_mb(dz['anchor_bytes'])} MB: {dz['matrices']} matrices, {dz['params'] / 1e6:.2f}M "
+                       f"params) = {diff / dz['largest_matrix_bytes']:.2f} x the largest projected matrix")
     if "fo" in mem and "zosgd" in mem:
         out.append(f"{tag} peak memory FO / ZO = {mem['fo']['peak_bytes'] / mem['zosgd']['peak_bytes']:.2f}")
     return out
@@ -949,8 +1010,8 @@ def report(args, timing, memory, started, load_before, precision_rows=None):
     print(f"\nwrote {args.out}")
 
 
-GPU_METHODS = ("inference", "mezo", "zosgd", "rademacher", "dizo")
-GPU_MEMORY = ("inference", "mezo", "zosgd", "dizo", "fo")
+GPU_METHODS = ("inference", "mezo", "zosgd", "rademacher", "dizo", "dizo-host")
+GPU_MEMORY = ("inference", "mezo", "zosgd", "dizo", "dizo-host", "fo")
 
 
 def gpu_check(args):

@@ -122,12 +122,25 @@ def _join_bf16(hi, low, bits):
     return bits.copy_(hi.view(torch.int16)).bitwise_left_shift_(16).add_(low).view(torch.float32)
 
 
-def _split_bf16_(bits, hi, low):
-    """hi <- the fp32 value in `bits` (int32) rounded to the nearest bf16 (ties away from zero), low <- the
-    rest, so that _join_bf16 gives the value back exactly. bits = (hi << 16) + low with low in [-2^15, 2^15)
-    makes low the low 16 bits of `bits` read as int16. Overwrites `bits`."""
-    low.copy_(bits)  # int32 -> int16 keeps the low 16 bits
+def _round_bf16_(bits, hi):
+    """hi <- the fp32 value in `bits` (int32) rounded to the nearest bf16, ties away from zero. Overwrites
+    `bits`."""
     hi.view(torch.int16).copy_(bits.add_(0x8000).bitwise_right_shift_(16))  # + half a bf16 unit, keep 16 bits
+
+
+def _split_bf16_(bits, hi, low):
+    """hi <- the fp32 value in `bits` (int32) rounded to the nearest bf16, low <- the rest, so that
+    _join_bf16 gives the value back exactly. bits = (hi << 16) + low with low in [-2^15, 2^15) makes low
+    the low 16 bits of `bits` read as int16. Overwrites `bits`."""
+    low.copy_(bits)  # int32 -> int16 keeps the low 16 bits
+    _round_bf16_(bits, hi)
+
+
+def _row_blocks(*tensors):
+    """The same blocks of rows of each of `tensors` (shaped alike), about _BLOCK elements each."""
+    tensors = [x.view(1) if x.dim() == 0 else x for x in tensors]
+    rows = max(1, _BLOCK // max(1, tensors[0][0].numel())) if tensors[0].numel() else 1
+    return zip(*(x.split(rows) for x in tensors))
 
 
 # Directions. "gaussian" (MeZO, DiZO): z ~ N(0, I) by normal_, one call per tensor. "rademacher" (Spall's
@@ -147,6 +160,24 @@ def _sign_table(device, dtype):
     return (1 - 2 * bits).to(device, dtype)
 
 
+def _z_streams(devices):
+    """For each device holding trained tensors (in order of first appearance), where its z is drawn: one
+    stream per device type, on the first device of that type, seeded with the step's seed + the type's
+    index. A model split across devices of one type then sees the z of the unsplit model on the first of
+    them; a model on one device draws from seed + 0; devices of different types (CPU and a GPU) draw
+    independent streams."""
+    first = {}
+    for device in devices:
+        first.setdefault(device.type, (device, len(first)))
+    return {device: first[device.type] for device in devices}
+
+
+def _copy_on(t, device):
+    """A copy of t on `device`, in pinned memory when it goes from a GPU to the host (faster copies back)."""
+    pinned = device.type == "cpu" and t.is_cuda
+    return torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pinned).copy_(t)
+
+
 def _view_like(t, base, other):
     """The view of `other` (laid out like `base`) that `t` is of `base`."""
     offset = other.storage_offset() + t.storage_offset() - base.storage_offset()
@@ -156,11 +187,12 @@ def _view_like(t, base, other):
 class ZOSGD(torch.optim.Optimizer):
     """ZO-SGD with MeZO's seed replay: two forward passes per step, no gradient, no optimizer state.
 
-    step(closure) evaluates the closure exactly twice, at θ + εz and θ - εz, and returns the first loss
-    (as MeZO does). z is never stored: one 62-bit seed is drawn per step from the optimizer's own generator,
-    torch.Generator(seed), and every pass over the parameters regenerates z tensor by tensor, in the order of
-    the parameter groups, from a generator per device seeded with that seed (+ i on the i-th device). One
-    scratch buffer per (device, dtype), the size of the largest tensor, holds the current tensor's z.
+    step(closure) evaluates the closure exactly twice (2q times with q queries), at θ + εz and θ - εz, and
+    returns the first loss (as MeZO does). z is never stored: one 62-bit seed is drawn per step (per query)
+    from the optimizer's own generator, torch.Generator(seed), and every pass over the parameters regenerates
+    z tensor by tensor, in the order of the parameter groups, from one generator per device type seeded with
+    that seed (+ i for the i-th type; see _z_streams). One scratch buffer per (device, dtype), the size of
+    the largest tensor, holds the current tensor's z.
 
     MeZO regenerates z four times per step (+ε, -2ε, +ε to restore, then -ηg to update). Here the restore
     and the update are fused into one pass, θ <- θ + (ε - ηg) z, so z is generated three times.
@@ -308,14 +340,16 @@ class ZOSGD(torch.optim.Optimizer):
             if write:
                 t.copy_(master)
             return
-        tensors = [x.view(1) if x.dim() == 0 else x for x in (t, self._companion(t), *others)]
-        rows = max(1, _BLOCK // max(1, tensors[0][0].numel())) if t.numel() else 1
-        for hi, low, *rest in zip(*(x.split(rows) for x in tensors)):
-            bits = self._scratch_for("master", hi.device, torch.int32, max(hi.numel(), _BLOCK))[:hi.numel()]
-            bits = bits.view(hi.shape)
+        for hi, low, *rest in _row_blocks(t, self._companion(t), *others):
+            bits = self._bits(hi)
             yield (_join_bf16(hi, low, bits), *rest)
             if write:
                 _split_bf16_(bits, hi, low)
+
+    def _bits(self, block):
+        """int32 scratch shaped like `block`, in which the block's fp32 master is built."""
+        n = block.numel()
+        return self._scratch_for("master", block.device, torch.int32, max(n, _BLOCK))[:n].view(block.shape)
 
     def exact_value(self, p: torch.Tensor) -> torch.Tensor:
         """The value the optimizer steps for trained tensor p: for a bf16 or fp16 p under half_precision=
@@ -328,18 +362,29 @@ class ZOSGD(torch.optim.Optimizer):
                 o.copy_(x)
         return out
 
-    def _z(self, p):
-        """The next z for tensor p, from p's device generator, in a reused scratch buffer."""
-        key = (p.device, self._value_dtype(p))
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < p.numel():  # a group added or a tensor unfrozen: grow the buffer
-            largest = max(q.numel() for _, q in self._params() if (q.device, self._value_dtype(q)) == key)
+    def _z_buffer(self, device, dtype, sources):
+        """The scratch buffer for z of `dtype` on `device`: as large as the largest tensor drawn on it or
+        living on it (sources: device -> the device its z is drawn on)."""
+        buf = self._buffers.get((device, dtype))
+        users = [q.numel() for _, q in self._params() if self._value_dtype(q) == dtype
+                 and device in (q.device, sources[q.device])]
+        if buf is None or buf.numel() < max(users):  # a group added or a tensor unfrozen: grow the buffer
             # rounded up to whole bytes of signs: Rademacher z is written 8 entries at a time
-            buf = self._buffers[key] = torch.empty(-(-largest // 8) * 8, device=p.device, dtype=key[1])
-        gen = self._z_gens[p.device]
+            buf = self._buffers[(device, dtype)] = torch.empty(-(-max(users) // 8) * 8, device=device, dtype=dtype)
+        return buf
+
+    def _z(self, p, sources):
+        """The next z for tensor p, drawn from the generator of p's device type (on sources[p.device]) in a
+        reused scratch buffer, and copied to p's device if that is another."""
+        dtype, source = self._value_dtype(p), sources[p.device]
+        buf, gen = self._z_buffer(source, dtype, sources), self._z_gens[source]
         if self.param_groups[0]["direction"] == "gaussian":
-            return buf[: p.numel()].view(p.shape).normal_(generator=gen)
-        return self._signs_(buf, p.numel(), gen).view(p.shape)
+            z = buf[: p.numel()].normal_(generator=gen)
+        else:
+            z = self._signs_(buf, p.numel(), gen)
+        if source != p.device:
+            z = self._z_buffer(p.device, dtype, sources)[: p.numel()].copy_(z)
+        return z.view(p.shape)
 
     def _signs_(self, buf, n, gen):
         """buf[:n] <- Rademacher z from ceil(n/64) random 64-bit words of gen (see _DIRECTIONS); returns it."""
@@ -359,12 +404,14 @@ class ZOSGD(torch.optim.Optimizer):
 
     def _zs(self, seed):
         """(group, p, z) for every trainable tensor, z regenerated from the step's seed (MeZO's seed replay)."""
-        for i, device in enumerate(self._devices()):
-            if device not in self._z_gens:
-                self._z_gens[device] = torch.Generator(device=device)
-            self._z_gens[device].manual_seed(seed + i)  # a model split over devices: independent z on each
+        streams = _z_streams(self._devices())
+        for source, offset in dict.fromkeys(streams.values()):
+            if source not in self._z_gens:
+                self._z_gens[source] = torch.Generator(device=source)
+            self._z_gens[source].manual_seed(seed + offset)
+        sources = {device: source for device, (source, _) in streams.items()}
         for group, p in self._params():
-            yield group, p, self._z(p)
+            yield group, p, self._z(p, sources)
 
     @torch.no_grad()
     def _perturb_(self, seed, alpha):
@@ -525,10 +572,13 @@ class DiZO(ZOSGD):
         ℓ± = L(θ0 + (r ± ε_γ u / s) Δ)              (two forward passes on the iteration's batch)
         ĝ = (ℓ+ - ℓ-) / (2 ε_γ)
         r_l <- clip(r_l - η_γ ĝ u_l, 1 - τ, 1 + τ)   (γ <- γ - η_γ s ĝ u in trainer.py, divided by s)
-    and the final r is applied. Trial projections are undone exactly by copying back the weights saved at
-    the start of the phase (the released code divides, which drifts in fp16). That copy lives in the idle z
-    scratch buffer as far as it fits (the buffer is the size of the largest tensor, e.g. the embedding), and
-    in new memory beyond that; so DiZO's extra memory is the anchor plus whatever part of the copy overflows.
+    and the final r is applied. Trial projections are undone exactly by copying back the matrices saved at
+    the start of the phase (the released code divides, which drifts in fp16). A trial writes the matrices
+    only, never their fp32 masters, so the saved copy holds the matrices as stored (the anchor's size) and
+    the masters keep the rest. It lives in the idle z scratch buffer as far as it fits (the buffer is the
+    size of the largest tensor, e.g. the embedding; an fp32 buffer holds a bf16 copy twice its length), in
+    host memory beyond that: DiZO's extra device memory is the anchor, or with anchor_device="cpu" about
+    the largest projected matrix (the projection streams one matrix at a time to its device).
 
     Arguments beyond ZOSGD's (defaults are Skilteee/DiZO's large_models/trainer.py and its README):
         projected     the matrices to project: a list of tensors or of (name, tensor) pairs, as returned by
@@ -542,6 +592,10 @@ class DiZO(ZOSGD):
                       (iterated again when exhausted, so a DataLoader reshuffles) or a callable returning a
                       batch. Its position is not part of state_dict().
         search_loss   search_loss(batch) -> scalar loss; evaluated twice per batch (ℓ+ and ℓ-).
+        anchor_device where θ0 is kept: None (default), beside each matrix; "cpu", in host memory (pinned
+                      for a GPU), so that the accelerator holds only ZO's memory and one matrix at a time
+                      during a phase, at the cost of copying the anchors (and the part of the saved copy
+                      that overflows the z buffer) to the device at each trial.
       Without search_data and search_loss, the γ search evaluates the step's own closure, i.e. its M
       iterations see the step's batch only; the released code draws fresh batches.
     The settings above are in `defaults` and must be the same in every parameter group.
@@ -554,7 +608,8 @@ class DiZO(ZOSGD):
                  direction: str = "gaussian", queries: int = 1, interval: int = 50, proj_iters: int = 10,
                  proj_eps: float = 0.1, proj_lr: float = 2.0, tau: float = 0.2,
                  search_data: Iterable[Any] | Callable[[], Any] | None = None,
-                 search_loss: Callable[[Any], Loss] | None = None) -> None:
+                 search_loss: Callable[[Any], Loss] | None = None,
+                 anchor_device: str | torch.device | None = None) -> None:
         self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, half_precision=half_precision,
                                  direction=direction, queries=queries, interval=interval,
                                  proj_iters=proj_iters, proj_eps=proj_eps, proj_lr=proj_lr, tau=tau), seed)
@@ -562,7 +617,9 @@ class DiZO(ZOSGD):
         pairs = self._checked_projection(projected)
         self.names = [n for n, _ in pairs]
         self.matrices = [t for _, t in pairs]
-        self.anchors = [t.detach().clone() for t in self.matrices]
+        # θ0 = the matrices as they are now: a master created later starts from them (low bits 0)
+        self.anchors = [_copy_on(t.detach(), t.device if anchor_device is None else torch.device(anchor_device))
+                        for t in self.matrices]
         self.ratios = torch.ones(len(pairs), dtype=torch.float64)  # last phase's r, for logging
         self.last_phase = None  # telemetry of the last phase: step, r_l, s_l, loss before and after
         self.gammas = torch.zeros(len(pairs), dtype=torch.float64)  # last phase's γ = r·s
@@ -650,6 +707,7 @@ class DiZO(ZOSGD):
         fp32 master of a half-precision matrix under half_precision="exact")."""
         dist = []
         for m, a in zip(self.matrices, self.anchors):
+            a = a.to(m.device, non_blocking=True)  # one matrix at a time from where the anchors live
             # half precision is summed in fp32: a norm over millions of squares overflows fp16
             squares = [float(torch.linalg.vector_norm(x - ab, dtype=torch.promote_types(x.dtype, torch.float32)))
                        ** 2 for x, ab in self._values(m, a, write=False)]
@@ -657,30 +715,51 @@ class DiZO(ZOSGD):
         return torch.tensor(dist, dtype=torch.float64)
 
     @torch.no_grad()
-    def _set_ratios_(self, ratios, start):
-        """θ_l <- θ0_l + r_l (θ_start,l - θ0_l), written in place; r_l = 1 gives θ_start,l exactly. A matrix
-        with an fp32 master is projected in fp32 and rounded once (low bits included)."""
+    def _set_ratios_(self, ratios, start, keep=False):
+        """θ_l <- θ0_l + r_l (θ_start,l - θ0_l) for every projected matrix, one at a time; r_l = 1 gives
+        θ_start,l back exactly. A trial writes the matrix only; keep=True also its master."""
         for m, a, s, r in zip(self.matrices, self.anchors, start, ratios.tolist()):
-            for x, ab, sb in self._values(m, a, s):
-                x.copy_(ab).lerp_(sb, r)  # lerp(a, s, r) = a + r (s - a); works on views (GPT-2, NeoX)
+            self._project_(m, a.to(m.device, non_blocking=True), s.to(m.device, non_blocking=True), r, keep)
+
+    def _project_(self, m, anchor, start, r, keep):
+        """m <- θ0 + r (θ_start - θ0), computed in the dtype of m's value (fp32 for a master), from the anchor
+        and the phase-start copy `start` (m as stored; a master holds the rest until keep=True)."""
+        if not self._keeps_master(m):
+            m.copy_(start)
+            if r != 1.0:
+                m.sub_(anchor).mul_(r).add_(anchor)  # works on views (GPT-2, NeoX)
+            return
+        for mb, ab, sb, cb in _row_blocks(m, anchor, start, self._companion(m)):
+            bits = self._bits(mb)
+            if m.dtype == torch.bfloat16:
+                x = _join_bf16(sb, cb, bits)  # θ_start's master: its high half saved, its low bits kept
+            else:
+                x = bits.view(torch.float32).copy_(cb)  # the fp32 master, θ_start until kept
+            if r != 1.0:
+                x.sub_(ab).mul_(r).add_(ab)
+            if m.dtype == torch.float16:
+                if keep:
+                    cb.copy_(x)
+                mb.copy_(x)
+            elif keep:
+                _split_bf16_(bits, mb, cb)
+            else:
+                _round_bf16_(bits, mb)
 
     @torch.no_grad()
     def _saved_copies(self, tensors):
-        """Copies of the exact values of `tensors` (fp32 masters where kept), placed in the z scratch buffers
-        while they are idle (no new memory) as far as they fit, in new tensors beyond that. The next ZO step
-        overwrites the buffers with fresh z."""
+        """Copies of `tensors` as stored, placed in the idle z scratch buffer of their device (no new memory:
+        the next ZO step overwrites it with fresh z) as far as they fit, in host memory beyond that."""
         used, copies = {}, []
         for t in tensors:
             key = (t.device, self._value_dtype(t))
-            buf, start = self._buffers.get(key), used.get(key, 0)
-            if buf is not None and start + t.numel() <= buf.numel():
-                copy = buf[start:start + t.numel()].view(t.shape)
-                used[key] = start + t.numel()
+            buf, size = self._buffers.get(key), t.numel() * t.element_size()
+            start = -(-used.get(key, 0) // t.element_size()) * t.element_size()  # aligned for t's dtype
+            if buf is not None and start + size <= buf.numel() * buf.element_size():
+                copies.append(buf.view(torch.uint8)[start:start + size].view(t.dtype).view(t.shape).copy_(t))
+                used[key] = start + size
             else:
-                copy = torch.empty(t.shape, device=t.device, dtype=key[1])
-            for x, c in self._values(t, copy, write=False):
-                c.copy_(x)
-            copies.append(copy)
+                copies.append(_copy_on(t, torch.device("cpu")))
         return copies
 
     @torch.no_grad()
@@ -705,6 +784,7 @@ class DiZO(ZOSGD):
             self._set_ratios_(ratios, start)  # θ_l <- θ0_l + r_l Δ_l
             rng.replay()
             loss_after = _scalar(first(), "the loss after the projection phase")  # L(θ0 + r Δ; B_1)
+            self._set_ratios_(ratios, start, keep=True)  # the same matrices, now with their masters
         except BaseException as error:
             self._set_ratios_(torch.ones_like(dist), start)
             _note(error, f"the projection phase after ZO step {self.steps_done} failed; the projected "

@@ -1003,8 +1003,9 @@ def test_half_precision_resumes_bit_for_bit(dtype, make):
 
 
 def test_dizo_projects_the_bf16_masters_in_fp32():
-    """Δ = master - θ0 in fp32; the final θ0 + rΔ is the fp32 lerp of anchor and phase-start master, split
-    back; a phase with η_γ = 0, or one that fails, leaves every master bit-identical (low bits included)."""
+    """Δ = master - θ0 in fp32; the final θ0 + rΔ is computed in fp32 from anchor and phase-start master and
+    split back; a phase with η_γ = 0, or one that fails, leaves every master bit-identical (low bits
+    included)."""
     model = tiny_opt().to(torch.bfloat16)
     pairs = projected_params(model)
     opt = DiZO(model.parameters(), pairs, lr=1e-2, interval=1000, proj_iters=3, seed=4)
@@ -1030,8 +1031,9 @@ def test_dizo_projects_the_bf16_masters_in_fp32():
     opt.project(lambda: closure)
     assert not torch.all(opt.ratios == 1.0)
     for (_, t), s, a, r in zip(pairs, start, anchors, opt.ratios.tolist()):
-        assert torch.equal(opt.exact_value(t), a.lerp(s, r))  # θ0 + r (θ_start - θ0) in fp32
-        assert torch.equal(t, bf16_nearest(a.lerp(s, r)))
+        projected = a + (s - a) * r  # θ0 + r (θ_start - θ0) in fp32
+        assert torch.equal(opt.exact_value(t), projected)
+        assert torch.equal(t, bf16_nearest(projected))
 
 
 def test_a_failing_closure_restores_the_bf16_master_by_replay():
@@ -1196,6 +1198,73 @@ def test_dizo_with_queries_calls_2q_per_step_and_restores_a_failing_query():
                 e.add_(z, alpha=alpha)
     assert all(torch.equal(p, e) for p, e in zip(params, expected))
     assert opt.steps_done == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dizo.py: memory. z per device type; DiZO's saved copy as stored, in the idle z buffer; anchors off device.
+
+def test_z_streams_are_one_per_device_type():
+    """Devices of one type share the stream of the first of them (so a model split across two GPUs draws
+    the z of the unsplit model); each type has its own seed offset; one device keeps offset 0."""
+    from dizo import _z_streams
+    cpu, g0, g1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert _z_streams([cpu]) == {cpu: (cpu, 0)}
+    assert _z_streams([g0]) == {g0: (g0, 0)}
+    assert _z_streams([g0, g1]) == {g0: (g0, 0), g1: (g0, 0)}
+    assert _z_streams([cpu, g1, g0]) == {cpu: (cpu, 0), g1: (g1, 1), g0: (g1, 1)}
+
+
+def scripted_loss_stream(seed=0):
+    """A closure returning a fixed random sequence of losses: two optimizers fed by it take identical g."""
+    losses = iter(torch.rand(10_000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist())
+    return lambda: next(losses)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_dizo_on_bf16_masters_follows_fp32_dizo_bit_for_bit(family):
+    """Same seeds and the same losses: through ZO steps and two projection phases (GPT-2's K and V are
+    column blocks of one parameter), the fp32 masters equal the fp32 twin's weights bit for bit."""
+    model = tiny_models()[family] if family == "gpt2" else tiny_opt()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    full = copy.deepcopy(half).float()
+    opts = [DiZO(m.parameters(), projected_params(m), lr=0.05, seed=2, interval=3, proj_iters=2, proj_lr=20.0)
+            for m in (half, full)]
+    for opt in opts:
+        closure = scripted_loss_stream()
+        for _ in range(6):
+            opt.step(closure)
+    assert torch.equal(opts[0].ratios, opts[1].ratios) and not torch.all(opts[0].ratios == 1.0)
+    for h, f in zip(half.parameters(), full.parameters()):
+        assert torch.equal(opts[0].exact_value(h), f)
+
+
+def test_the_saved_copy_is_stored_as_the_matrices_in_the_idle_z_buffer():
+    """bf16 matrices with fp32 masters: the copy holds the bf16 matrices (their low bits stay in place), so
+    the fp32 z buffer (the 64 x 32 embedding, 8 KiB) holds all four 32 x 32 matrices, which in fp32 it
+    could not (the fp32 model overflows half of them to host memory)."""
+    for dtype, in_buffer in ((torch.bfloat16, [True] * 4), (torch.float32, [True, True, False, False])):
+        model = tiny_opt().to(dtype)
+        opt = DiZO(model.parameters(), projected_params(model), lr=1e-2, interval=1000)
+        opt.step(lm_closure(model))
+        buf = opt._buffers[(torch.device("cpu"), torch.float32)]
+        copies = opt._saved_copies(opt.matrices)
+        assert [c.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for c in copies] == in_buffer
+        assert all(c.dtype == dtype and torch.equal(c, m) for c, m in zip(copies, opt.matrices))
+
+
+def test_anchors_on_the_host_give_the_same_run():
+    """anchor_device="cpu" keeps θ0 there and streams it to each matrix's device; on a CPU-only machine the
+    run is the default's, bit for bit (a GPU run is measured by bench.py --gpu-check)."""
+    runs = []
+    for anchor_device in (None, "cpu"):
+        model = tiny_opt().to(torch.bfloat16)
+        opt = DiZO(model.parameters(), projected_params(model), lr=1e-2, interval=3, proj_iters=2, seed=1,
+                   anchor_device=anchor_device)
+        for _ in range(6):
+            opt.step(lm_closure(model))
+        assert all(a.device == torch.device("cpu") for a in opt.anchors)
+        runs.append([opt.exact_value(p) for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 # ---------------------------------------------------------------------------------------------------------
