@@ -82,6 +82,7 @@ SHAPES = {
 METHODS = ("inference", "mezo", "zosgd", "rademacher", "dizo", "dizo-host", "fo")
 DIZO = ("dizo", "dizo-host")  # anchors beside the matrices; in host memory (anchor_device="cpu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"bf16-autocast": torch.bfloat16}  # fp32 weights, the forward under torch.autocast(dtype)
 LR_ZO, EPS_ZO, LR_FO = 1e-6, 1e-3, 1e-5  # MeZO's OPT defaults; the values do not change the cost
 MASK_FRACTION = 0.15  # masked-LM loss: share of positions masked (BERT's choice)
 MiB = 2 ** 20
@@ -268,8 +269,13 @@ def time_steps(step, warmup, repeats, device):
 def make_step(method, model, batch, fresh, args):
     """(step function, optimizer) of `method` on `model`: one forward pass for "inference", one training
     step otherwise. DiZO's step is its ordinary ZO step; its projection phase is timed apart."""
+    def loss(b):
+        dtype = AUTOCAST.get(args.dtype)
+        with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
+            return loss_fn(model, b)
+
     def closure():
-        return loss_fn(model, batch)
+        return loss(batch)
 
     params = model.parameters()
     if method == "inference":
@@ -292,7 +298,7 @@ def make_step(method, model, batch, fresh, args):
         if args.warmup + args.repeats >= args.kappa:
             raise ValueError("warmup + repeats must be < kappa: DiZO's ordinary steps are timed without a phase")
         opt = DiZO(params, projected_params(model), lr=LR_ZO, eps=EPS_ZO, interval=args.kappa,
-                   proj_iters=args.proj_iters, search_data=fresh, search_loss=lambda b: loss_fn(model, b),
+                   proj_iters=args.proj_iters, search_data=fresh, search_loss=loss,
                    anchor_device="cpu" if method == "dizo-host" else None)
     return (lambda: opt.step(closure)), opt
 
@@ -345,7 +351,7 @@ def setup(shape, args):
     """The model of `shape` in args.dtype, its batch, M fresh batches for DiZO's search, after one forward
     pass (it creates thread pools and kernel caches that every method needs)."""
     torch.set_num_threads(args.threads)
-    model = build_model(shape, torch.device(args.device), DTYPES[args.dtype])
+    model = build_model(shape, torch.device(args.device), DTYPES.get(args.dtype, torch.float32))
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(model, args.batch, args.seq, gen)
     fresh = [make_batch(model, args.batch, args.seq, gen) for _ in range(args.proj_iters)]
@@ -877,7 +883,9 @@ def parse_args(argv=None):
                         "on CPU; 10 on CUDA)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES) + tuple(AUTOCAST),
+                   help="weights' dtype (bf16 and fp16 stepped through dizo.py's fp32 master); bf16-autocast: "
+                        "fp32 weights, forward passes under torch.autocast")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads in every worker (default 2; with --precision 1: its tensors are "
                         "small, and a second thread that waits for a busy core slows a step many times)")
@@ -1017,7 +1025,8 @@ GPU_MEMORY = ("inference", "mezo", "zosgd", "dizo", "dizo-host", "fo")
 def gpu_check(args):
     """Every GPU figure of the README's step-time, memory and precision tables, in one run of at most
     8 minutes on an H100: on the OPT-1.3B shape, every ZO method's step time in bf16 (the default exact
-    master), fp16 (exact) and fp32, in interleaved rounds; each method's peak memory in bf16; then the
+    master), fp32 weights with bf16 autocast, fp16 (exact) and fp32, in interleaved rounds; each method's
+    peak memory in bf16 (DiZO with its anchors on the GPU and on the host); then the
     precision study (fp32; bf16 and fp16 plain, exact, autocast). --dry-run does the same on the CPU with
     the tiny shape and a few steps, to show that it runs."""
     if args.dry_run:
@@ -1029,7 +1038,7 @@ def gpu_check(args):
     shape = "tiny" if args.dry_run else "opt-1.3b"
     started, load_before = time.perf_counter(), os.getloadavg()
     timing, memory = benchmark(args, [shape], ["bf16"], GPU_METHODS, GPU_MEMORY)
-    timing += benchmark(args, [shape], ["fp16", "fp32"], GPU_METHODS, ())[0]
+    timing += benchmark(args, [shape], ["bf16-autocast", "fp16", "fp32"], GPU_METHODS, ())[0]
     precision_rows = run_isolated(precision_study, half_precisions(("bf16", "fp16")), args)
     report(args, timing, memory, started, load_before, precision_rows)
 

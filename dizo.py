@@ -791,12 +791,12 @@ class DiZO(ZOSGD):
             self._set_ratios_(ratios, start)  # θ_l <- θ0_l + r_l Δ_l
             rng.replay()
             loss_after = _scalar(first(), "the loss after the projection phase")  # L(θ0 + r Δ; B_1)
-            self._set_ratios_(ratios, start, keep=True)  # the same matrices, now with their masters
         except BaseException as error:
             self._set_ratios_(torch.ones_like(dist), start)
             _note(error, f"the projection phase after ZO step {self.steps_done} failed; the projected "
                          f"matrices were restored exactly (the step's ZO update stays applied)")
             raise
+        self._set_ratios_(ratios, start, keep=True)  # the same matrices, now with their masters
         self.ratios, self.gammas = ratios, ratios * dist
         self.last_phase = {"step": self.steps_done, "ratios": ratios.tolist(), "distances": dist.tolist(),
                            "loss_before": loss_before, "loss_after": loss_after}
