@@ -39,6 +39,7 @@ scale (0.02, 0.05), ε 1e-3:
 """
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import gc
@@ -54,12 +55,15 @@ import sys
 import time
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import data
 from dizo import DiZO, ZOSGD, projected_params, projection_report
@@ -75,11 +79,12 @@ SHAPES = {
     "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
                              word_embed_proj_dim=2048)),
 }
-METHODS = ("inference", "mezo", "zosgd", "dizo", "fo")
+METHODS = ("inference", "mezo", "zosgd", "rademacher", "dizo", "dizo-host", "fo")
+DIZO = ("dizo", "dizo-host")  # anchors beside the matrices; in host memory (anchor_device="cpu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"bf16-autocast": torch.bfloat16}  # fp32 weights, the forward under torch.autocast(dtype)
 LR_ZO, EPS_ZO, LR_FO = 1e-6, 1e-3, 1e-5  # MeZO's OPT defaults; the values do not change the cost
 MASK_FRACTION = 0.15  # masked-LM loss: share of positions masked (BERT's choice)
-TOLERANCE = 0.02  # memory targets allow 2% on the right-hand side
 MiB = 2 ** 20
 
 
@@ -169,6 +174,43 @@ def _rss_bytes(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+class TrackedTensors(TorchDispatchMode):
+    """The bytes of tensor storage that the ops run under it allocate and that are still referenced, and
+    their peak: on the CPU an exact count of a method's own tensors (the resident set also moves with the
+    allocator and the rest of the process). Storage that a kernel allocates and frees inside one op is not
+    seen, nor storage that only autograd still holds (FO's saved activations): for ZO methods, which run
+    under no_grad, it is their whole memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # storage address -> [bytes, tensors referencing it]
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            address = t.untyped_storage().data_ptr()
+            if address not in self.live:
+                if address in inputs or address == 0:  # written in place, or a view of older memory
+                    continue
+                self.live[address] = [t.untyped_storage().nbytes(), 0]
+                self.now += self.live[address][0]
+                self.peak = max(self.peak, self.now)
+            self.live[address][1] += 1
+            weakref.finalize(t, self._release, address)
+        return out
+
+    def _release(self, address):
+        entry = self.live[address]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.live[address]
+            self.now -= entry[0]
+
+
 class PeakMemory:
     """Peak memory of whatever runs after reset(): the CUDA allocator's peak, or the process's peak RSS."""
 
@@ -224,21 +266,56 @@ def time_steps(step, warmup, repeats, device):
     return times
 
 
-def bench_inference(model, batch, fresh, args, device):
-    @torch.no_grad()
-    def step():
-        return float(loss_fn(model, batch))
-    return time_steps(step, args.warmup, args.repeats, device), {}
+def make_step(method, model, batch, fresh, args):
+    """(step function, optimizer) of `method` on `model`: one forward pass for "inference", one training
+    step otherwise. DiZO's step is its ordinary ZO step; its projection phase is timed apart."""
+    def loss(b):
+        dtype = AUTOCAST.get(args.dtype)
+        with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
+            return loss_fn(model, b)
+
+    def closure():
+        return loss(batch)
+
+    params = model.parameters()
+    if method == "inference":
+        return torch.no_grad()(lambda: float(closure())), None
+    if method == "fo":
+        opt = torch.optim.AdamW(params, lr=LR_FO)
+
+        def fo_step():
+            opt.zero_grad(set_to_none=True)
+            loss = closure()
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+        return fo_step, opt
+    if method == "mezo":
+        opt = MeZOStyle(params, lr=LR_ZO, eps=EPS_ZO)
+    elif method in ("zosgd", "rademacher"):
+        opt = ZOSGD(params, lr=LR_ZO, eps=EPS_ZO, direction="gaussian" if method == "zosgd" else method)
+    else:
+        if args.warmup + args.repeats >= args.kappa:
+            raise ValueError("warmup + repeats must be < kappa: DiZO's ordinary steps are timed without a phase")
+        opt = DiZO(params, projected_params(model), lr=LR_ZO, eps=EPS_ZO, interval=args.kappa,
+                   proj_iters=args.proj_iters, search_data=fresh, search_loss=loss,
+                   anchor_device="cpu" if method == "dizo-host" else None)
+    return (lambda: opt.step(closure)), opt
 
 
-def bench_mezo(model, batch, fresh, args, device):
-    opt = MeZOStyle(model.parameters(), lr=LR_ZO, eps=EPS_ZO)
-    return time_steps(lambda: opt.step(lambda: loss_fn(model, batch)), args.warmup, args.repeats, device), {}
+def dizo_report(opt):
+    """What DiZO projects: projection_report plus the largest projected matrix in bytes."""
+    pairs = list(zip(opt.names, opt.matrices))
+    return {**projection_report(pairs), "largest_matrix_bytes": max(t.numel() * t.element_size() for t in opt.matrices)}
 
 
-def bench_zosgd(model, batch, fresh, args, device):
-    opt = ZOSGD(model.parameters(), lr=LR_ZO, eps=EPS_ZO)
-    return time_steps(lambda: opt.step(lambda: loss_fn(model, batch)), args.warmup, args.repeats, device), {}
+def time_phase(opt, device):
+    """Seconds of one DiZO projection phase: what step() runs after every κ-th ZO step."""
+    _sync(device)
+    t0 = time.perf_counter()
+    opt.project(opt._search_closure)
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def profile_zo_step(model, batch, args, device):
@@ -270,70 +347,67 @@ def profile_zo_step(model, batch, args, device):
     return parts
 
 
-def bench_dizo(model, batch, fresh, args, device):
-    """Ordinary steps timed like ZOSGD's, then one projection phase timed on its own (see the docstring)."""
-    if args.warmup + args.repeats >= args.kappa:
-        raise ValueError("warmup + repeats must be < kappa: the ordinary steps are timed without a phase")
-    pairs = projected_params(model)
-    opt = DiZO(model.parameters(), pairs, lr=LR_ZO, eps=EPS_ZO, interval=args.kappa, proj_iters=args.proj_iters,
-               search_data=fresh, search_loss=lambda b: loss_fn(model, b))
-
-    def closure():
-        return loss_fn(model, batch)
-
-    times = time_steps(lambda: opt.step(closure), args.warmup, args.repeats, device)
-    _sync(device)
-    t0 = time.perf_counter()
-    opt.project(opt._search_closure)  # what step() runs after every κ-th step
-    _sync(device)
-    phase = time.perf_counter() - t0
-    step_s = statistics.median(times)
-    return times, {"ordinary_step_s": step_s, "phase_s": phase, "kappa": args.kappa,
-                   "proj_iters": args.proj_iters, "amortised_s": step_s + phase / args.kappa,
-                   **projection_report(pairs)}
-
-
-def bench_fo(model, batch, fresh, args, device):
-    opt = torch.optim.AdamW(model.parameters(), lr=LR_FO)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-    return time_steps(step, args.warmup, args.repeats, device), {}
-
-
-BENCH = {"inference": bench_inference, "mezo": bench_mezo, "zosgd": bench_zosgd, "dizo": bench_dizo,
-         "fo": bench_fo}
-
-
-def worker(shape, method, args):
-    """One (shape, method) in this process: build, warm up, reset the peak, run, report."""
-    args = argparse.Namespace(**vars(args))
-    if args.repeats is None:
-        args.repeats = default_repeats(shape, args.device)
+def setup(shape, args):
+    """The model of `shape` in args.dtype, its batch, M fresh batches for DiZO's search, after one forward
+    pass (it creates thread pools and kernel caches that every method needs)."""
     torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model = build_model(shape, device, dtype)
+    model = build_model(shape, torch.device(args.device), DTYPES.get(args.dtype, torch.float32))
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(model, args.batch, args.seq, gen)
     fresh = [make_batch(model, args.batch, args.seq, gen) for _ in range(args.proj_iters)]
-    params = list(model.parameters())
-    with torch.no_grad():  # the first forward creates thread pools and kernel caches, common to all methods
+    with torch.no_grad():
         float(loss_fn(model, batch))
-    mem = PeakMemory(device)
+    return model, batch, fresh
+
+
+def timing_worker(shape, methods, args):
+    """Every method's step on one model in one process, in rounds of one step of each (after --warmup
+    rounds): other load on the machine hits every method alike, so their ratios hold. DiZO's projection
+    phase is timed once, after the rounds."""
+    args = with_default_repeats(shape, args)
+    device = torch.device(args.device)
+    model, batch, fresh = setup(shape, args)
+    steps = {m: make_step(m, model, batch, fresh, args) for m in methods}
+    times = {m: [] for m in methods}
+    for i in range(args.warmup + args.repeats):
+        for m, (step, _) in steps.items():
+            seconds = time_steps(step, 0, 1, device)[0]
+            if i >= args.warmup:
+                times[m].append(seconds)
+    out = {"shape": shape, "dtype": args.dtype, "device": args.device, "repeats": args.repeats, "warmup": args.warmup,
+           "times_s": times, "median_s": {m: statistics.median(t) for m, t in times.items()}}
+    for m in DIZO:
+        if m in steps:
+            opt = steps[m][1]
+            out[m] = {"phase_s": time_phase(opt, device), "kappa": args.kappa, "proj_iters": args.proj_iters,
+                      **dizo_report(opt)}
+    if args.profile:
+        out["profile"] = profile_zo_step(model, batch, args, device)
+    return out
+
+
+def memory_worker(shape, method, args):
+    """One method in this process: build, one forward, reset the peak, --warmup + 1 steps (and for DiZO
+    a projection phase), read the peak; on the CPU also the peak of the method's tracked tensors."""
+    args = argparse.Namespace(**{**vars(args), "repeats": 1})
+    device = torch.device(args.device)
+    model, batch, fresh = setup(shape, args)
+    params = list(model.parameters())
+    mem, tracked = PeakMemory(device), TrackedTensors()
     mem.reset()
-    times, info = BENCH[method](model, batch, fresh, args, device)
+    with tracked if device.type == "cpu" else contextlib.nullcontext():
+        step, opt = make_step(method, model, batch, fresh, args)
+        time_steps(step, args.warmup, 1, device)
+        info = {}
+        if method in DIZO:
+            time_phase(opt, device)
+            info = dizo_report(opt)
     peak = mem.peak()
-    if args.profile and method == "zosgd":
-        info["profile"] = profile_zo_step(model, batch, args, device)
-    median = statistics.median(times)
-    return {"shape": shape, "method": method, "repeats": args.repeats, "warmup": args.warmup, "times_s": times,
-            "median_s": info.get("amortised_s", median),
-            "peak_bytes": peak, "baseline_bytes": mem.baseline, "extra_bytes": peak - mem.baseline,
-            "hwm_reset": mem.hwm_reset, "n_params": sum(p.numel() for p in params),
+    if device.type == "cpu" and method != "fo":  # FO's saved activations are held by autograd, unseen
+        info["tracked_peak_bytes"] = tracked.peak
+    return {"shape": shape, "method": method, "dtype": args.dtype, "peak_bytes": peak,
+            "baseline_bytes": mem.baseline, "extra_bytes": peak - mem.baseline, "hwm_reset": mem.hwm_reset,
+            "n_params": sum(p.numel() for p in params),
             "param_bytes": sum(p.numel() * p.element_size() for p in params),
             "largest_tensor_bytes": max(p.numel() * p.element_size() for p in params), **info}
 
@@ -344,68 +418,77 @@ def _mb(n):
     return f"{n / MiB:,.0f}"
 
 
-def _verdict(ok):
-    return "PASS" if ok else "MISS"
+LABELS = {"inference": "inference (one forward)", "mezo": "MeZO-style", "zosgd": "ZOSGD (Gaussian z)",
+          "rademacher": "ZOSGD (Rademacher z)", "dizo": "DiZO (amortised)",
+          "dizo-host": "DiZO, anchors on the host (amortised)", "fo": "FO (AdamW)"}
 
 
-def table(rows):
-    by = {(r["shape"], r["method"]): r for r in rows}
-    lines = ["| shape | method | median s/step | ÷ two forwards | ÷ ZOSGD | extra MB | peak MB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        inf, zo = by.get((r["shape"], "inference")), by.get((r["shape"], "zosgd"))
-        two_fwd = f"{r['median_s'] / (2 * inf['median_s']):.2f}" if inf else "-"
-        vs_zo = f"{r['median_s'] / zo['median_s']:.2f}" if zo else "-"
-        name = r["method"] + (" (amortised)" if r["method"] == "dizo" else "")
-        lines.append(f"| {r['shape']} | {name} | {r['median_s']:.4g} | {two_fwd} | {vs_zo} | "
-                     f"{_mb(r['extra_bytes'])} | {_mb(r['peak_bytes'])} |")
+def amortised(timing, method):
+    """DiZO's seconds per step over κ steps: median ordinary step + phase / κ."""
+    d = timing[method]
+    return timing["median_s"][method] + d["phase_s"] / d["kappa"]
+
+
+def table(timing, memory):
+    """One row per (shape, method): median s/step from the interleaved rounds, its ratios to two forward
+    passes and to ZOSGD, and the method's memory from its own process (tracked: the CPU count of its
+    tensors, see TrackedTensors)."""
+    lines = ["| shape | dtype | method | median s/step | ÷ two forwards | ÷ ZOSGD | extra MB | tracked MB "
+             "| peak MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    mem = {(r["shape"], r["dtype"], r["method"]): r for r in memory}
+    for t in timing:
+        med = {m: amortised(t, m) if m in DIZO else s for m, s in t["median_s"].items()}
+        for m, s in med.items():
+            two = f"{s / (2 * med['inference']):.2f}" if "inference" in med else "-"
+            zo = f"{s / med['zosgd']:.2f}" if "zosgd" in med else "-"
+            r = mem.get((t["shape"], t["dtype"], m))
+            extra, peak = (_mb(r["extra_bytes"]), _mb(r["peak_bytes"])) if r else ("-", "-")
+            tracked = _mb(r["tracked_peak_bytes"]) if r and "tracked_peak_bytes" in r else "-"
+            lines.append(f"| {t['shape']} | {t['dtype']} | {LABELS[m]} | {s:.4g} | {two} | {zo} | {extra} "
+                         f"| {tracked} | {peak} |")
     return "\n".join(lines)
 
 
-def targets(rows):
-    """The issue's targets, one line each, with PASS/MISS; plus the ratios that have no target."""
-    by = {(r["shape"], r["method"]): r for r in rows}
-    out = []
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        inf, mezo, zo, dz, fo = (by.get((shape, m)) for m in METHODS)
-        if inf and zo:
-            ratio = zo["median_s"] / (2 * inf["median_s"])
-            verdict = _verdict(ratio <= 1.5) if shape == "opt-125m" else "info (target is on opt-125m)"
-            out.append(f"[{shape}] ZOSGD step / two forwards = {ratio:.2f} (target <= 1.5): {verdict}")
-        if mezo and zo:
-            speedup = mezo["median_s"] / zo["median_s"]
-            out.append(f"[{shape}] MeZO-style / ZOSGD = {speedup:.2f}x (target >= 1.25x): "
-                       f"{_verdict(speedup >= 1.25)}")
-        if zo and "profile" in zo:
-            parts = zo["profile"]
-            rest = zo["median_s"] - sum(parts.values())
-            out.append(f"[{shape}] ZOSGD step {zo['median_s']:.4g} s = " + " + ".join(
-                f"{name[:-2]} {sec:.4g} s" for name, sec in parts.items()) + f" + rest {rest:.4g} s")
-        if dz and zo:
-            out.append(f"[{shape}] DiZO (amortised) / ZOSGD = {dz['median_s'] / zo['median_s']:.3f} "
-                       f"(ordinary step {dz['ordinary_step_s']:.4g} s, phase {dz['phase_s']:.4g} s with "
-                       f"M={dz['proj_iters']}, κ={dz['kappa']}): no target")
-        # Memory targets compare absolute peaks built on one baseline (the inference worker's), so that
-        # the small differences between the workers' baselines do not enter.
-        if inf and zo:
-            base, big = inf["baseline_bytes"], zo["largest_tensor_bytes"]
-            lhs, rhs = base + zo["extra_bytes"], (base + inf["extra_bytes"] + big) * (1 + TOLERANCE)
-            out.append(f"[{shape}] ZO peak {_mb(lhs)} MB <= inference peak {_mb(base + inf['extra_bytes'])} MB "
-                       f"+ largest tensor {_mb(big)} MB (+2%) = {_mb(rhs)} MB: {_verdict(lhs <= rhs)}")
-        if inf and zo and dz:
-            base, anchor = inf["baseline_bytes"], dz["anchor_bytes"]
-            lhs, rhs = base + dz["extra_bytes"], (base + zo["extra_bytes"] + anchor) * (1 + TOLERANCE)
-            out.append(f"[{shape}] DiZO peak {_mb(lhs)} MB <= ZO peak {_mb(base + zo['extra_bytes'])} MB "
-                       f"+ anchor {_mb(anchor)} MB (+2%) = {_mb(rhs)} MB: {_verdict(lhs <= rhs)}; "
-                       f"DiZO - ZO = {_mb(dz['extra_bytes'] - zo['extra_bytes'])} MB = "
-                       f"{(dz['extra_bytes'] - zo['extra_bytes']) / anchor:.2f} x anchor "
-                       f"({dz['matrices']} matrices, {dz['params'] / 1e6:.2f}M params)")
-        if inf and zo and dz and fo:
-            out.append(f"[{shape}] extra memory FO / ZO / DiZO / inference = {_mb(fo['extra_bytes'])} / "
-                       f"{_mb(zo['extra_bytes'])} / {_mb(dz['extra_bytes'])} / {_mb(inf['extra_bytes'])} MB; "
-                       f"peak FO / ZO / DiZO / inference = {fo['peak_bytes'] / inf['peak_bytes']:.2f} / "
-                       f"{zo['peak_bytes'] / inf['peak_bytes']:.2f} / {dz['peak_bytes'] / inf['peak_bytes']:.2f}"
-                       f" / 1.00")
+def ratios(t, memory):
+    """The ratios of issue #13 and #12 for one timing row, and the memory differences of its shape."""
+    med, out = t["median_s"], []
+    tag = f"[{t['shape']} {t['dtype']}]"
+    two = 2 * med["inference"] if "inference" in med else None
+    zos = [(m, med[m]) for m in ("zosgd", "rademacher") if m in med]
+    if two:
+        out += [f"{tag} {LABELS[m]} step / two forwards = {s / two:.2f}" for m, s in zos]
+    if "mezo" in med:
+        out += [f"{tag} MeZO-style / {LABELS[m]} = {med['mezo'] / s:.2f}" for m, s in zos]
+    for m in (m for m in DIZO if m in med and "zosgd" in med and two):
+        d, forward = t[m], med["inference"]
+        extra = (2 * d["proj_iters"] + 2) / d["kappa"] * forward  # the phase's 2M + 2 forward passes per step
+        bound = med["zosgd"] + extra
+        out.append(f"{tag} {LABELS[m]} {amortised(t, m):.4g} s (ordinary step {med[m]:.4g} s + phase "
+                   f"{d['phase_s']:.4g} s = {d['phase_s'] / ((2 * d['proj_iters'] + 2) * forward):.2f} x its "
+                   f"2M+2 forwards, / κ={d['kappa']}, M={d['proj_iters']}) / (ZOSGD {med['zosgd']:.4g} s + "
+                   f"(2M+2)/κ forwards {extra:.4g} s) = {amortised(t, m) / bound:.3f}")
+    if "profile" in t and "zosgd" in med:
+        parts = t["profile"]
+        rest = med["zosgd"] - sum(parts.values())
+        out.append(f"{tag} ZOSGD step {med['zosgd']:.4g} s = " + " + ".join(
+            f"{name[:-2]} {sec:.4g} s" for name, sec in parts.items()) + f" + rest {rest:.4g} s")
+    mem = {r["method"]: r for r in memory if (r["shape"], r["dtype"]) == (t["shape"], t["dtype"])}
+    kinds = [("extra_bytes", "allocator peak" if t["device"] == "cuda" else "RSS"),
+             ("tracked_peak_bytes", "tracked tensors")]
+    for key, kind in kinds:
+        mem = {m: r for m, r in mem.items() if key in r}
+        if "zosgd" in mem and "inference" in mem:
+            zo, inf = mem["zosgd"], mem["inference"]
+            out.append(f"{tag} memory ({kind}) ZO - inference = {_mb(zo[key] - inf[key])} MB; largest tensor "
+                       f"{_mb(zo['largest_tensor_bytes'])} MB")
+        for m in (m for m in DIZO if m in mem and "zosgd" in mem):
+            dz = mem[m]
+            diff = dz[key] - mem["zosgd"][key]
+            out.append(f"{tag} memory ({kind}) {m} - ZO = {_mb(diff)} MB = {diff / dz['anchor_bytes']:.2f} x "
+                       f"anchor ({_mb(dz['anchor_bytes'])} MB: {dz['matrices']} matrices, {dz['params'] / 1e6:.2f}M "
+                       f"params) = {diff / dz['largest_matrix_bytes']:.2f} x the largest projected matrix")
+    if "fo" in mem and "zosgd" in mem:
+        out.append(f"{tag} peak memory FO / ZO = {mem['fo']['peak_bytes'] / mem['zosgd']['peak_bytes']:.2f}")
     return out
 
 
@@ -534,11 +617,10 @@ class Precision:
     values: Callable | None = None
 
 
-def half_precisions(device):
-    """fp32; and per half dtype: plain (weights stored, stepped and computed in it), exact (stored and computed
-    in it, stepped through an fp32 master: dizo.py's default) and autocast (fp32 weights, the forward under
-    torch.autocast). fp16 only on CUDA: CPU fp16 matmuls are slow or unsupported."""
-    halves = ("bf16", "fp16") if device.type == "cuda" else ("bf16",)
+def half_precisions(halves):
+    """fp32; and per half dtype in `halves`: plain (weights stored, stepped and computed in it), exact (stored
+    and computed in it, stepped through an fp32 master: dizo.py's default) and autocast (fp32 weights, the
+    forward under torch.autocast)."""
     plain = functools.partial(ZOSGD, half_precision="plain")
     modes = [Precision("fp32", torch.float32)]
     for h in halves:
@@ -694,6 +776,7 @@ def precision_study(precisions, args):
     """Every measurement for every (precision, scale): lr-0 drift and g on the tiny OPT, fidelity per lr,
     and the optimizer's time."""
     device = torch.device(args.device)
+    warnings.filterwarnings("ignore", message="half_precision='plain'")  # the plain rows measure what it says
     optimizer_s = optimizer_step_seconds(precisions, EPS_ZO, device, args.repeats or 20)
     rows = []
     for scale in PRECISION_SCALES:
@@ -748,8 +831,6 @@ def _ratio_cos(rc):
 
 def precision_main(args, precisions):
     torch.set_num_threads(args.threads)
-    # the plain rows measure what dizo.py's warning about them says
-    warnings.filterwarnings("ignore", message="half_precision='plain'")
     start = time.perf_counter()
     rows = precision_study(precisions, args)
     info = machine(args)
@@ -833,10 +914,13 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed steps per method (default: 10 for tiny, 2 for the others, on CPU; 10 on CUDA)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+                   help="timed rounds, one step of every method each (default: 10 for tiny, 3 for the others, "
+                        "on CPU; 10 on CUDA)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES) + tuple(AUTOCAST),
+                   help="weights' dtype (bf16 and fp16 stepped through dizo.py's fp32 master); bf16-autocast: "
+                        "fp32 weights, forward passes under torch.autocast")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads in every worker (default 2; with --precision 1: its tensors are "
                         "small, and a second thread that waits for a busy core slows a step many times)")
@@ -852,6 +936,10 @@ def parse_args(argv=None):
                         "(fp32, bf16, fp16 on CUDA; plain, exact or autocast): lr-0 drift, update fidelity, "
                         "memory")
     p.add_argument("--drift-steps", type=int, default=20, help="--precision: ZO steps at lr 0 (T)")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="every GPU figure (OPT-1.3B shape: step times in bf16, fp16, fp32; memory; precision "
+                        "study) in one run of at most 8 minutes on an H100")
+    p.add_argument("--dry-run", action="store_true", help="--gpu-check on the CPU with the tiny shape")
     p.add_argument("--study", metavar="DIR", default=None,
                    help="instead of benchmarking, summarise train.py runs DIR/<run>-s<seed>/ (README)")
     p.add_argument("--target", type=float, default=0.85, help="--study: dev accuracy to reach")
@@ -869,6 +957,8 @@ def parse_args(argv=None):
         p.error("--device cuda but torch.cuda.is_available() is False")
     if args.drift_steps < 1:
         p.error("--drift-steps must be >= 1")
+    if args.dry_run and not args.gpu_check:
+        p.error("--dry-run goes with --gpu-check")
     if args.out is None:
         args.out = "runs/precision.json" if args.precision else "runs/bench.json"
     if args.threads is None:
@@ -879,25 +969,32 @@ def parse_args(argv=None):
 def default_repeats(shape, device):
     if device == "cuda":
         return 10
-    return 10 if shape == "tiny" else 2
+    return 10 if shape == "tiny" else 3
 
 
-def _worker_entry(shape, method, args, conn):
-    """Body of the per-(shape, method) process: send back the row, or the traceback."""
+def with_default_repeats(shape, args):
+    if args.repeats is not None:
+        return args
+    return argparse.Namespace(**{**vars(args), "repeats": default_repeats(shape, args.device)})
+
+
+def _worker_entry(fn, fn_args, conn):
+    """Body of a worker process: send back fn's result, or the traceback."""
     try:
-        conn.send(("ok", worker(shape, method, args)))
+        conn.send(("ok", fn(*fn_args)))
     except BaseException:  # noqa: BLE001 -- reported to the parent, which stops the run
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
 
 
-def run_isolated(shape, method, args):
-    """worker() in a fresh process. CPU: fork a parent that has imported torch and transformers but run
-    nothing (saves their import in every worker). CUDA: spawn, as CUDA cannot be used in a forked child."""
-    ctx = mp.get_context("spawn" if args.device == "cuda" else "fork")
+def run_isolated(fn, *fn_args):
+    """fn(*fn_args) in a fresh process; the last argument is the settings. CPU: fork a parent that has
+    imported torch and transformers but run nothing (saves their import in every worker). CUDA: spawn, as
+    CUDA cannot be used in a forked child."""
+    ctx = mp.get_context("spawn" if fn_args[-1].device == "cuda" else "fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker_entry, args=(shape, method, args, send))
+    proc = ctx.Process(target=_worker_entry, args=(fn, fn_args, send))
     proc.start()
     send.close()
     try:
@@ -906,49 +1003,96 @@ def run_isolated(shape, method, args):
         status, payload = "error", f"the worker died (exit code {proc.join() or proc.exitcode})"
     proc.join()
     if status != "ok":
-        sys.exit(f"worker {shape}:{method} failed:\n{payload}")
+        sys.exit(f"{fn.__name__}{fn_args[:-1]} failed:\n{payload}")
     return payload
+
+
+def benchmark(args, shapes, dtypes, methods, memory_methods):
+    """Per dtype and shape: one process that times every method in rounds, one per method for memory."""
+    timing, memory = [], []
+    for dtype in dtypes:
+        settings = argparse.Namespace(**{**vars(args), "dtype": dtype})
+        for shape in shapes:
+            t0 = time.perf_counter()
+            timing.append(run_isolated(timing_worker, shape, methods, settings))
+            print(f"  {shape} {dtype}: timed {', '.join(methods)} in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+            for method in memory_methods:
+                memory.append(run_isolated(memory_worker, shape, method, settings))
+                print(f"  {shape} {dtype} {method}: extra {_mb(memory[-1]['extra_bytes'])} MB",
+                      file=sys.stderr, flush=True)
+    return timing, memory
+
+
+def report(args, timing, memory, started, load_before, precision_rows=None):
+    """Print the table and the ratios, and write every number to args.out."""
+    load_after = os.getloadavg()
+    info = machine(args)
+    lines = [line for t in timing for line in ratios(t, memory)]
+    peak_note = ("CUDA max_memory_allocated" if args.device == "cuda" else
+                 "peak RSS (VmHWM) of the worker process")
+    print(f"\nbatch {args.batch} x seq {args.seq}, {args.device}, torch {info['torch']}, "
+          f"{info['threads']} threads on {info['cpu_count']} cores ({info.get('gpu', info['cpu'])}); "
+          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+          f"{time.perf_counter() - started:.0f} s in all")
+    print(f"times: medians of {timing[0]['repeats']} rounds in which every method takes one step on the same "
+          f"model in one process; DiZO = median ordinary step + one timed projection phase / κ. peak MB = "
+          f"{peak_note} in a process per method; extra MB = peak - memory after building the model and the "
+          f"batches and one forward pass (the method's own memory)\n")
+    print(table(timing, memory))
+    print()
+    for line in lines:
+        print("- " + line)
+    if precision_rows:
+        print("\n" + precision_tables(precision_rows))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "machine": info, "load_average_before": load_before,
+                   "load_average_after": load_after, "timing": timing, "memory": memory, "ratios": lines,
+                   "precision": precision_rows}, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+GPU_METHODS = ("inference", "mezo", "zosgd", "rademacher", "dizo", "dizo-host")
+GPU_MEMORY = ("inference", "mezo", "zosgd", "dizo", "dizo-host", "fo")
+
+
+def gpu_check(args):
+    """Every GPU figure of the README's step-time, memory and precision tables, in one run of at most
+    8 minutes on an H100: on the OPT-1.3B shape, every ZO method's step time in bf16 (the default exact
+    master), fp32 weights with bf16 autocast, fp16 (exact) and fp32, in interleaved rounds; each method's
+    peak memory in bf16 (DiZO with its anchors on the GPU and on the host); then the
+    precision study (fp32; bf16 and fp16 plain, exact, autocast). --dry-run does the same on the CPU with
+    the tiny shape and a few steps, to show that it runs."""
+    if args.dry_run:
+        args.device, args.repeats, args.drift_steps = "cpu", args.repeats or 2, 2
+    elif not torch.cuda.is_available():
+        sys.exit("--gpu-check needs a GPU (torch.cuda.is_available() is False); --dry-run runs it on the CPU")
+    else:
+        args.device = "cuda"
+    shape = "tiny" if args.dry_run else "opt-1.3b"
+    started, load_before = time.perf_counter(), os.getloadavg()
+    timing, memory = benchmark(args, [shape], ["bf16"], GPU_METHODS, GPU_MEMORY)
+    timing += benchmark(args, [shape], ["bf16-autocast", "fp16", "fp32"], GPU_METHODS, ())[0]
+    precision_rows = run_isolated(precision_study, half_precisions(("bf16", "fp16")), args)
+    report(args, timing, memory, started, load_before, precision_rows)
 
 
 def main():
     args = parse_args()
     if args.study is not None:
         return study(args.study, args.target, args.plot)
+    if args.gpu_check:
+        return gpu_check(args)
     if args.precision:
-        return precision_main(args, half_precisions(torch.device(args.device)))
+        halves = ("bf16", "fp16") if args.device == "cuda" else ("bf16",)  # CPU fp16 matmuls: slow or missing
+        return precision_main(args, half_precisions(halves))
     if args.device == "cpu":
         import transformers  # noqa: F401 -- imported once here, inherited by the forked workers
-    load_before = os.getloadavg()
-    start = time.perf_counter()
-    rows = []
-    for shape in args.shapes.split(","):
-        for method in args.methods.split(","):
-            t0 = time.perf_counter()
-            row = run_isolated(shape, method, args)
-            rows.append(row)
-            print(f"  {shape:>12} {method:<9} {row['median_s']:.4g} s/step, extra {_mb(row['extra_bytes'])} MB "
-                  f"({time.perf_counter() - t0:.0f} s in the worker)", file=sys.stderr, flush=True)
-    load_after = os.getloadavg()
-    info = machine(args)
-    lines = targets(rows)
-    peak_note = ("CUDA max_memory_allocated" if args.device == "cuda" else
-                 "peak RSS (VmHWM) of the worker process")
-    print(f"\nbatch {args.batch} x seq {args.seq}, {args.device}, {args.dtype}, torch {info['torch']}, "
-          f"{info['threads']} threads on {info['cpu_count']} cores ({info.get('gpu', info['cpu'])}); "
-          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
-          f"{time.perf_counter() - start:.0f} s in all")
-    print(f"peak MB = {peak_note}; extra MB = peak - memory after building the model and the batches and one "
-          f"forward pass (the method's own memory); ratios use median s/step; "
-          f"DiZO = median ordinary step + one timed projection phase / κ\n")
-    print(table(rows))
-    print()
-    for line in lines:
-        print("- " + line)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "machine": info, "load_average_before": load_before,
-                   "load_average_after": load_after, "rows": rows, "targets": lines}, f, indent=1)
-    print(f"\nwrote {args.out}")
+    started, load_before = time.perf_counter(), os.getloadavg()
+    methods = args.methods.split(",")
+    timing, memory = benchmark(args, args.shapes.split(","), [args.dtype], methods, methods)
+    report(args, timing, memory, started, load_before)
 
 
 if __name__ == "__main__":

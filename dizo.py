@@ -8,9 +8,10 @@ This module depends on torch alone; copy it into any project. Read it beside the
            large_models/trainer.py (a fork of MeZO's).
 
 Equation map (sections and equations of the DiZO paper)
-  z ~ N(0, I), regenerated tensor by tensor from a per-step seed   ZOSGD._zs                 MeZO's seed replay
-  g = (L(θ + εz) - L(θ - εz)) / (2ε)                               ZOSGD._zo_step            §2.1 eq. (1), q = 1
-  θ <- θ - η (g z + λ θ), restore and update fused                 ZOSGD._update_            §2.1 eq. (2)
+  z ~ N(0, I) (or ±1), regenerated tensor by tensor from a seed   ZOSGD._zs                 MeZO's seed replay
+  g_j = (L(θ + εz_j) - L(θ - εz_j)) / (2ε), j = 1..q               ZOSGD._query              §2.1 eq. (1)
+  θ <- θ - η ((1/q) Σ_j g_j z_j + λ θ), restore and update fused   ZOSGD._update_            §2.1 eq. (2)
+  half precision: the same steps on an fp32 master                 ZOSGD._values
   Δ_l = θ_l - θ0_l,  s_l = ||Δ_l||_F  (the layer-wise divergence)  DiZO.distances            §2.2
   θ_l <- θ0_l + (γ_l / s_l) Δ_l = θ0_l + r_l Δ_l                   DiZO._set_ratios_         §3, projection
   γ search: SPSA on per-matrix scalars, u clipped, r in [1-τ, 1+τ]  DiZO._search_ratios       §3, as trainer.py
@@ -112,7 +113,15 @@ class _GlobalRNG:
 #   fp16: an fp32 master copy, 2 + 4 bytes: fp16 (5 exponent bits) is not the high half of an fp32 number.
 #         fp32 weights with the forward under torch.autocast(dtype=torch.float16) cost 4 bytes.
 _HALF = (torch.bfloat16, torch.float16)
-_BLOCK = 1 << 18  # elements of a bf16 tensor rebuilt in fp32 at a time: int32 scratch that stays in cache
+# Elements of a bf16 tensor rebuilt in fp32 at a time: on a CPU an int32 block that stays in cache (2^18
+# was fastest here: 4.4 ns per parameter and pass against 7.4 for whole tensors, 1 thread); on a GPU each
+# block costs 8 kernel launches, so blocks are large (2^24: 64 MiB of scratch).
+_BLOCK = {"cpu": 1 << 18}
+_BLOCK_ELSEWHERE = 1 << 24
+
+
+def _block(device):
+    return _BLOCK.get(device.type, _BLOCK_ELSEWHERE)
 
 
 def _join_bf16(hi, low, bits):
@@ -121,12 +130,60 @@ def _join_bf16(hi, low, bits):
     return bits.copy_(hi.view(torch.int16)).bitwise_left_shift_(16).add_(low).view(torch.float32)
 
 
-def _split_bf16_(bits, hi, low):
-    """hi <- the fp32 value in `bits` (int32) rounded to the nearest bf16 (ties away from zero), low <- the
-    rest, so that _join_bf16 gives the value back exactly. bits = (hi << 16) + low with low in [-2^15, 2^15)
-    makes low the low 16 bits of `bits` read as int16. Overwrites `bits`."""
-    low.copy_(bits)  # int32 -> int16 keeps the low 16 bits
+def _round_bf16_(bits, hi):
+    """hi <- the fp32 value in `bits` (int32) rounded to the nearest bf16, ties away from zero. Overwrites
+    `bits`."""
     hi.view(torch.int16).copy_(bits.add_(0x8000).bitwise_right_shift_(16))  # + half a bf16 unit, keep 16 bits
+
+
+def _split_bf16_(bits, hi, low):
+    """hi <- the fp32 value in `bits` (int32) rounded to the nearest bf16, low <- the rest, so that
+    _join_bf16 gives the value back exactly. bits = (hi << 16) + low with low in [-2^15, 2^15) makes low
+    the low 16 bits of `bits` read as int16. Overwrites `bits`."""
+    low.copy_(bits)  # int32 -> int16 keeps the low 16 bits
+    _round_bf16_(bits, hi)
+
+
+def _row_blocks(*tensors):
+    """The same blocks of rows of each of `tensors` (shaped alike), about _block(device) elements each."""
+    tensors = [x.view(1) if x.dim() == 0 else x for x in tensors]
+    rows = max(1, _block(tensors[0].device) // max(1, tensors[0][0].numel())) if tensors[0].numel() else 1
+    return zip(*(x.split(rows) for x in tensors))
+
+
+# Directions. "gaussian" (MeZO, DiZO): z ~ N(0, I) by normal_, one call per tensor. "rademacher" (Spall's
+# SPSA): z_i = ±1, one random bit each: a tensor of n entries takes ceil(n/64) random 64-bit words from the
+# generator, z_i = +1 where bit i of their little-endian bytes is 0 and -1 where it is 1, and a lookup table
+# turns each byte into its 8 signs. Both have E[z zᵀ] = I, so E[g z] = ∇L; with a = ∇L the covariance of g z
+# is ||a||² I + a aᵀ for Gaussian z and ||a||² I + a aᵀ - 2 diag(a²) for Rademacher z (total variance
+# (d + 1)||a||² against (d - 1)||a||²), and a Rademacher perturbation has ||εz|| = ε√d exactly. On a CPU the
+# signs cost about a fifth of normal_, whose generator (mt19937) spends ~5 ns on each 32-bit draw.
+_DIRECTIONS = ("gaussian", "rademacher")
+_SIGN_BLOCK = 1 << 20  # random bytes turned into signs at a time: bounds the int32 index scratch to 4 MiB
+
+
+def _sign_table(device, dtype):
+    """Row b holds the 8 signs that byte b stands for: +1 where bit j of b is 0, -1 where it is 1."""
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+    return (1 - 2 * bits).to(device, dtype)
+
+
+def _z_streams(devices):
+    """For each device holding trained tensors (in order of first appearance), where its z is drawn: one
+    stream per device type, on the first device of that type, seeded with the step's seed + the type's
+    index. A model split across devices of one type then sees the z of the unsplit model on the first of
+    them; a model on one device draws from seed + 0; devices of different types (CPU and a GPU) draw
+    independent streams."""
+    first = {}
+    for device in devices:
+        first.setdefault(device.type, (device, len(first)))
+    return {device: first[device.type] for device in devices}
+
+
+def _copy_on(t, device):
+    """A copy of t on `device`, in pinned memory when it goes from a GPU to the host (faster copies back)."""
+    pinned = device.type == "cpu" and t.is_cuda
+    return torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pinned).copy_(t)
 
 
 def _view_like(t, base, other):
@@ -138,11 +195,12 @@ def _view_like(t, base, other):
 class ZOSGD(torch.optim.Optimizer):
     """ZO-SGD with MeZO's seed replay: two forward passes per step, no gradient, no optimizer state.
 
-    step(closure) evaluates the closure exactly twice, at θ + εz and θ - εz, and returns the first loss
-    (as MeZO does). z is never stored: one 62-bit seed is drawn per step from the optimizer's own generator,
-    torch.Generator(seed), and every pass over the parameters regenerates z tensor by tensor, in the order of
-    the parameter groups, from a generator per device seeded with that seed (+ i on the i-th device). One
-    scratch buffer per (device, dtype), the size of the largest tensor, holds the current tensor's z.
+    step(closure) evaluates the closure exactly twice (2q times with q queries), at θ + εz and θ - εz, and
+    returns the first loss (as MeZO does). z is never stored: one 62-bit seed is drawn per step (per query)
+    from the optimizer's own generator, torch.Generator(seed), and every pass over the parameters regenerates
+    z tensor by tensor, in the order of the parameter groups, from one generator per device type seeded with
+    that seed (+ i for the i-th type; see _z_streams). One scratch buffer per (device, dtype), the size of
+    the largest tensor, holds the current tensor's z.
 
     MeZO regenerates z four times per step (+ε, -2ε, +ε to restore, then -ηg to update). Here the restore
     and the update are fused into one pass, θ <- θ + (ε - ηg) z, so z is generated three times.
@@ -161,13 +219,20 @@ class ZOSGD(torch.optim.Optimizer):
                         fp32 parameter, with z drawn in fp32; "plain" steps them in place, z drawn in their
                         dtype, as MeZO's and DiZO's code do in fp16 (it warns, with the numbers). A
                         checkpoint (state_dict) holds the fp32 values, so a resumed run continues bit for bit.
+        direction       "gaussian" (default; MeZO's and DiZO's z ~ N(0, I)) or "rademacher" (z_i = ±1, the
+                        original SPSA; a different z stream, faster to draw: see _DIRECTIONS above).
+        queries         q of eq. (1): directions per step, each with its own seed, all evaluated at the same
+                        θ and averaged in the update, θ <- θ - (η/q) Σ_j g_j z_j (default 1, as MeZO and
+                        DiZO). 2q forward passes and 4q - 1 passes over θ per step, at q = 1's memory.
     """
 
-    _SHARED = ("eps", "half_precision")  # settings every group must share
+    _SHARED = ("eps", "half_precision", "direction", "queries")  # settings every group must share
 
     def __init__(self, params: Params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0,
-                 seed: int = 0, *, half_precision: str = "exact") -> None:
-        self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, half_precision=half_precision), seed)
+                 seed: int = 0, *, half_precision: str = "exact", direction: str = "gaussian",
+                 queries: int = 1) -> None:
+        self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, half_precision=half_precision,
+                                 direction=direction, queries=queries), seed)
 
     def _start(self, params, defaults, seed):
         _check("seed", seed, isinstance(seed, int) and seed >= 0, "an int >= 0")
@@ -176,11 +241,13 @@ class ZOSGD(torch.optim.Optimizer):
         self._warn_if_plain_half(self.param_groups)
         self._constructed = True
         self.steps_done = 0
-        self.projected_grad = None  # g of the last step, for logging
+        self.projected_grad = None  # g of the last step (the mean over its queries), for logging
+        self.projected_grads = []  # g_1 .. g_q of the last step
         self._seeds = torch.Generator().manual_seed(seed)  # draws one seed per step
         self._z_gens = {}  # device -> torch.Generator, re-seeded at every pass
         self._buffers = {}  # (device, dtype) -> flat scratch tensor for z
-        self._scratch = {}  # device -> int32 scratch in which a block of a bf16 tensor's fp32 value is built
+        self._scratch = {}  # (use, device) -> scratch tensor: a block of a bf16 master, random words, indices
+        self._sign_tables = {}  # (device, dtype) -> _sign_table
 
     def _check_settings(self, s):
         _check("lr", s["lr"], 0 <= s["lr"] < math.inf, "finite and >= 0")
@@ -188,6 +255,8 @@ class ZOSGD(torch.optim.Optimizer):
         _check("weight_decay", s["weight_decay"], 0 <= s["weight_decay"] < math.inf, "finite and >= 0")
         _check("half_precision", s["half_precision"], s["half_precision"] in ("exact", "plain"),
                '"exact" or "plain"')
+        _check("direction", s["direction"], s["direction"] in _DIRECTIONS, '"gaussian" or "rademacher"')
+        _check("queries", s["queries"], isinstance(s["queries"], int) and s["queries"] >= 1, "an int >= 1")
 
     def _shared_settings(self, groups=None):
         """The settings all groups share (g is one scalar for the whole model, so there is one ε)."""
@@ -257,10 +326,11 @@ class ZOSGD(torch.optim.Optimizer):
                 state[key] = torch.empty_like(base, dtype=torch.float32).copy_(base)
         return _view_like(t, base, state[key])
 
-    def _block_scratch(self, device, n):
-        buf = self._scratch.get(device)
+    def _scratch_for(self, use, device, dtype, n):
+        """n elements of reused scratch memory, one tensor per (use, device), grown as needed."""
+        buf = self._scratch.get((use, device))
         if buf is None or buf.numel() < n:
-            buf = self._scratch[device] = torch.empty(max(n, _BLOCK), device=device, dtype=torch.int32)
+            buf = self._scratch[(use, device)] = torch.empty(n, device=device, dtype=dtype)
         return buf[:n]
 
     def _values(self, t, *others, write=True):
@@ -268,7 +338,7 @@ class ZOSGD(torch.optim.Optimizer):
         _value_dtype(t), and each o the same block of one of `others` (tensors shaped like t). The caller
         may change x in place; with write=True it is stored back before the next block is given: into t
         itself, or for a master, into the master and t (rounded to nearest). A bf16 master is rebuilt from t
-        and its low bits block by block, in scratch memory of _BLOCK elements."""
+        and its low bits block by block, in scratch memory of _block(device) elements."""
         if not self._keeps_master(t):
             yield (t, *others)
             return
@@ -278,13 +348,15 @@ class ZOSGD(torch.optim.Optimizer):
             if write:
                 t.copy_(master)
             return
-        tensors = [x.view(1) if x.dim() == 0 else x for x in (t, self._companion(t), *others)]
-        rows = max(1, _BLOCK // max(1, tensors[0][0].numel())) if t.numel() else 1
-        for hi, low, *rest in zip(*(x.split(rows) for x in tensors)):
-            bits = self._block_scratch(hi.device, hi.numel()).view(hi.shape)
+        for hi, low, *rest in _row_blocks(t, self._companion(t), *others):
+            bits = self._bits(hi)
             yield (_join_bf16(hi, low, bits), *rest)
             if write:
                 _split_bf16_(bits, hi, low)
+
+    def _bits(self, block):
+        """int32 scratch shaped like `block`, in which the block's fp32 master is built."""
+        return self._scratch_for("master", block.device, torch.int32, block.numel()).view(block.shape)
 
     def exact_value(self, p: torch.Tensor) -> torch.Tensor:
         """The value the optimizer steps for trained tensor p: for a bf16 or fp16 p under half_precision=
@@ -297,23 +369,56 @@ class ZOSGD(torch.optim.Optimizer):
                 o.copy_(x)
         return out
 
-    def _z(self, p):
-        """The next z for tensor p, from p's device generator, in a reused scratch buffer."""
-        key = (p.device, self._value_dtype(p))
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < p.numel():  # a group added or a tensor unfrozen: grow the buffer
-            largest = max(q.numel() for _, q in self._params() if (q.device, self._value_dtype(q)) == key)
-            buf = self._buffers[key] = torch.empty(largest, device=p.device, dtype=key[1])
-        return buf[: p.numel()].view(p.shape).normal_(generator=self._z_gens[p.device])
+    def _z_buffer(self, device, dtype, sources):
+        """The scratch buffer for z of `dtype` on `device`: as large as the largest tensor drawn on it or
+        living on it (sources: device -> the device its z is drawn on)."""
+        buf = self._buffers.get((device, dtype))
+        users = [q.numel() for _, q in self._params() if self._value_dtype(q) == dtype
+                 and device in (q.device, sources[q.device])]
+        if buf is None or buf.numel() < max(users):  # a group added or a tensor unfrozen: grow the buffer
+            # rounded up to whole bytes of signs: Rademacher z is written 8 entries at a time
+            buf = self._buffers[(device, dtype)] = torch.empty(-(-max(users) // 8) * 8, device=device, dtype=dtype)
+        return buf
+
+    def _z(self, p, sources):
+        """The next z for tensor p, drawn from the generator of p's device type (on sources[p.device]) in a
+        reused scratch buffer, and copied to p's device if that is another."""
+        dtype, source = self._value_dtype(p), sources[p.device]
+        buf, gen = self._z_buffer(source, dtype, sources), self._z_gens[source]
+        if self.param_groups[0]["direction"] == "gaussian":
+            z = buf[: p.numel()].normal_(generator=gen)
+        else:
+            z = self._signs_(buf, p.numel(), gen)
+        if source != p.device:
+            z = self._z_buffer(p.device, dtype, sources)[: p.numel()].copy_(z)
+        return z.view(p.shape)
+
+    def _signs_(self, buf, n, gen):
+        """buf[:n] <- Rademacher z from ceil(n/64) random 64-bit words of gen (see _DIRECTIONS); returns it."""
+        nbytes = -(-n // 8)
+        words = self._scratch_for("words", buf.device, torch.int64, -(-n // 64))
+        words.random_(-2**63, None, generator=gen)  # the full 64-bit range: every bit random
+        rows = buf[: 8 * nbytes].view(nbytes, 8)
+        key = (buf.device, buf.dtype)
+        if key not in self._sign_tables:
+            self._sign_tables[key] = _sign_table(*key)
+        for start in range(0, nbytes, _SIGN_BLOCK):
+            part = words.view(torch.uint8)[start:min(start + _SIGN_BLOCK, nbytes)]
+            index = self._scratch_for("index", buf.device, torch.int32, min(nbytes, _SIGN_BLOCK))
+            index = index[:part.numel()].copy_(part)
+            torch.index_select(self._sign_tables[key], 0, index, out=rows[start:start + part.numel()])
+        return buf[:n]
 
     def _zs(self, seed):
         """(group, p, z) for every trainable tensor, z regenerated from the step's seed (MeZO's seed replay)."""
-        for i, device in enumerate(self._devices()):
-            if device not in self._z_gens:
-                self._z_gens[device] = torch.Generator(device=device)
-            self._z_gens[device].manual_seed(seed + i)  # a model split over devices: independent z on each
+        streams = _z_streams(self._devices())
+        for source, offset in dict.fromkeys(streams.values()):
+            if source not in self._z_gens:
+                self._z_gens[source] = torch.Generator(device=source)
+            self._z_gens[source].manual_seed(seed + offset)
+        sources = {device: source for device, (source, _) in streams.items()}
         for group, p in self._params():
-            yield group, p, self._z(p)
+            yield group, p, self._z(p, sources)
 
     @torch.no_grad()
     def _perturb_(self, seed, alpha):
@@ -323,27 +428,50 @@ class ZOSGD(torch.optim.Optimizer):
                 x.add_(zb, alpha=alpha)
 
     @torch.no_grad()
-    def _update_(self, seed, eps, grad):
-        """From θ - εz: θ <- θ + (ε - ηg) z = θ - ηgz, the restore and eq. (2) in one pass. MeZO's decay
-        θ <- (1 - ηλ) θ applies to the restored θ, between adding εz and subtracting ηgz."""
-        for group, p, z in self._zs(seed):
-            alpha = eps - group["lr"] * grad
+    def _update_(self, seeds, eps, grads):
+        """From θ - εz_q: θ <- θ - (η/q) Σ_j g_j z_j, eq. (2) averaged over the q queries. The last query's
+        restore and update are one pass, θ <- θ + (ε - ηg_q/q) z_q; MeZO's decay θ <- (1 - ηλ) θ applies to
+        the restored θ, between adding εz_q and subtracting; then one pass per other query."""
+        q = len(grads)
+        for group, p, z in self._zs(seeds[-1]):
+            alpha = eps - group["lr"] * grads[-1] / q
             decay = 1.0 - group["lr"] * group["weight_decay"] if p.dim() >= 2 else 1.0
             for x, zb in self._values(p, z):
                 if decay != 1.0:
                     x.add_(zb, alpha=eps).mul_(decay).add_(zb, alpha=alpha - eps)
                 else:
                     x.add_(zb, alpha=alpha)
+        for seed, grad in zip(seeds[:-1], grads[:-1]):
+            for group, p, z in self._zs(seed):
+                for x, zb in self._values(p, z):
+                    x.add_(zb, alpha=-group["lr"] * grad / q)
 
     def _next_seed(self):
         return int(torch.randint(0, 2**62, (1,), generator=self._seeds))
 
     @torch.no_grad()
     def _zo_step(self, closure):
-        """One ZO-SGD step, eq. (1) and (2): ℓ+ at θ + εz, ℓ- at θ - εz, then θ <- θ + (ε - ηg) z."""
+        """One ZO-SGD step, eq. (1) and (2) with q queries: g_j from ℓ± at θ ± εz_j for j = 1..q, all at
+        the same θ, then θ <- θ - (η/q) Σ_j g_j z_j. q = 1: ℓ+, ℓ-, then θ <- θ + (ε - ηg) z."""
         _require_closure(closure)
-        eps = self._shared_settings()["eps"]
-        seed = self._next_seed()
+        settings = self._shared_settings()
+        eps = settings["eps"]
+        seeds = [self._next_seed() for _ in range(settings["queries"])]
+        grads, losses = [], []
+        for j, seed in enumerate(seeds):
+            if j > 0:
+                self._perturb_(seeds[j - 1], eps)  # θ - εz_{j-1} back to θ
+            grad, loss_plus = self._query(closure, seed, eps)
+            grads.append(grad)
+            losses.append(loss_plus)
+        self._update_(seeds, eps, grads)                                    # eq. (2)
+        self.steps_done += 1
+        self.projected_grads = grads
+        self.projected_grad = sum(grads) / len(grads)
+        return losses[0]
+
+    def _query(self, closure, seed, eps):
+        """From θ: ℓ+ at θ + εz and ℓ- at θ - εz, z from `seed`; returns g (eq. (1)) and ℓ+, θ left at θ - εz."""
         rng = _GlobalRNG(self._devices())
         loss_plus = self._loss_at(closure, seed, eps, moved_from=0.0)       # ℓ+ = L(θ + εz)
         rng.replay()  # the same dropout masks in both passes
@@ -354,10 +482,7 @@ class ZOSGD(torch.optim.Optimizer):
                                        f"{float(loss_plus)}, L(θ-εz)={float(loss_minus)}")
             self._put_back_(error, seed, -eps)
             raise error
-        self._update_(seed, eps, grad)                                      # θ <- θ + (ε - ηg) z, eq. (2)
-        self.steps_done += 1
-        self.projected_grad = grad
-        return loss_plus
+        return grad, loss_plus
 
     def _loss_at(self, closure, seed, offset, moved_from):
         """Move θ from θ + moved_from·z to θ + offset·z and return the closure's loss there; if the closure
@@ -454,10 +579,13 @@ class DiZO(ZOSGD):
         ℓ± = L(θ0 + (r ± ε_γ u / s) Δ)              (two forward passes on the iteration's batch)
         ĝ = (ℓ+ - ℓ-) / (2 ε_γ)
         r_l <- clip(r_l - η_γ ĝ u_l, 1 - τ, 1 + τ)   (γ <- γ - η_γ s ĝ u in trainer.py, divided by s)
-    and the final r is applied. Trial projections are undone exactly by copying back the weights saved at
-    the start of the phase (the released code divides, which drifts in fp16). That copy lives in the idle z
-    scratch buffer as far as it fits (the buffer is the size of the largest tensor, e.g. the embedding), and
-    in new memory beyond that; so DiZO's extra memory is the anchor plus whatever part of the copy overflows.
+    and the final r is applied. Trial projections are undone exactly by copying back the matrices saved at
+    the start of the phase (the released code divides, which drifts in fp16). A trial writes the matrices
+    only, never their fp32 masters, so the saved copy holds the matrices as stored (the anchor's size) and
+    the masters keep the rest. It lives in the idle z scratch buffer as far as it fits (the buffer is the
+    size of the largest tensor, e.g. the embedding; an fp32 buffer holds a bf16 copy twice its length), in
+    host memory beyond that: DiZO's extra device memory is the anchor, or with anchor_device="cpu" about
+    the largest projected matrix (the projection streams one matrix at a time to its device).
 
     Arguments beyond ZOSGD's (defaults are Skilteee/DiZO's large_models/trainer.py and its README):
         projected     the matrices to project: a list of tensors or of (name, tensor) pairs, as returned by
@@ -471,6 +599,10 @@ class DiZO(ZOSGD):
                       (iterated again when exhausted, so a DataLoader reshuffles) or a callable returning a
                       batch. Its position is not part of state_dict().
         search_loss   search_loss(batch) -> scalar loss; evaluated twice per batch (ℓ+ and ℓ-).
+        anchor_device where θ0 is kept: None (default), beside each matrix; "cpu", in host memory (pinned
+                      for a GPU), so that the accelerator holds only ZO's memory and one matrix at a time
+                      during a phase, at the cost of copying the anchors (and the part of the saved copy
+                      that overflows the z buffer) to the device at each trial.
       Without search_data and search_loss, the γ search evaluates the step's own closure, i.e. its M
       iterations see the step's batch only; the released code draws fresh batches.
     The settings above are in `defaults` and must be the same in every parameter group.
@@ -480,17 +612,21 @@ class DiZO(ZOSGD):
 
     def __init__(self, params: Params, projected: Projected, lr: float, eps: float = 1e-3,
                  weight_decay: float = 0.0, seed: int = 0, *, half_precision: str = "exact",
-                 interval: int = 50, proj_iters: int = 10, proj_eps: float = 0.1, proj_lr: float = 2.0,
-                 tau: float = 0.2, search_data: Iterable[Any] | Callable[[], Any] | None = None,
-                 search_loss: Callable[[Any], Loss] | None = None) -> None:
+                 direction: str = "gaussian", queries: int = 1, interval: int = 50, proj_iters: int = 10,
+                 proj_eps: float = 0.1, proj_lr: float = 2.0, tau: float = 0.2,
+                 search_data: Iterable[Any] | Callable[[], Any] | None = None,
+                 search_loss: Callable[[Any], Loss] | None = None,
+                 anchor_device: str | torch.device | None = None) -> None:
         self._start(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, half_precision=half_precision,
-                                 interval=interval, proj_iters=proj_iters, proj_eps=proj_eps, proj_lr=proj_lr,
-                                 tau=tau), seed)
+                                 direction=direction, queries=queries, interval=interval,
+                                 proj_iters=proj_iters, proj_eps=proj_eps, proj_lr=proj_lr, tau=tau), seed)
         self._check_search_source(search_data, search_loss)
         pairs = self._checked_projection(projected)
         self.names = [n for n, _ in pairs]
         self.matrices = [t for _, t in pairs]
-        self.anchors = [t.detach().clone() for t in self.matrices]
+        # θ0 = the matrices as they are now: a master created later starts from them (low bits 0)
+        self.anchors = [_copy_on(t.detach(), t.device if anchor_device is None else torch.device(anchor_device))
+                        for t in self.matrices]
         self.ratios = torch.ones(len(pairs), dtype=torch.float64)  # last phase's r, for logging
         self.last_phase = None  # telemetry of the last phase: step, r_l, s_l, loss before and after
         self.gammas = torch.zeros(len(pairs), dtype=torch.float64)  # last phase's γ = r·s
@@ -546,7 +682,8 @@ class DiZO(ZOSGD):
         return self.steps_done > 0 and self.steps_done % self._shared_settings()["interval"] == 0
 
     def step(self, closure: Closure | None = None) -> Loss:
-        """One ZO step; after every κ-th, a projection phase (then 2 + 2M + 2 closure or search_loss calls)."""
+        """One ZO step (2q closure calls); after every κ-th, a projection phase (2M + 2 more calls of the
+        closure or of search_loss)."""
         loss = self._zo_step(closure)
         if self.projection_due:
             self.project(self._search_closure if self._search_loss is not None else lambda: closure)
@@ -577,6 +714,7 @@ class DiZO(ZOSGD):
         fp32 master of a half-precision matrix under half_precision="exact")."""
         dist = []
         for m, a in zip(self.matrices, self.anchors):
+            a = a.to(m.device, non_blocking=True)  # one matrix at a time from where the anchors live
             # half precision is summed in fp32: a norm over millions of squares overflows fp16
             squares = [float(torch.linalg.vector_norm(x - ab, dtype=torch.promote_types(x.dtype, torch.float32)))
                        ** 2 for x, ab in self._values(m, a, write=False)]
@@ -584,30 +722,51 @@ class DiZO(ZOSGD):
         return torch.tensor(dist, dtype=torch.float64)
 
     @torch.no_grad()
-    def _set_ratios_(self, ratios, start):
-        """θ_l <- θ0_l + r_l (θ_start,l - θ0_l), written in place; r_l = 1 gives θ_start,l exactly. A matrix
-        with an fp32 master is projected in fp32 and rounded once (low bits included)."""
+    def _set_ratios_(self, ratios, start, keep=False):
+        """θ_l <- θ0_l + r_l (θ_start,l - θ0_l) for every projected matrix, one at a time; r_l = 1 gives
+        θ_start,l back exactly. A trial writes the matrix only; keep=True also its master."""
         for m, a, s, r in zip(self.matrices, self.anchors, start, ratios.tolist()):
-            for x, ab, sb in self._values(m, a, s):
-                x.copy_(ab).lerp_(sb, r)  # lerp(a, s, r) = a + r (s - a); works on views (GPT-2, NeoX)
+            self._project_(m, a.to(m.device, non_blocking=True), s.to(m.device, non_blocking=True), r, keep)
+
+    def _project_(self, m, anchor, start, r, keep):
+        """m <- θ0 + r (θ_start - θ0), computed in the dtype of m's value (fp32 for a master), from the anchor
+        and the phase-start copy `start` (m as stored; a master holds the rest until keep=True)."""
+        if not self._keeps_master(m):
+            m.copy_(start)
+            if r != 1.0:
+                m.sub_(anchor).mul_(r).add_(anchor)  # works on views (GPT-2, NeoX)
+            return
+        for mb, ab, sb, cb in _row_blocks(m, anchor, start, self._companion(m)):
+            bits = self._bits(mb)
+            if m.dtype == torch.bfloat16:
+                x = _join_bf16(sb, cb, bits)  # θ_start's master: its high half saved, its low bits kept
+            else:
+                x = bits.view(torch.float32).copy_(cb)  # the fp32 master, θ_start until kept
+            if r != 1.0:
+                x.sub_(ab).mul_(r).add_(ab)
+            if m.dtype == torch.float16:
+                if keep:
+                    cb.copy_(x)
+                mb.copy_(x)
+            elif keep:
+                _split_bf16_(bits, mb, cb)
+            else:
+                _round_bf16_(bits, mb)
 
     @torch.no_grad()
     def _saved_copies(self, tensors):
-        """Copies of the exact values of `tensors` (fp32 masters where kept), placed in the z scratch buffers
-        while they are idle (no new memory) as far as they fit, in new tensors beyond that. The next ZO step
-        overwrites the buffers with fresh z."""
+        """Copies of `tensors` as stored, placed in the idle z scratch buffer of their device (no new memory:
+        the next ZO step overwrites it with fresh z) as far as they fit, in host memory beyond that."""
         used, copies = {}, []
         for t in tensors:
             key = (t.device, self._value_dtype(t))
-            buf, start = self._buffers.get(key), used.get(key, 0)
-            if buf is not None and start + t.numel() <= buf.numel():
-                copy = buf[start:start + t.numel()].view(t.shape)
-                used[key] = start + t.numel()
+            buf, size = self._buffers.get(key), t.numel() * t.element_size()
+            start = -(-used.get(key, 0) // t.element_size()) * t.element_size()  # aligned for t's dtype
+            if buf is not None and start + size <= buf.numel() * buf.element_size():
+                copies.append(buf.view(torch.uint8)[start:start + size].view(t.dtype).view(t.shape).copy_(t))
+                used[key] = start + size
             else:
-                copy = torch.empty(t.shape, device=t.device, dtype=key[1])
-            for x, c in self._values(t, copy, write=False):
-                c.copy_(x)
-            copies.append(copy)
+                copies.append(_copy_on(t, torch.device("cpu")))
         return copies
 
     @torch.no_grad()
@@ -637,6 +796,7 @@ class DiZO(ZOSGD):
             _note(error, f"the projection phase after ZO step {self.steps_done} failed; the projected "
                          f"matrices were restored exactly (the step's ZO update stays applied)")
             raise
+        self._set_ratios_(ratios, start, keep=True)  # the same matrices, now with their masters
         self.ratios, self.gammas = ratios, ratios * dist
         self.last_phase = {"step": self.steps_done, "ratios": ratios.tolist(), "distances": dist.tolist(),
                            "loss_before": loss_before, "loss_after": loss_after}

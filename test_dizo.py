@@ -1003,8 +1003,9 @@ def test_half_precision_resumes_bit_for_bit(dtype, make):
 
 
 def test_dizo_projects_the_bf16_masters_in_fp32():
-    """Δ = master - θ0 in fp32; the final θ0 + rΔ is the fp32 lerp of anchor and phase-start master, split
-    back; a phase with η_γ = 0, or one that fails, leaves every master bit-identical (low bits included)."""
+    """Δ = master - θ0 in fp32; the final θ0 + rΔ is computed in fp32 from anchor and phase-start master and
+    split back; a phase with η_γ = 0, or one that fails, leaves every master bit-identical (low bits
+    included)."""
     model = tiny_opt().to(torch.bfloat16)
     pairs = projected_params(model)
     opt = DiZO(model.parameters(), pairs, lr=1e-2, interval=1000, proj_iters=3, seed=4)
@@ -1030,8 +1031,9 @@ def test_dizo_projects_the_bf16_masters_in_fp32():
     opt.project(lambda: closure)
     assert not torch.all(opt.ratios == 1.0)
     for (_, t), s, a, r in zip(pairs, start, anchors, opt.ratios.tolist()):
-        assert torch.equal(opt.exact_value(t), a.lerp(s, r))  # θ0 + r (θ_start - θ0) in fp32
-        assert torch.equal(t, bf16_nearest(a.lerp(s, r)))
+        projected = a + (s - a) * r  # θ0 + r (θ_start - θ0) in fp32
+        assert torch.equal(opt.exact_value(t), projected)
+        assert torch.equal(t, bf16_nearest(projected))
 
 
 def test_a_failing_closure_restores_the_bf16_master_by_replay():
@@ -1047,13 +1049,222 @@ def test_a_failing_closure_restores_the_bf16_master_by_replay():
     assert all(torch.equal(p, bf16_nearest(e)) for p, e in zip(params, expected))
 
 
-def test_half_precision_is_checked_and_shared():
+@pytest.mark.parametrize("setting, good, bad, says", [
+    ("half_precision", "plain", "fp32", '"exact" or "plain"'),
+    ("direction", "rademacher", "uniform", '"gaussian" or "rademacher"'),
+])
+def test_stream_settings_are_checked_and_shared(setting, good, bad, says):
     model = tiny_opt()
-    with pytest.raises(ValueError, match='^half_precision must be "exact" or "plain"'):
-        ZOSGD(model.parameters(), lr=1e-3, half_precision="fp32")
+    with pytest.raises(ValueError, match=f"^{setting} must be {says}"):
+        ZOSGD(model.parameters(), lr=1e-3, **{setting: bad})
     params = list(model.parameters())
-    with pytest.raises(ValueError, match="half_precision differs between parameter groups"):
-        ZOSGD([{"params": params[:3], "half_precision": "plain"}, {"params": params[3:]}], lr=1e-3)
+    with pytest.raises(ValueError, match=f"{setting} differs between parameter groups"):
+        DiZO([{"params": params[:3], setting: good}, {"params": params[3:]}], projected_params(model), lr=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dizo.py: directions and queries. References: the documented z streams re-implemented (normal_ per tensor;
+# for Rademacher, bit i of each tensor's 64-bit words), and eq. (1)-(2) with q directions written plainly.
+
+def reference_signs(params, step_seed):
+    """Rademacher z as documented: per tensor, ceil(n/64) full-range 64-bit words; z_i = 1 - 2·(bit i)."""
+    gen = torch.Generator().manual_seed(step_seed)
+    out = []
+    for p in params:
+        words = torch.empty(-(-p.numel() // 64), dtype=torch.int64).random_(-2**63, None, generator=gen)
+        bits = ((words.view(-1, 1) >> torch.arange(64)) & 1).flatten()[:p.numel()]
+        out.append((1 - 2 * bits).to(p.dtype).view(p.shape))
+    return out
+
+
+def zo_reference_step(params, loss_fn, directions, lr, eps, weight_decay=0.0):
+    """Eq. (1)-(2) with q = len(directions) queries, each a list of z per tensor: every g_j = (L(θ + εz_j) -
+    L(θ - εz_j)) / (2ε) at the same θ (four passes per query, as MeZO), then
+    θ <- θ - η (λθ [matrices] + (1/q) Σ_j g_j z_j), η one lr or one per tensor. Returns the g_j."""
+    lrs = lr if isinstance(lr, list) else [lr] * len(params)
+    gs = []
+    with torch.no_grad():
+        for zs in directions:
+            for p, z in zip(params, zs):
+                p.add_(eps * z)
+            lp = float(loss_fn())
+            for p, z in zip(params, zs):
+                p.sub_(2 * eps * z)
+            lm = float(loss_fn())
+            for p, z in zip(params, zs):
+                p.add_(eps * z)
+            gs.append((lp - lm) / (2 * eps))
+        for i, (p, lr_p) in enumerate(zip(params, lrs)):
+            step = sum(g * zs[i] for g, zs in zip(gs, directions)) / len(directions)
+            p.sub_(lr_p * (step + (weight_decay * p if p.dim() >= 2 else 0.0)))
+    return gs
+
+
+def test_rademacher_z_is_the_documented_bit_stream():
+    """On a quadratic the central difference is exact: g = zᵀ∇L for z from the documented bits; steps with
+    weight decay follow the four-pass reference on the same z."""
+    params, loss, a, c = quadratic()
+    opt = ZOSGD(params, lr=0.0, eps=1e-3, seed=3, direction="rademacher")
+    x = torch.cat([p.detach().reshape(-1) for p in params]) - c
+    opt.step(loss)
+    z = torch.cat([t.reshape(-1) for t in reference_signs(params, reference_seeds(3, 1)[0])])
+    assert opt.projected_grad == pytest.approx(float(z @ (a @ x)), rel=1e-9, abs=1e-9)
+
+    params, loss, _, _ = quadratic(dim=40)  # 160 entries: three words per tensor, one of them partly used
+    ref_params, ref_loss, _, _ = quadratic(dim=40)
+    opt = ZOSGD(params, lr=0.01, eps=1e-3, weight_decay=0.1, seed=7, direction="rademacher")
+    for step_seed in reference_seeds(7, 10):
+        g_ref = zo_reference_step(ref_params, ref_loss, [reference_signs(ref_params, step_seed)], 0.01, 1e-3, 0.1)
+        opt.step(loss)
+        assert opt.projected_grad == pytest.approx(g_ref[0], rel=1e-6)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("direction, spread", [("gaussian", 1), ("rademacher", -1)])
+def test_g_z_is_unbiased_with_the_stated_variance(direction, spread):
+    """E[g z] = ∇L, and the total variance E||g z - ∇L||² is (d ± 1)||∇L||² (+1 Gaussian, -1 Rademacher),
+    on a quadratic with d = 16 over 3000 directions (the estimate of the variance is within 3% here)."""
+    params, loss, a, c = quadratic(dim=4)
+    grad = a @ (torch.cat([p.detach().reshape(-1) for p in params]) - c)
+    opt = ZOSGD(params, lr=0.0, eps=1e-3, seed=11, direction=direction)
+    replay = reference_signs if direction == "rademacher" else reference_z
+    n, total, spread_sum = 3000, torch.zeros_like(grad), 0.0
+    for step_seed in reference_seeds(11, n):
+        opt.step(loss)
+        gz = opt.projected_grad * torch.cat([t.reshape(-1) for t in replay(params, step_seed)])
+        total += gz
+        spread_sum += float(((gz - grad) ** 2).sum())
+    assert float(torch.nn.functional.cosine_similarity(total / n, grad, dim=0)) > 0.99
+    d = grad.numel()
+    assert spread_sum / n == pytest.approx((d + spread) * float(grad @ grad), rel=0.05)
+
+
+def test_rademacher_on_a_transformer_in_bf16_follows_fp32():
+    """The signs are drawn in the dtype z is drawn in: fp32 for a bf16 master, so the master follows the fp32
+    twin bit for bit, as with Gaussian z."""
+    half = [p.detach().to(torch.bfloat16).requires_grad_() for p in tiny_opt().parameters()]
+    full = [p.detach().float().requires_grad_() for p in half]
+    gs = [3.0, -1.0, 2.0, 0.5]
+    opts = [ZOSGD(ps, lr=1e-2, seed=5, direction="rademacher") for ps in (half, full)]
+    for opt in opts:
+        closure = scripted_losses(gs)
+        for _ in gs:
+            opt.step(closure)
+    assert all(torch.equal(opts[0].exact_value(h), f) for h, f in zip(half, full))
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
+def test_q_queries_follow_the_direct_computation(direction):
+    """queries=3 with weight decay and two groups of different lr: every g_j, and θ after 8 steps, as the
+    plainly written eq. (1)-(2) with q = 3 on the same seeds (three per step); 2q closure calls per step."""
+    params, loss, _, _ = quadratic()
+    ref_params, ref_loss, _, _ = quadratic()
+    groups = [{"params": params[:1]}, {"params": params[1:], "lr": 0.02}]
+    opt = ZOSGD(groups, lr=0.01, eps=1e-3, weight_decay=0.1, seed=8, direction=direction, queries=3)
+    replay = reference_signs if direction == "rademacher" else reference_z
+    seeds, calls = reference_seeds(8, 3 * 8), []
+    for step in range(8):
+        directions = [replay(ref_params, s) for s in seeds[3 * step:3 * step + 3]]
+        g_ref = zo_reference_step(ref_params, ref_loss, directions, [0.01, 0.02], 1e-3, 0.1)
+        opt.step(lambda: calls.append(1) or loss())
+        assert opt.projected_grads == pytest.approx(g_ref, rel=1e-6)
+        assert opt.projected_grad == pytest.approx(sum(g_ref) / 3, rel=1e-6)
+    assert len(calls) == 2 * 3 * 8
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_dizo_with_queries_calls_2q_per_step_and_restores_a_failing_query():
+    """DiZO takes q queries per ZO step and still runs its phase every κ steps; a closure that fails in the
+    second query leaves θ where replaying z puts it back (the first query was restored before)."""
+    model = tiny_opt()
+    calls, closure = [], lm_closure(model)
+    opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, queries=2, interval=2, proj_iters=3)
+    for step in range(1, 5):
+        n = len(calls)
+        opt.step(lambda: calls.append(1) or closure())
+        assert len(calls) - n == 2 * 2 + (2 * 3 + 2 if step % 2 == 0 else 0)
+
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    opt = ZOSGD(params, lr=1e-2, eps=1e-3, seed=6, queries=2)
+    with pytest.raises(ValueError, match="data loader broke"):
+        opt.step(failing_closure("raises", closure, fail_at=3))  # ℓ+ of the second query
+    expected = [b.clone() for b in before]
+    for step_seed, alphas in zip(reference_seeds(6, 2), [(1e-3, -2e-3, 1e-3), (1e-3, -1e-3)]):
+        for alpha in alphas:  # first query: +ε, -2ε, +ε; second: +ε, then put back
+            for e, z in zip(expected, reference_z(before, step_seed)):
+                e.add_(z, alpha=alpha)
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
+    assert opt.steps_done == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dizo.py: memory. z per device type; DiZO's saved copy as stored, in the idle z buffer; anchors off device.
+
+def test_z_streams_are_one_per_device_type():
+    """Devices of one type share the stream of the first of them (so a model split across two GPUs draws
+    the z of the unsplit model); each type has its own seed offset; one device keeps offset 0."""
+    from dizo import _z_streams
+    cpu, g0, g1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert _z_streams([cpu]) == {cpu: (cpu, 0)}
+    assert _z_streams([g0]) == {g0: (g0, 0)}
+    assert _z_streams([g0, g1]) == {g0: (g0, 0), g1: (g0, 0)}
+    assert _z_streams([cpu, g1, g0]) == {cpu: (cpu, 0), g1: (g1, 1), g0: (g1, 1)}
+
+
+def scripted_loss_stream(seed=0):
+    """A closure returning a fixed random sequence of losses: two optimizers fed by it take identical g."""
+    losses = iter(torch.rand(10_000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist())
+    return lambda: next(losses)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_dizo_on_bf16_masters_follows_fp32_dizo_bit_for_bit(family):
+    """Same seeds and the same losses: through ZO steps and two projection phases (GPT-2's K and V are
+    column blocks of one parameter), the fp32 masters equal the fp32 twin's weights bit for bit."""
+    model = tiny_models()[family] if family == "gpt2" else tiny_opt()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    full = copy.deepcopy(half).float()
+    opts = [DiZO(m.parameters(), projected_params(m), lr=0.05, seed=2, interval=3, proj_iters=2, proj_lr=20.0)
+            for m in (half, full)]
+    for opt in opts:
+        closure = scripted_loss_stream()
+        for _ in range(6):
+            opt.step(closure)
+    assert torch.equal(opts[0].ratios, opts[1].ratios) and not torch.all(opts[0].ratios == 1.0)
+    for h, f in zip(half.parameters(), full.parameters()):
+        assert torch.equal(opts[0].exact_value(h), f)
+
+
+def test_the_saved_copy_is_stored_as_the_matrices_in_the_idle_z_buffer():
+    """bf16 matrices with fp32 masters: the copy holds the bf16 matrices (their low bits stay in place), so
+    the fp32 z buffer (the 64 x 32 embedding, 8 KiB) holds all four 32 x 32 matrices, which in fp32 it
+    could not (the fp32 model overflows half of them to host memory)."""
+    for dtype, in_buffer in ((torch.bfloat16, [True] * 4), (torch.float32, [True, True, False, False])):
+        model = tiny_opt().to(dtype)
+        opt = DiZO(model.parameters(), projected_params(model), lr=1e-2, interval=1000)
+        opt.step(lm_closure(model))
+        buf = opt._buffers[(torch.device("cpu"), torch.float32)]
+        copies = opt._saved_copies(opt.matrices)
+        assert [c.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for c in copies] == in_buffer
+        assert all(c.dtype == dtype and torch.equal(c, m) for c, m in zip(copies, opt.matrices))
+
+
+def test_anchors_on_the_host_give_the_same_run():
+    """anchor_device="cpu" keeps θ0 there and streams it to each matrix's device; on a CPU-only machine the
+    run is the default's, bit for bit (a GPU run is measured by bench.py --gpu-check)."""
+    runs = []
+    for anchor_device in (None, "cpu"):
+        model = tiny_opt().to(torch.bfloat16)
+        opt = DiZO(model.parameters(), projected_params(model), lr=1e-2, interval=3, proj_iters=2, seed=1,
+                   anchor_device=anchor_device)
+        for _ in range(6):
+            opt.step(lm_closure(model))
+        assert all(a.device == torch.device("cpu") for a in opt.anchors)
+        runs.append([opt.exact_value(p) for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 # ---------------------------------------------------------------------------------------------------------
