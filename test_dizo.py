@@ -722,11 +722,12 @@ def test_every_pair_of_passes_starts_from_the_same_rng_state():
                search_data=[0], search_loss=lambda batch: recorded("search"))
     for _ in range(2):
         opt.step(lambda: recorded("step"))
-    kinds = [k for k, _ in states]
-    assert kinds == ["step"] * 4 + ["search"] * 6
-    pairs = [(states[i][1], states[i + 1][1]) for i in range(0, len(states), 2)]
+    kinds, rng = [k for k, _ in states], [s for _, s in states]
+    # two steps' ℓ±; then the phase: its first batch before the search, 3 pairs ℓ±, that batch after it
+    assert kinds == ["step"] * 4 + ["search"] * (1 + 2 * 3 + 1)
+    pairs = [(rng[i], rng[i + 1]) for i in (0, 2, 5, 7, 9)] + [(rng[4], rng[11])]
     assert all(torch.equal(a, b) for a, b in pairs)
-    assert not any(torch.equal(pairs[i][0], pairs[i + 1][0]) for i in range(len(pairs) - 1))
+    assert not any(torch.equal(pairs[i][0], pairs[i + 1][0]) for i in range(len(pairs) - 2))
 
 
 @pytest.mark.parametrize("bad, error, says", [
