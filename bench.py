@@ -978,8 +978,8 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, Named]:
     queries = {_base_id(t) for _, t in groups["q"]}
     outputs = {_base_id(t) for _, t in groups["o"]}
     layers = _transformer_layers(model, queries)
-    add("attention biases", [pair for layer in layers for pair in parameters(_attention_module(layer, queries,
-                                                                                                outputs))])
+    attention = [_attention_module(layer, queries, outputs) for layer in layers]
+    add("attention biases", [pair for module in attention for pair in parameters(module)])
     add("mlp", [pair for layer in layers for pair in parameters(layer)])
     add("other", parameters(model))
     return groups
@@ -1087,8 +1087,8 @@ def plot_ablation(result, path):
     fig, (ax_groups, ax_lines) = pyplot().subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     names = list(result["groups"])
     ax_groups.bar(range(len(names)), [result["groups"][n]["loss"] for n in names], color="tab:blue")
-    for key, style in (("finetuned", "-"), ("pretrained", "--")):
-        ax_groups.axhline(result[key]["loss"], color="gray", ls=style, lw=1, label=key)
+    for key, label, style in (("finetuned", "fine-tuned", "-"), ("pretrained", "pretrained", "--")):
+        ax_groups.axhline(result[key]["loss"], color="gray", ls=style, lw=1, label=label)
     ax_groups.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax_groups.set(ylabel="dev loss", title="one group reverted to pretrained")
     ax_groups.legend(fontsize=8)
