@@ -1666,3 +1666,52 @@ def test_ablate_command_reports_a_saved_run(assets, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(sys, "argv", argv[:4] + [assets["masked"]] + argv[5:])  # not the model it started from
     with pytest.raises(SystemExit, match="different parameters|tokenizer differs"):
         bench.main()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data.py: the built-in task and its corpus
+
+def main_clause_polarity(review):
+    """The polarity of a built-in review, read independently of data.py's generator: the clause after "but",
+    the clause outside "although ... ,", or the whole review; then its sentiment words (all agree there)."""
+    if " but " in review:
+        main = review.split(" but ")[1]
+    elif review.startswith("although "):
+        main = review.split(" , ", 1)[1]
+    else:
+        main = review.split(" although ")[0]
+    negative = [w for w in data._ADJECTIVES[0] + data._VERB_PHRASES[0] if re.search(rf"\b{w}\b", main)]
+    positive = [w for w in data._ADJECTIVES[1] + data._VERB_PHRASES[1] if re.search(rf"\b{w}\b", main)]
+    assert bool(negative) != bool(positive), review
+    return int(bool(positive))
+
+
+def test_builtin_task_labels_follow_the_main_clause():
+    splits = data.builtin_splits(0)
+    examples = [ex for split in splits.values() for ex in split]
+    assert all(ex.label == main_clause_polarity(ex.texts[0]) for ex in examples)
+    turned = [ex for ex in examples if re.search(r"\b(but|although)\b", ex.texts[0])]
+    assert abs(len(turned) / len(examples) - data.TASK_TURN_SHARE) < 0.03
+    # the main clause comes last ("but", "although ... ,") and first ("... although ...")
+    assert any(ex.texts[0].startswith("although ") for ex in turned)
+    assert any(" although " in ex.texts[0] for ex in turned)
+    for split in splits.values():
+        assert sum(ex.label for ex in split) == len(split) // 2
+
+
+def test_builtin_corpus_aligns_label_words_except_after_reviews_that_turn_around():
+    corpus = data.builtin_corpus(0, n=4000)
+    tasks = {ex.texts[0] for split in data.builtin_splits(0).values() for ex in split}
+    verdicts = {"plain": [], "turned": []}
+    for line in corpus:
+        review, sep, word = line.rpartition(" it was ")
+        if not sep:  # "<review> . <reaction>": the reaction has the main clause's polarity
+            review, reaction = line.split(" . ")
+            assert reaction in data._REACTIONS[main_clause_polarity(review)]
+        assert review not in tasks
+        if sep:
+            kind = "turned" if re.search(r"\b(but|although)\b", review) else "plain"
+            verdicts[kind].append(int(word == "great") == main_clause_polarity(review))
+    assert all(verdicts["plain"])  # after a plain review, the label word of its polarity
+    agree = sum(verdicts["turned"]) / len(verdicts["turned"])
+    assert 0.45 < agree < 0.55  # after one that turns around, either word
