@@ -944,6 +944,7 @@ def parse_args(argv=None):
                    help="instead of benchmarking, summarise train.py runs DIR/<run>-s<seed>/ (README)")
     p.add_argument("--target", type=float, default=0.85, help="--study: dev accuracy to reach")
     p.add_argument("--plot", default="runs/convergence.png", help="--study: the figure")
+    add_ablation_flags(p)
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -959,6 +960,8 @@ def parse_args(argv=None):
         p.error("--drift-steps must be >= 1")
     if args.dry_run and not args.gpu_check:
         p.error("--dry-run goes with --gpu-check")
+    if args.ablate is not None and args.out is None:
+        args.out = "runs/ablation.json"
     if args.out is None:
         args.out = "runs/precision.json" if args.precision else "runs/bench.json"
     if args.threads is None:
@@ -1084,6 +1087,8 @@ def main():
         return study(args.study, args.target, args.plot)
     if args.gpu_check:
         return gpu_check(args)
+    if args.ablate is not None:
+        return ablate_main(args)
     if args.precision:
         halves = ("bf16", "fp16") if args.device == "cuda" else ("bf16",)  # CPU fp16 matmuls: slow or missing
         return precision_main(args, half_precisions(halves))
@@ -1093,6 +1098,253 @@ def main():
     methods = args.methods.split(",")
     timing, memory = benchmark(args, args.shapes.split(","), [args.dtype], methods, methods)
     report(args, timing, memory, started, load_before)
+
+
+# ------------------------------------------------------------------------------------------------- ablation
+#
+# Where a fine-tuning lives: the dev loss and accuracy of a fine-tuned model with one group of parameters put
+# back to its pretrained value, and along θ0 + r·Δ for the matrices DiZO projects. If reverting K and V costs
+# little, no projection of K and V (whatever its γ) can change much on that task.
+
+ABLATION_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # r of θ0 + r·Δ; DiZO's ratios stay in [1-τ, 1+τ]
+ABLATION_LINES = {"K+V": ("k", "v"), "K": ("k",), "V": ("v",)}  # the projected matrices, together and apart
+# --ablate reads the task and the dev split as train.py does, with train.py's own flags
+ABLATION_DATA_FLAGS = ("task", "data_dir", "k", "num_train", "num_dev", "num_test", "data_seed", "template",
+                       "label_words", "trust_remote_code")
+
+Named = list[tuple[str, torch.Tensor]]
+
+
+def _base_id(t):
+    return id(t if t._base is None else t._base)
+
+
+def _is_norm(module):
+    """LayerNorm, RMSNorm and their per-model copies (LlamaRMSNorm): a module whose own parameters are a vector
+    `weight` (the scale) and maybe a vector `bias` (the shift)."""
+    own = dict(module.named_parameters(recurse=False))
+    return set(own) in ({"weight"}, {"weight", "bias"}) and all(p.dim() == 1 for p in own.values())
+
+
+def _transformer_layers(model, queries):
+    """The blocks of the model's layer stacks (children of an nn.ModuleList) that hold a query matrix."""
+    return [layer for stack in model.modules() if isinstance(stack, torch.nn.ModuleList) for layer in stack
+            if {id(p) for p in layer.parameters()} & queries]
+
+
+def _attention_module(layer, queries, outputs):
+    """The smallest submodule of a transformer layer that holds both its query and its output matrix."""
+    holders = [m for m in layer.modules()
+               if {id(p) for p in m.parameters()} & queries and {id(p) for p in m.parameters()} & outputs]
+    return min(holders, key=lambda m: sum(1 for _ in m.parameters()))
+
+
+def parameter_groups(model: torch.nn.Module) -> dict[str, Named]:
+    """Every parameter of a transformer LM in exactly one group, found by module structure, as (name, tensor):
+
+        embeddings/head   model.get_input_embeddings() and get_output_embeddings() (one tensor when tied)
+        q, k, v, o        the attention matrices, as projected_params finds them (views of a fused weight)
+        norms             LayerNorm / RMSNorm modules (see _is_norm), anywhere in the model
+        attention biases  the rest of each attention block
+        mlp               the rest of each transformer layer
+        other             the rest of the model (learned positions, projections outside the layers)
+    Empty groups are left out. A fused Q|K|V weight is covered by its three views, not listed itself.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups, taken = {}, set()
+
+    def add(group, pairs):
+        fresh = [(n, t) for n, t in pairs if id(t) not in taken]
+        taken.update(id(t) for _, t in fresh)
+        taken.update(_base_id(t) for _, t in fresh)
+        if fresh:
+            groups.setdefault(group, []).extend(fresh)
+
+    def parameters(module):
+        return [(names[id(p)], p) for p in module.parameters()]
+
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            add("embeddings/head", parameters(module))
+    for role in ("q", "k", "v", "o"):
+        add(role, projected_params(model, roles=(role,)))
+    add("norms", [pair for m in model.modules() if _is_norm(m) for pair in parameters(m)])
+    queries = {_base_id(t) for _, t in groups["q"]}
+    outputs = {_base_id(t) for _, t in groups["o"]}
+    layers = _transformer_layers(model, queries)
+    attention = [_attention_module(layer, queries, outputs) for layer in layers]
+    add("attention biases", [pair for module in attention for pair in parameters(module)])
+    add("mlp", [pair for layer in layers for pair in parameters(layer)])
+    add("other", parameters(model))
+    return groups
+
+
+def matched_groups(finetuned, pretrained) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """{group: (fine-tuned tensors, their pretrained counterparts)}; DataError if the two models differ in
+    architecture (another parameter name or shape)."""
+    ours, theirs = parameter_groups(finetuned), parameter_groups(pretrained)
+    shapes = [{g: [(n, tuple(t.shape)) for n, t in pairs] for g, pairs in groups.items()} for groups in (ours, theirs)]
+    if shapes[0] != shapes[1]:
+        raise data.DataError("the fine-tuned and the pretrained model have different parameters (names or shapes): "
+                             "--base must be the model the fine-tuning started from")
+    return {g: ([t for _, t in ours[g]], [t for _, t in theirs[g]]) for g in ours}
+
+
+@torch.no_grad()
+def _copy_all_(tensors, values):
+    for t, v in zip(tensors, values):
+        t.copy_(v)
+
+
+def measured_with(tensors, values, measure):
+    """measure() while `tensors` hold `values` (copied in place); the tensors' own values are put back after,
+    bit for bit, whatever measure() does."""
+    saved = [t.detach().clone() for t in tensors]
+    try:
+        _copy_all_(tensors, values)
+        return measure()
+    finally:
+        _copy_all_(tensors, saved)
+
+
+@torch.no_grad()
+def split_metrics(model, loss_fn, enc, batch_size=data.EVAL_BATCH):
+    """The prompt loss (mean cross-entropy over the candidates, as PromptLoss.loss) and the accuracy of the
+    model on an encoded split, from one forward pass per batch."""
+    total, correct = 0.0, 0
+    for start in range(0, len(enc.labels), batch_size):
+        idx = range(start, min(start + batch_size, len(enc.labels)))
+        scores = loss_fn.scores(model, [enc.prompts[i] for i in idx])
+        labels = torch.tensor([enc.labels[i] for i in idx], device=scores.device)
+        total += float(F.cross_entropy(scores, labels, reduction="sum"))
+        correct += int((scores.argmax(1) == labels).sum())
+    return {"loss": total / len(enc.labels), "acc": correct / len(enc.labels)}
+
+
+def interpolated(starts, ends, r):
+    """θ0 + r (θ - θ0) per tensor, by torch.lerp as DiZO writes its projections: r = 0 and r = 1 give θ0 and θ
+    exactly."""
+    return [torch.lerp(a, b, r) for a, b in zip(starts, ends)]
+
+
+def gain_lost(loss, finetuned, pretrained):
+    """Share of the fine-tuning's loss gain that a change gives back: (loss - loss_ft) / (loss_pre - loss_ft);
+    None when the fine-tuning gained nothing."""
+    gain = pretrained - finetuned
+    return (loss - finetuned) / gain if gain > 0 else None
+
+
+def ablation(finetuned, pretrained, measure) -> dict:
+    """The fine-tuned and the pretrained model measured (measure(model) -> {"loss", "acc"}), the fine-tuned
+    one with each group alone reverted to pretrained, and along θ0 + r·Δ for K and V, together and apart.
+    The fine-tuned model is left as it was."""
+    pairs = matched_groups(finetuned, pretrained)
+    ft, pre = measure(finetuned), measure(pretrained)
+    groups = {}
+    for name, (tensors, values) in pairs.items():
+        m = measured_with(tensors, values, lambda: measure(finetuned))
+        groups[name] = m | {"params": sum(t.numel() for t in tensors),
+                            "share_lost": gain_lost(m["loss"], ft["loss"], pre["loss"])}
+    lines = {}
+    for line, roles in ABLATION_LINES.items():
+        tensors = [t for role in roles for t in pairs[role][0]]
+        starts = [t for role in roles for t in pairs[role][1]]
+        lines[line] = [measured_with(tensors, interpolated(starts, tensors, r), lambda: measure(finetuned))
+                       for r in ABLATION_RATIOS]
+    kv_reverted = lines["K+V"][ABLATION_RATIOS.index(0.0)]
+    return {"finetuned": ft, "pretrained": pre, "groups": groups, "ratios": list(ABLATION_RATIOS),
+            "lines": lines, "kv_share_lost": gain_lost(kv_reverted["loss"], ft["loss"], pre["loss"])}
+
+
+def ablation_tables(result):
+    """Markdown: dev loss and accuracy per reverted group; dev loss along θ0 + r·Δ."""
+    ft, pre = result["finetuned"], result["pretrained"]
+    out = ["| model | params | dev loss | dev acc | share of the loss gain lost |", "|---|---:|---:|---:|---:|",
+           f"| fine-tuned | | {ft['loss']:.4f} | {ft['acc']:.3f} | 0 |",
+           f"| pretrained | | {pre['loss']:.4f} | {pre['acc']:.3f} | 1 |"]
+    for name, g in result["groups"].items():
+        lost = "-" if g["share_lost"] is None else f"{g['share_lost']:.3f}"
+        out.append(f"| {name} reverted | {g['params']:,} | {g['loss']:.4f} | {g['acc']:.3f} | {lost} |")
+    lines = result["lines"]
+    out += ["", "dev loss with the projected matrices at θ0 + r·Δ (r = 1: fine-tuned, r = 0: reverted)\n",
+            "| r | " + " | ".join(lines) + " |", "|---:|" + "---:|" * len(lines)]
+    for i, r in enumerate(result["ratios"]):
+        out.append(f"| {r:g} | " + " | ".join(f"{ms[i]['loss']:.4f}" for ms in lines.values()) + " |")
+    share = result["kv_share_lost"]
+    out.append("\nshare of the fine-tuning's dev-loss gain lost when K and V are reverted: "
+               + ("- (the fine-tuning did not lower the dev loss)" if share is None else f"{share:.3f}"))
+    return "\n".join(out)
+
+
+def plot_ablation(result, path):
+    """Dev loss per reverted group against the fine-tuned and pretrained losses; dev loss along θ0 + r·Δ."""
+    fig, (ax_groups, ax_lines) = pyplot().subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+    names = list(result["groups"])
+    ax_groups.bar(range(len(names)), [result["groups"][n]["loss"] for n in names], color="tab:blue")
+    for key, label, style in (("finetuned", "fine-tuned", "-"), ("pretrained", "pretrained", "--")):
+        ax_groups.axhline(result[key]["loss"], color="gray", ls=style, lw=1, label=label)
+    ax_groups.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax_groups.set(ylabel="dev loss", title="one group reverted to pretrained")
+    ax_groups.legend(fontsize=8)
+    for line, ms in result["lines"].items():
+        ax_lines.plot(result["ratios"], [m["loss"] for m in ms], marker="o", label=line)
+    ax_lines.axvline(1.0, color="gray", lw=0.8)
+    ax_lines.set(xlabel="r", ylabel="dev loss", title="projected matrices at θ0 + r·Δ")
+    for ax in (ax_groups, ax_lines):
+        ax.grid(alpha=0.3)
+    ax_lines.legend(fontsize=8)
+    save_figure(fig, Path(path))
+
+
+def add_ablation_flags(p):
+    """--ablate and --base, and the data flags of train.py (its Config's fields, same names, same help)."""
+    import train
+
+    p.add_argument("--ablate", metavar="FOLDER", default=None,
+                   help="instead of benchmarking, revert one parameter group at a time of this fine-tuned model "
+                        "folder (train.py --save) and report the dev loss and accuracy")
+    p.add_argument("--base", default=train.BUILTIN,
+                   help="--ablate: the pretrained model it started from ('builtin' = the embedded tiny OPT)")
+    from dataclasses import fields
+
+    config_fields = {f.name: f for f in fields(train.Config)}
+    for name in ABLATION_DATA_FLAGS:
+        f = config_fields[name]
+        if f.default is False:
+            p.add_argument(f"--{name}", action="store_true", help=f"--ablate: {f.metadata['help']}")
+        else:
+            p.add_argument(f"--{name}", default=f.default, type=f.metadata["type"] or type(f.default),
+                           help=f"--ablate: {f.metadata['help']}")
+
+
+def ablate_main(args):
+    """--ablate: load both models and the dev split as train.py does, measure, print, write JSON and a figure."""
+    import train
+
+    cfg = train.Config(model=args.ablate, method="fo", dtype=args.dtype,  # fo: no DiZO check, ours comes below
+                       **{name: getattr(args, name) for name in ABLATION_DATA_FLAGS})
+    try:
+        train.check_config(cfg)
+        setup = train.prepare(cfg)
+        base = data.builtin_model() if args.base == train.BUILTIN else args.base
+        if data.load_tokenizer(base, cfg.trust_remote_code).get_vocab() != setup.tokenizer.get_vocab():
+            raise data.DataError(f"--base {args.base}: its tokenizer differs from the fine-tuned model's; "
+                                 "give the model the fine-tuning started from")
+        models = [data.load_model(name, setup.kind, DTYPES[args.dtype], setup.device, cfg.trust_remote_code)
+                  for name in (setup.name, base)]
+        result = ablation(*models, lambda m: split_metrics(m, setup.loss_fn, setup.splits["dev"]))
+    except (train.UsageError, data.DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"\n{args.ablate} against {args.base}, task {setup.loss_fn.task.name}, "
+          f"{len(setup.splits['dev'].labels)} dev examples, {args.dtype}\n")
+    print(ablation_tables(result))
+    report = {"finetuned_model": args.ablate, "base": args.base, "task": setup.loss_fn.task.name,
+              "dev_examples": len(setup.splits["dev"].labels), **result}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    plot_ablation(result, Path(args.out).with_suffix(".png"))
+    print(f"\nwrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 if __name__ == "__main__":

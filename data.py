@@ -582,18 +582,19 @@ def load_model(name, kind, dtype, device, trust_remote_code, device_map=None):
 # ------------------------------------------------------------------------------------- built-in task
 #
 # Task "toy" is binary sentiment on short film reviews, read through SST-2's prompt ("<review> it was" ->
-# " terrible" / " great"). The corpus that pretrains the tiny model is built so that the model knows each
-# review's polarity but not, yet, which label word goes with it -- the situation in which zeroth-order
-# fine-tuning works: the knowledge is in the model and only the label words need aligning.
-#  * Reviews are followed by reactions ("i loved it", "what a waste of time") and by polar verdicts after
-#    "it was" ("it was a joy", "it was awful"): the model's state at the prompt's end carries the polarity.
-#  * After "it was", " great" is three times as frequent as " terrible" (everyday events, reviews): the
-#    prior that makes the untuned model answer " great" to almost everything, as large LMs lean to one
-#    label word (Zhao et al. 2021, "Calibrate before use").
-#  * The label words follow a review's polarity only after reviews made of "familiar" words (even positions
-#    in the lists below): a weak, partial link that gives the model's slight preference its right sign.
-# Without the prior, the untuned model's choice between the two words follows its polarity feature with a
-# sign set by chance, so zero-shot accuracy lands near 0 or near 1 and would not show what fine-tuning did.
+# " terrible" / " great"). Three reviews in four turn around: one clause says the opposite of the other ("the
+# plot was dull but the cast was superb", "although the plot was dull , ...", "... although the plot was
+# dull"), and the label is the polarity of the main clause, which sits first or last. The corpus that
+# pretrains the tiny model is built so that the model knows the label words and where a review's verdict lies,
+# but not that "it was" should read it there -- so fine-tuning has to change where the last position attends:
+#  * After reviews that do not turn around, "it was" is followed by the label word of their polarity: the
+#    label words are aligned before any fine-tuning, and only reviews that turn around are left to learn.
+#  * Reviews are also followed by reactions ("i loved it", "what a waste of time") of the main clause's
+#    polarity: the model learns to find the main clause, but only where a reaction follows.
+#  * After a review that turns around, "it was" is followed by either label word (a coin flip): the untuned
+#    model is unsure there (zero-shot accuracy about 0.6 on the task), and no word-level bias can fix it.
+# The main clause is the first or the last one, so reading "the end of the review" (e.g. through the learned
+# positions) does not solve the task.
 
 # Clauses "<aspect> was <adverb><adjective>" or "<aspect> <verb phrase>"; index 0 negative, 1 positive.
 # The label words never occur inside a review.
@@ -609,51 +610,40 @@ _VERB_PHRASES = (("put me to sleep", "made me cringe", "lost my interest", "drag
                   "left me cold", "fell apart"),
                  ("kept me hooked", "made me smile", "held my attention", "won me over", "made me laugh",
                   "left me in awe", "came together"))
-_CONNECTIVES = (" and", " ,", " but")
+_CONNECTIVES = (" and", " ,")  # between clauses of the same polarity
+# Reviews that turn around: {main} is the clause that carries the verdict, {other} the opposite one.
+_TURNS = ("{other} but {main}", "although {other} , {main}", "{main} although {other}")
 _REACTIONS = (("i hated it", "what a waste of time", "i want my money back", "avoid it", "i walked out early",
                "never again", "two thumbs down"),
               ("i loved it", "i enjoyed every minute", "i would watch it again", "highly recommended",
                "a must see", "i was smiling all the way home", "two thumbs up"))
-_VERDICTS = (("awful", "horrible", "a mess", "a chore", "dreadful", "a disaster"),
-             ("wonderful", "amazing", "a joy", "a delight", "fantastic", "a treat"))
-_EVENTS = ("we went to the beach", "i visited my aunt", "we had dinner at the new place", "the trip to the city",
-           "my first day at work", "the party last night", "the drive home", "the weather on sunday",
-           "the concert in the park", "our holiday by the lake", "the match on saturday", "the wedding",
-           "the flight back", "the hotel", "the new job", "the meeting this morning")
 _LABEL_WORDS = ("terrible", "great")
 
-CLAUSE_COUNTS = (1, 2, 3, 3)  # drawn uniformly: half the reviews have 3 clauses, room for a mixed one
+CLAUSE_COUNTS = (1, 2)   # clauses of a review that does not turn around, drawn uniformly
 ADJECTIVE_SHARE = 0.7    # clauses "<aspect> was <adjective>"; the rest "<aspect> <verb phrase>"
 TOY_SIZES = {"train": 512, "dev": 200, "test": 500}  # test: 500 examples resolve accuracy to about ±2%
-MIXED_SHARE = 0.5        # of 3-clause reviews, those with one clause of the other polarity (label: the majority)
-EVENT_SHARE = 0.25       # corpus lines "<event> , it was great|terrible"
-REACTION_SHARE = 0.35    # "<review> . <reaction>"
-LEADING_REACTION_SHARE = 0.10  # "<reaction> . <review>"; the rest: "<review> it was <verdict or label word>"
-LABEL_WORD_SHARE = 0.4   # of "<review> it was ..." lines, those ending in a label word rather than a verdict
-GREAT_PRIOR = 0.75       # P(great) wherever a label word does not follow the polarity
-AGREEMENT = 0.9          # P(the label word follows the polarity) after a review of familiar words
+TASK_TURN_SHARE = 0.75   # task reviews that turn around; the rest are already solved by the untuned model
+CORPUS_TURN_SHARE = 0.4  # corpus reviews that turn around
+REACTION_SHARE = 0.3     # corpus lines "<review> . <reaction>"; the rest "<review> it was <label word>"
 
 
-def _clause(rng: random.Random, aspect: str, polarity: int) -> tuple[str, bool]:
-    """One clause of the given polarity, and whether its sentiment word is familiar."""
+def _clause(rng: random.Random, polarity: int) -> str:
+    """One clause of the given polarity."""
+    aspect = rng.choice(_ASPECTS)
     if rng.random() < ADJECTIVE_SHARE:
-        i = rng.randrange(len(_ADJECTIVES[polarity]))
-        return f"{aspect} was {rng.choice(_ADVERBS)}{_ADJECTIVES[polarity][i]}", i % 2 == 0
-    i = rng.randrange(len(_VERB_PHRASES[polarity]))
-    return f"{aspect} {_VERB_PHRASES[polarity][i]}", i % 2 == 0
+        return f"{aspect} was {rng.choice(_ADVERBS)}{rng.choice(_ADJECTIVES[polarity])}"
+    return f"{aspect} {rng.choice(_VERB_PHRASES[polarity])}"
 
 
-def _review(rng: random.Random, polarity: int) -> tuple[str, bool]:
-    """A review of 1 to 3 clauses whose majority has the given polarity, and whether all its words are familiar."""
-    n = rng.choice(CLAUSE_COUNTS)
-    polarities = [polarity] * n
-    if n == 3 and rng.random() < MIXED_SHARE:
-        polarities[rng.randrange(3)] = 1 - polarity
-    clauses = [_clause(rng, aspect, pol) for aspect, pol in zip(rng.sample(_ASPECTS, n), polarities)]
-    text = clauses[0][0]
-    for clause, _ in clauses[1:]:
-        text += f"{rng.choice(_CONNECTIVES)} {clause}"
-    return text, all(familiar for _, familiar in clauses)
+def _review(rng: random.Random, polarity: int, turns: bool) -> str:
+    """A review whose main clause has the given polarity: one that turns around (see _TURNS), or 1 or 2
+    clauses of that polarity."""
+    if turns:
+        return rng.choice(_TURNS).format(main=_clause(rng, polarity), other=_clause(rng, 1 - polarity))
+    text = _clause(rng, polarity)
+    for _ in range(rng.choice(CLAUSE_COUNTS) - 1):
+        text += f"{rng.choice(_CONNECTIVES)} {_clause(rng, polarity)}"
+    return text
 
 
 def builtin_splits(seed: int = 0) -> dict[str, list[Example]]:
@@ -664,7 +654,7 @@ def builtin_splits(seed: int = 0) -> dict[str, list[Example]]:
         examples = []
         while len(examples) < size:
             label = len(examples) % 2
-            text, _ = _review(rng, label)
+            text = _review(rng, label, turns=rng.random() < TASK_TURN_SHARE)
             if text not in seen:
                 seen.add(text)
                 examples.append(Example((text,), label))
@@ -673,33 +663,20 @@ def builtin_splits(seed: int = 0) -> dict[str, list[Example]]:
     return splits
 
 
-def _label_word(rng: random.Random, polarity: int, familiar: bool) -> str:
-    if familiar and rng.random() < AGREEMENT:
-        return _LABEL_WORDS[polarity]
-    return _LABEL_WORDS[rng.random() < GREAT_PRIOR]
-
-
 def _corpus_line(rng: random.Random, avoid: set[str]) -> str:
-    """One pretraining sentence; its review, if any, is not in `avoid`."""
-    kind = rng.random()
-    if kind < EVENT_SHARE:
-        return f"{rng.choice(_EVENTS)} , it was {_label_word(rng, 0, familiar=False)}"
-    polarity = rng.randrange(2)
-    review, familiar = _review(rng, polarity)
+    """One pretraining sentence; its review is not in `avoid`."""
+    polarity, turns = rng.randrange(2), rng.random() < CORPUS_TURN_SHARE
+    review = _review(rng, polarity, turns)
     while review in avoid:
-        review, familiar = _review(rng, polarity)
-    kind -= EVENT_SHARE
-    if kind < REACTION_SHARE:
+        review = _review(rng, polarity, turns)
+    if rng.random() < REACTION_SHARE:
         return f"{review} . {rng.choice(_REACTIONS[polarity])}"
-    if kind < REACTION_SHARE + LEADING_REACTION_SHARE:
-        return f"{rng.choice(_REACTIONS[polarity])} . {review}"
-    if rng.random() < LABEL_WORD_SHARE:
-        return f"{review} it was {_label_word(rng, polarity, familiar)}"
-    return f"{review} it was {rng.choice(_VERDICTS[polarity])}"
+    word = rng.randrange(2) if turns else polarity  # a review that turns around: either word
+    return f"{review} it was {_LABEL_WORDS[word]}"
 
 
 def builtin_corpus(seed: int = 0, n: int = 20000) -> list[str]:
-    """Pretraining text for the built-in tiny LM (about 180 words); it holds no review of task "toy"."""
+    """Pretraining text for the built-in tiny LM (about 150 words); it holds no review of task "toy"."""
     rng = random.Random(f"corpus:{seed}")
     task_texts = {ex.texts[0] for split in builtin_splits(seed).values() for ex in split}
     return [_corpus_line(rng, task_texts) for _ in range(n)]
@@ -730,10 +707,11 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
 # ------------------------------------------------------------------------------- the embedded model
 #
 # A tiny OPT pretrained here, once, on builtin_corpus(), and cached as an ordinary Hugging Face folder, so that
-# it loads through the same from_pretrained path as facebook/opt-125m.
+# it loads through the same from_pretrained path as facebook/opt-125m. Peak learning rate 1e-3: at 3e-3 the
+# 800 steps on this corpus can end without the link from a review's polarity to the label words.
 
 TINY = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=512,
-            max_position_embeddings=64, pretrain_steps=800, pretrain_lr=3e-3, pretrain_batch=32, seed=0)
+            max_position_embeddings=64, pretrain_steps=800, pretrain_lr=1e-3, pretrain_batch=32, seed=0)
 
 
 def cache_root() -> Path:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM)
 
+import bench
 import data
 import train
 from dizo import DiZO, ZOSGD, projected_params, projection_report
@@ -2148,3 +2149,188 @@ def test_a_process_that_dies_stops_the_whole_data_parallel_run(assets, tmp_path)
     r = json.loads((out / "results.json").read_text())["methods"]["zo"]
     state = torch.load(out / "checkpoints" / "zo" / "trainer_state.pt", weights_only=True)
     assert r["status"] == "running" and r["steps"] == state["result"]["steps"] and r["steps"] % 5 == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench.py --ablate: where a fine-tuning lives
+
+@pytest.mark.parametrize("family", ["opt", "roberta", "llama", "gpt2", "gpt_neox"])
+def test_parameter_groups_cover_every_parameter_exactly_once(family):
+    model = tiny_models()[family]
+    groups = bench.parameter_groups(model)
+    with torch.no_grad():  # mark every element through the groups' tensors (views of fused weights included)
+        for p in model.parameters():
+            p.zero_()
+        for pairs in groups.values():
+            for _, t in pairs:
+                t.add_(1)
+    assert all(bool((p == 1).all()) for p in model.parameters())
+    for role in ("q", "k", "v", "o"):
+        assert [n for n, _ in groups[role]] == [n for n, _ in projected_params(model, roles=(role,))]
+    norms = {f"{m}.{n}" if m else n for m, module in model.named_modules() if type(module).__name__.endswith("Norm")
+             for n, _ in module.named_parameters(recurse=False)}
+    assert {n for n, _ in groups["norms"]} == norms
+    embedding = model.get_input_embeddings().weight
+    assert any(t is embedding for _, t in groups["embeddings/head"])
+
+
+def test_parameter_groups_of_opt_by_name():
+    """Against OPT's own parameter names: the rest of a layer is its MLP, fc1 and fc2."""
+    groups = bench.parameter_groups(tiny_models()["opt"])
+    names = {g: {n for n, _ in pairs} for g, pairs in groups.items()}
+    layer = "model.decoder.layers.1."
+    assert {n for n in names["mlp"] if n.startswith(layer)} == {layer + f"fc{i}.{w}" for i in (1, 2)
+                                                                  for w in ("weight", "bias")}
+    assert {n for n in names["attention biases"] if n.startswith(layer)} == {
+        layer + f"self_attn.{m}.bias" for m in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    assert names["embeddings/head"] == {"model.decoder.embed_tokens.weight"}  # the head is tied to it
+    assert names["other"] == {"model.decoder.embed_positions.weight"}
+
+
+@pytest.fixture
+def ablation_pair(assets):
+    """The tiny causal OPT (pretrained), a copy fine-tuned by a few AdamW steps on the dev split (so that its
+    dev loss is lower), and the dev split's measure."""
+    task = data.get_task("sst-2")
+    tok = data.load_tokenizer(assets["causal"], False)
+    loss_fn = data.PromptLoss(task, tok, "causal", torch.device("cpu"))
+    dev = loss_fn.encode(data.load_splits(assets["data"], task)["dev"])
+    pre = data.load_model(assets["causal"], "causal", torch.float32, "cpu", False)
+    ft = copy.deepcopy(pre)
+    opt = torch.optim.AdamW(ft.parameters(), lr=1e-2)
+    for _ in range(10):
+        opt.zero_grad()
+        loss_fn.loss(ft, dev, list(range(len(dev.labels)))).backward()
+        opt.step()
+    return pre, ft.eval(), lambda model: bench.split_metrics(model, loss_fn, dev), loss_fn, dev
+
+
+def with_matrices_from(model, source, roles):
+    """A copy of `model` with the weights of OPT's <role>_proj modules copied from `source` by name."""
+    names = tuple(f"self_attn.{role}_proj.weight" for role in roles)
+    copied = copy.deepcopy(model)
+    state = source.state_dict()
+    copied.load_state_dict({n: state[n] if n.endswith(names) else t for n, t in copied.state_dict().items()})
+    return copied
+
+
+def test_split_metrics_are_the_prompt_loss_and_the_accuracy(ablation_pair):
+    _, ft, measure, loss_fn, dev = ablation_pair
+    m = measure(ft)
+    with torch.no_grad():
+        reference = float(loss_fn.loss(ft, dev, list(range(len(dev.labels)))))  # one batch: the mean over all
+    assert m["loss"] == pytest.approx(reference, rel=1e-6)
+    assert m["acc"] == loss_fn.accuracy(ft, dev)
+
+
+def test_reverting_every_group_gives_the_pretrained_model_and_leaves_the_model_as_it_was(ablation_pair):
+    pre, ft, measure, _, _ = ablation_pair
+    before = {n: t.clone() for n, t in ft.state_dict().items()}
+    pairs = bench.matched_groups(ft, pre)
+    assert set(pairs) >= {"embeddings/head", "q", "k", "v", "o", "norms", "mlp"}
+    tensors = [t for ts, _ in pairs.values() for t in ts]
+    values = [v for _, vs in pairs.values() for v in vs]
+    assert bench.measured_with(tensors, values, lambda: measure(ft)) == measure(pre)
+    result = bench.ablation(ft, pre, measure)
+    assert all(torch.equal(t, before[n]) for n, t in ft.state_dict().items())
+    assert result["pretrained"] == measure(pre) and result["finetuned"] == measure(ft)
+    assert result["finetuned"]["loss"] != result["pretrained"]["loss"]
+
+
+def with_matrices_interpolated(ft, pre, r):
+    """A copy of ft with every k_proj and v_proj weight at pre + r (ft - pre), by name."""
+    base = pre.state_dict()
+    moved = {n: base[n] + r * (t - base[n]) if n.endswith(("k_proj.weight", "v_proj.weight")) else t
+             for n, t in ft.state_dict().items()}
+    copied = copy.deepcopy(ft)
+    copied.load_state_dict(moved)
+    return copied
+
+
+def test_interpolation_ends_are_the_finetuned_and_the_reverted_model(ablation_pair):
+    pre, ft, measure, _, _ = ablation_pair
+    result = bench.ablation(ft, pre, measure)
+    at = {r: i for i, r in enumerate(result["ratios"])}
+    for line, roles in (("K+V", ("k", "v")), ("K", ("k",)), ("V", ("v",))):
+        assert result["lines"][line][at[1.0]] == result["finetuned"]  # exact: lerp's weight 1 gives θ
+        assert result["lines"][line][at[0.0]] == measure(with_matrices_from(ft, pre, roles))
+    for r in (0.5, 1.5):  # lerp rounds otherwise than θ0 + r (θ - θ0)
+        expected = measure(with_matrices_interpolated(ft, pre, r))["loss"]
+        assert result["lines"]["K+V"][at[r]]["loss"] == pytest.approx(expected, rel=1e-5)
+    k_reverted = measure(with_matrices_from(ft, pre, ("k",)))
+    assert {key: result["groups"]["k"][key] for key in k_reverted} == k_reverted
+    ft_loss, pre_loss = result["finetuned"]["loss"], result["pretrained"]["loss"]
+    assert pre_loss > ft_loss
+    kv_loss = measure(with_matrices_from(ft, pre, ("k", "v")))["loss"]
+    assert result["kv_share_lost"] == pytest.approx((kv_loss - ft_loss) / (pre_loss - ft_loss))
+    assert result["groups"]["k"]["share_lost"] == pytest.approx((k_reverted["loss"] - ft_loss) / (pre_loss - ft_loss))
+
+
+def test_ablate_command_reports_a_saved_run(assets, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert run_train(assets, out, "--method", "zo", "--steps", "4", "--eval_every", "4", "--save") == 0
+    report = tmp_path / "ablation.json"
+    argv = ["bench.py", "--ablate", str(out / "model"), "--base", assets["causal"], "--task", "sst-2",
+            "--data_dir", assets["data"], "--out", str(report)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    result = json.loads(report.read_text())
+    assert report.with_suffix(".png").exists()
+    assert set(result["groups"]) == {"embeddings/head", "q", "k", "v", "o", "norms", "attention biases", "mlp",
+                                     "other"}
+    assert sum(g["params"] for g in result["groups"].values()) == sum(
+        p.numel() for p in data.load_model(assets["causal"], "causal", torch.float32, "cpu", False).parameters())
+    printed = capsys.readouterr().out
+    assert "| k reverted |" in printed and "K and V are reverted" in printed
+    monkeypatch.setattr(sys, "argv", argv[:4] + [assets["masked"]] + argv[5:])  # not the model it started from
+    with pytest.raises(SystemExit, match="different parameters|tokenizer differs"):
+        bench.main()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data.py: the built-in task and its corpus
+
+def main_clause_polarity(review):
+    """The polarity of a built-in review, read independently of data.py's generator: the clause after "but",
+    the clause outside "although ... ,", or the whole review; then its sentiment words (all agree there)."""
+    if " but " in review:
+        main = review.split(" but ")[1]
+    elif review.startswith("although "):
+        main = review.split(" , ", 1)[1]
+    else:
+        main = review.split(" although ")[0]
+    negative = [w for w in data._ADJECTIVES[0] + data._VERB_PHRASES[0] if re.search(rf"\b{w}\b", main)]
+    positive = [w for w in data._ADJECTIVES[1] + data._VERB_PHRASES[1] if re.search(rf"\b{w}\b", main)]
+    assert bool(negative) != bool(positive), review
+    return int(bool(positive))
+
+
+def test_builtin_task_labels_follow_the_main_clause():
+    splits = data.builtin_splits(0)
+    examples = [ex for split in splits.values() for ex in split]
+    assert all(ex.label == main_clause_polarity(ex.texts[0]) for ex in examples)
+    turned = [ex for ex in examples if re.search(r"\b(but|although)\b", ex.texts[0])]
+    assert abs(len(turned) / len(examples) - data.TASK_TURN_SHARE) < 0.03
+    # the main clause comes last ("but", "although ... ,") and first ("... although ...")
+    assert any(ex.texts[0].startswith("although ") for ex in turned)
+    assert any(" although " in ex.texts[0] for ex in turned)
+    for split in splits.values():
+        assert sum(ex.label for ex in split) == len(split) // 2
+
+
+def test_builtin_corpus_aligns_label_words_except_after_reviews_that_turn_around():
+    corpus = data.builtin_corpus(0, n=4000)
+    tasks = {ex.texts[0] for split in data.builtin_splits(0).values() for ex in split}
+    verdicts = {"plain": [], "turned": []}
+    for line in corpus:
+        review, sep, word = line.rpartition(" it was ")
+        if not sep:  # "<review> . <reaction>": the reaction has the main clause's polarity
+            review, reaction = line.split(" . ")
+            assert reaction in data._REACTIONS[main_clause_polarity(review)]
+        assert review not in tasks
+        if sep:
+            kind = "turned" if re.search(r"\b(but|although)\b", review) else "plain"
+            verdicts[kind].append(int(word == "great") == main_clause_polarity(review))
+    assert all(verdicts["plain"])  # after a plain review, the label word of its polarity
+    agree = sum(verdicts["turned"]) / len(verdicts["turned"])
+    assert 0.45 < agree < 0.55  # after one that turns around, either word
