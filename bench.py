@@ -579,14 +579,17 @@ def plot_projection(results, path):
         names = [_short_name(n) for n in r["projected"]]
         every = max(1, len(names) // 20)  # at most 20 labels
         ax_r.set_yticks(range(0, len(names), every), names[::every], fontsize=6)
-        ax_r.set_xticks(range(len(steps)), steps, fontsize=7)
+        every = max(1, len(steps) // 12)  # at most 12 labels
+        ax_r.set_xticks(range(0, len(steps), every), steps[::every], fontsize=7)
         ax_r.set(title=f"{method}: ratio r = γ/‖θ−θ0‖ chosen per matrix", xlabel="after step")
         fig.colorbar(image, ax=ax_r)
-        ax_loss.plot(steps, [p["loss_before"] for p in phases], marker=".", label="before the phase")
-        ax_loss.plot(steps, [p["loss_after"] for p in phases], marker=".", label="after it")
-        ax_loss.set(title=f"{method}: loss on the phase's first search batch", xlabel="step")
+        change = [100 * (p["loss_after"] / p["loss_before"] - 1) for p in phases]
+        ax_loss.bar(steps, change, width=0.6 * (steps[1] - steps[0]) if len(steps) > 1 else 1.0,
+                    color=["tab:green" if c < 0 else "tab:red" for c in change])
+        ax_loss.axhline(0, color="gray", lw=0.8)
+        ax_loss.set(title=f"{method}: loss change on the phase's first batch", xlabel="step",
+                    ylabel="after / before − 1 (%)")
         ax_loss.grid(alpha=0.3)
-        ax_loss.legend()
     save_figure(fig, path)
 
 
