@@ -40,6 +40,7 @@ scale (0.02, 0.05), ε 1e-3:
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import functools
 import gc
@@ -318,33 +319,19 @@ def time_phase(opt, device):
     return time.perf_counter() - t0
 
 
-def profile_zo_step(model, batch, args, device):
-    """Where a ZO step's time goes: a step is 3 passes over the parameters (z drawn into a scratch buffer
-    with normal_, then p.add_(z)) and 2 forward passes. Each part is timed on its own (median of
-    --repeats) and scaled to one step. Runs after the peak is read: its own buffer is not the step's."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    buf = torch.empty(max(p.numel() for p in params), device=device, dtype=params[0].dtype)
-    gen = torch.Generator(device=device)
-    zs = [buf[: p.numel()].view_as(p) for p in params]
-
-    def draw():
-        gen.manual_seed(0)
-        for z in zs:
-            z.normal_(generator=gen)
-
-    @torch.no_grad()
-    def add():
-        for p, z in zip(params, zs):  # z's values do not matter here, the memory traffic does
-            p.add_(z, alpha=0.0)
-
-    @torch.no_grad()
-    def forward():
-        return float(loss_fn(model, batch))
-
-    parts = {name: 3 * statistics.median(time_steps(fn, 0, args.repeats, device))
-             for name, fn in (("z_normal_3_passes_s", draw), ("add_3_passes_s", add))}
-    parts["forward_2_passes_s"] = 2 * statistics.median(time_steps(forward, 0, args.repeats, device))
-    return parts
+def profile_zo_step(model, args, device):
+    """A ZO step's own work, without its forward passes: each method's step with a closure that returns a
+    constant (z drawn and added, three passes for ZOSGD, four for MeZO-style), at lr 0, in 3 x --repeats
+    interleaved rounds; seconds per step (median). Far shorter than a forward pass, so its median is
+    steadier than that of a whole step on a busy machine."""
+    steps = {"mezo": MeZOStyle(copy.deepcopy(model).parameters(), lr=0.0, eps=EPS_ZO),  # see timing_worker
+             "zosgd": ZOSGD(model.parameters(), lr=0.0, eps=EPS_ZO),
+             "rademacher": ZOSGD(model.parameters(), lr=0.0, eps=EPS_ZO, direction="rademacher")}
+    times = {m: [] for m in steps}
+    for _ in range(1 + 3 * args.repeats):  # the first round allocates the buffers
+        for m, opt in steps.items():
+            times[m] += time_steps(lambda: opt.step(lambda: 0.0), 0, 1, device)
+    return {m: statistics.median(t[1:]) for m, t in times.items()}
 
 
 def setup(shape, args):
@@ -367,7 +354,10 @@ def timing_worker(shape, methods, args):
     args = with_default_repeats(shape, args)
     device = torch.device(args.device)
     model, batch, fresh = setup(shape, args)
-    steps = {m: make_step(m, model, batch, fresh, args) for m in methods}
+    # MeZO-style steps replace every parameter by a new tensor (p.data = ...): on a model of their own, so
+    # that the other methods' weights stay where they were allocated (measured: a ZOSGD step interleaved
+    # with MeZO-style steps on the same model, Rademacher z, took 1.7x as long on the CPU)
+    steps = {m: make_step(m, copy.deepcopy(model) if m == "mezo" else model, batch, fresh, args) for m in methods}
     times = {m: [] for m in methods}
     for i in range(args.warmup + args.repeats):
         for m, (step, _) in steps.items():
@@ -382,7 +372,7 @@ def timing_worker(shape, methods, args):
             out[m] = {"phase_s": time_phase(opt, device), "kappa": args.kappa, "proj_iters": args.proj_iters,
                       **dizo_report(opt)}
     if args.profile:
-        out["profile"] = profile_zo_step(model, batch, args, device)
+        out["own_work_s"] = profile_zo_step(model, args, device)
     return out
 
 
@@ -467,11 +457,11 @@ def ratios(t, memory):
                    f"{d['phase_s']:.4g} s = {d['phase_s'] / ((2 * d['proj_iters'] + 2) * forward):.2f} x its "
                    f"2M+2 forwards, / κ={d['kappa']}, M={d['proj_iters']}) / (ZOSGD {med['zosgd']:.4g} s + "
                    f"(2M+2)/κ forwards {extra:.4g} s) = {amortised(t, m) / bound:.3f}")
-    if "profile" in t and "zosgd" in med:
-        parts = t["profile"]
-        rest = med["zosgd"] - sum(parts.values())
-        out.append(f"{tag} ZOSGD step {med['zosgd']:.4g} s = " + " + ".join(
-            f"{name[:-2]} {sec:.4g} s" for name, sec in parts.items()) + f" + rest {rest:.4g} s")
+    if "own_work_s" in t and two:
+        own = t["own_work_s"]
+        out.append(f"{tag} own work per step, without forward passes: " + ", ".join(
+            f"{LABELS[m]} {s:.4g} s" for m, s in own.items()) + "; two forwards + own work, / two forwards: "
+            + ", ".join(f"{LABELS[m]} {(two + s) / two:.2f}" for m, s in own.items()))
     mem = {r["method"]: r for r in memory if (r["shape"], r["dtype"]) == (t["shape"], t["dtype"])}
     kinds = [("extra_bytes", "allocator peak" if t["device"] == "cuda" else "RSS"),
              ("tracked_peak_bytes", "tracked tensors")]
@@ -930,7 +920,8 @@ def parse_args(argv=None):
     p.add_argument("--kappa", type=int, default=50, help="DiZO interval κ for the amortisation (released: 50)")
     p.add_argument("--proj-iters", type=int, default=10, help="DiZO M, inner iterations per phase (released: 10)")
     p.add_argument("--profile", action="store_true",
-                   help="also split a ZOSGD step into z generation, in-place adds and forward passes")
+                   help="also time each ZO method's own work (its passes over the parameters) without forward "
+                        "passes, in rounds of its own")
     p.add_argument("--out", default=None,
                    help="JSON of every row (runs/ is git-ignored; default runs/bench.json, "
                         "with --precision runs/precision.json)")

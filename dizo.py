@@ -369,28 +369,28 @@ class ZOSGD(torch.optim.Optimizer):
                 o.copy_(x)
         return out
 
-    def _z_buffer(self, device, dtype, sources):
-        """The scratch buffer for z of `dtype` on `device`: as large as the largest tensor drawn on it or
-        living on it (sources: device -> the device its z is drawn on)."""
+    def _z_buffer(self, device, dtype, n, sources):
+        """The scratch buffer for z of `dtype` on `device`, at least n long: as large as the largest tensor
+        drawn on it or living on it (sources: device -> the device its z is drawn on)."""
         buf = self._buffers.get((device, dtype))
-        users = [q.numel() for _, q in self._params() if self._value_dtype(q) == dtype
-                 and device in (q.device, sources[q.device])]
-        if buf is None or buf.numel() < max(users):  # a group added or a tensor unfrozen: grow the buffer
+        if buf is None or buf.numel() < n:  # the first pass, a group added or a tensor unfrozen: grow it
+            largest = max(q.numel() for _, q in self._params() if self._value_dtype(q) == dtype
+                          and device in (q.device, sources[q.device]))
             # rounded up to whole bytes of signs: Rademacher z is written 8 entries at a time
-            buf = self._buffers[(device, dtype)] = torch.empty(-(-max(users) // 8) * 8, device=device, dtype=dtype)
+            buf = self._buffers[(device, dtype)] = torch.empty(-(-largest // 8) * 8, device=device, dtype=dtype)
         return buf
 
     def _z(self, p, sources):
         """The next z for tensor p, drawn from the generator of p's device type (on sources[p.device]) in a
         reused scratch buffer, and copied to p's device if that is another."""
         dtype, source = self._value_dtype(p), sources[p.device]
-        buf, gen = self._z_buffer(source, dtype, sources), self._z_gens[source]
+        buf, gen = self._z_buffer(source, dtype, p.numel(), sources), self._z_gens[source]
         if self.param_groups[0]["direction"] == "gaussian":
             z = buf[: p.numel()].normal_(generator=gen)
         else:
             z = self._signs_(buf, p.numel(), gen)
         if source != p.device:
-            z = self._z_buffer(p.device, dtype, sources)[: p.numel()].copy_(z)
+            z = self._z_buffer(p.device, dtype, p.numel(), sources)[: p.numel()].copy_(z)
         return z.view(p.shape)
 
     def _signs_(self, buf, n, gen):
