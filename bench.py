@@ -610,6 +610,23 @@ class Precision:
     values: Callable | None = None
 
 
+def replot(folder):
+    """Draw the figures train.py draws for the run in `folder`, from its results.json alone."""
+    try:
+        results = json.loads((folder / "results.json").read_text())
+        methods = results["methods"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {folder} holds no readable train.py results.json ({type(e).__name__}: {e})")
+    figures = {"curves.png": plot_curves}
+    if any(r.get("history") and "divergence" in r["history"][-1] for r in methods.values()):
+        figures["divergence.png"] = plot_divergence
+    if any(r.get("projection") for r in methods.values()):
+        figures["projection.png"] = plot_projection
+    for name, plot in figures.items():
+        plot(results, folder / name)
+    print(f"drew {', '.join(figures)} in {folder}")
+
+
 def half_precisions(halves):
     """fp32; and per half dtype in `halves`: plain (weights stored, stepped and computed in it), exact (stored
     and computed in it, stepped through an fp32 master: dizo.py's default) and autocast (fp32 weights, the
@@ -938,6 +955,9 @@ def parse_args(argv=None):
                    help="instead of benchmarking, summarise train.py runs DIR/<run>-s<seed>/ (README)")
     p.add_argument("--target", type=float, default=0.85, help="--study: dev accuracy to reach")
     p.add_argument("--plot", default="runs/convergence.png", help="--study: the figure")
+    p.add_argument("--replot", metavar="DIR", default=None,
+                   help="instead of benchmarking, redraw a train.py run's figures (curves.png, divergence.png, "
+                        "projection.png) in DIR from its results.json")
     add_ablation_flags(p)
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -1075,10 +1095,12 @@ def gpu_check(args):
     report(args, timing, memory, started, load_before, precision_rows)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.study is not None:
         return study(args.study, args.target, args.plot)
+    if args.replot is not None:
+        return replot(Path(args.replot))
     if args.gpu_check:
         return gpu_check(args)
     if args.ablate is not None:

@@ -180,6 +180,17 @@ def _z_streams(devices):
     return {device: first[device.type] for device in devices}
 
 
+def _anchor_device(device: str | torch.device) -> torch.device:
+    """anchor_device as a torch.device, or a ValueError that says what is accepted."""
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)  # the device exists and this torch build can allocate on it
+    except (RuntimeError, TypeError, AssertionError) as e:
+        raise ValueError(f"anchor_device must be None or a device this machine has, e.g. \"cpu\"; got "
+                         f"{device!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return device
+
+
 def _copy_on(t, device):
     """A copy of t on `device`, in pinned memory when it goes from a GPU to the host (faster copies back)."""
     pinned = device.type == "cpu" and t.is_cuda
@@ -625,7 +636,7 @@ class DiZO(ZOSGD):
         self.names = [n for n, _ in pairs]
         self.matrices = [t for _, t in pairs]
         # θ0 = the matrices as they are now: a master created later starts from them (low bits 0)
-        self.anchors = [_copy_on(t.detach(), t.device if anchor_device is None else torch.device(anchor_device))
+        self.anchors = [_copy_on(t.detach(), t.device if anchor_device is None else _anchor_device(anchor_device))
                         for t in self.matrices]
         self.ratios = torch.ones(len(pairs), dtype=torch.float64)  # last phase's r, for logging
         self.last_phase = None  # telemetry of the last phase: step, r_l, s_l, loss before and after

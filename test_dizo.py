@@ -81,11 +81,32 @@ def quadratic(dim=12, seed=0, dtype=torch.float64):
     return [w, b], loss, a, c
 
 
-def tiny_opt(seed=0, **kw):
+def tiny_model(family, vocab_size=64, seed=0, **settings):
+    """The tests' one tiny transformer: 2 layers, width 32, 4 heads, MLP 64, 64 positions, no dropout, in any
+    family train.py and projected_params know; `settings` override or add config fields (e.g. pad_token_id)."""
     torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                    max_position_embeddings=32, word_embed_proj_dim=32, **(dict(dropout=0.0) | kw))
-    return OPTForCausalLM(cfg).eval()
+    size = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    if family == "opt":
+        cfg = OPTConfig(**size, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0)
+    elif family == "llama":
+        cfg = LlamaConfig(**size, intermediate_size=64, num_key_value_heads=2, max_position_embeddings=64)
+    elif family == "roberta":  # RoBERTa's positions start after the padding index: 64 + 2
+        cfg = RobertaConfig(**size, intermediate_size=64, max_position_embeddings=66, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+    elif family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        cfg = GPTNeoXConfig(**size, intermediate_size=64, max_position_embeddings=64)
+    for key, value in settings.items():
+        setattr(cfg, key, value)
+    model_class = {"opt": OPTForCausalLM, "llama": LlamaForCausalLM, "roberta": RobertaForMaskedLM,
+                   "gpt2": GPT2LMHeadModel, "gpt_neox": GPTNeoXForCausalLM}[family]
+    return model_class(cfg).eval()
+
+
+def tiny_opt(seed=0, **settings):
+    return tiny_model("opt", seed=seed, **settings)
 
 
 def lm_closure(model, seed=0, batch=4, length=12):
@@ -696,7 +717,7 @@ def test_dropout_both_passes_see_the_same_masks():
     step_seed = reference_seeds(5, 1)[0]
     derivative = sum(float((z * g).sum()) for z, g in zip(reference_z(params, step_seed), grads))
     torch.set_rng_state(start)
-    opt = ZOSGD(params, lr=0.0, eps=1e-6, seed=5)
+    opt = ZOSGD(params, lr=0.0, eps=1e-7, seed=5)  # small enough to cross no ReLU kink
     opt.step(closure)
     assert opt.projected_grad == pytest.approx(derivative, rel=1e-4)
     after_step = torch.get_rng_state()
@@ -705,7 +726,7 @@ def test_dropout_both_passes_see_the_same_masks():
         closure()
     assert torch.equal(after_step, torch.get_rng_state())
     torch.set_rng_state(start)
-    unreplayed = mezo_reference_step(params, closure, step_seed, lr=0.0, eps=1e-6)
+    unreplayed = mezo_reference_step(params, closure, step_seed, lr=0.0, eps=1e-7)
     assert abs(unreplayed - derivative) > 100 * abs(derivative)
 
 
@@ -746,38 +767,30 @@ def test_projected_must_be_trained_parameters_of_the_optimizer(bad, error, says)
     DiZO(model.parameters(), [k.weight, ("k rows", k.weight[:4])], lr=1e-3)  # a parameter and a view: fine
 
 
-def tiny_causal(family):
-    torch.manual_seed(0)
-    if family == "opt":
-        return tiny_opt()
-    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=64, vocab_size=64)).eval()
-
-
 def trained_names(model, part=""):
     return [n for n, p in model.named_parameters() if p.requires_grad and part in n]
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_lora_projects_the_adapter_factors_of_k_and_v(family):
-    model = get_peft_model(tiny_causal(family), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
+    model = get_peft_model(tiny_model(family), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
     pairs = projected_params(model)
     params = dict(model.named_parameters())
     assert [n for n, _ in pairs] == trained_names(model)  # A and B of K and V in every layer, nothing else
     assert len(pairs) == 2 * 2 * 2 and all(t is params[n] for n, t in pairs)
     # PEFT's default targets, Q and V: by default V's factors; roles q, v: all, as the released code
-    model = get_peft_model(tiny_causal(family), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(tiny_model(family), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert [n for n, _ in projected_params(model)] == trained_names(model, ".v_proj.")
     assert sorted(n for n, _ in projected_params(model, roles=("q", "v"))) == sorted(trained_names(model))
     # LoRA on the MLP only: no trained K or V anywhere, refused (the frozen weights are never returned)
     mlp = {"opt": ["fc1", "fc2"], "llama": ["gate_proj", "up_proj", "down_proj"]}[family]
-    model = get_peft_model(tiny_causal(family), LoraConfig(r=4, target_modules=mlp))
+    model = get_peft_model(tiny_model(family), LoraConfig(r=4, target_modules=mlp))
     with pytest.raises(ValueError, match=f"LoRA adapters sit on {', '.join(sorted(mlp))} only"):
         projected_params(model)
 
 
 def test_lora_projects_the_active_adapter():
-    model = get_peft_model(tiny_causal("opt"), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
+    model = get_peft_model(tiny_model("opt"), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
     model.add_adapter("second", LoraConfig(r=2, target_modules=["k_proj", "v_proj"]))
     model.set_adapter("second")
     names = [n for n, _ in projected_params(model)]
@@ -785,7 +798,7 @@ def test_lora_projects_the_active_adapter():
 
 
 def test_dizo_on_lora_anchors_b_at_zero_and_rescales_the_adapters_only():
-    model = get_peft_model(tiny_causal("opt"), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
+    model = get_peft_model(tiny_model("opt"), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     pairs = projected_params(model)
     opt = DiZO(model.parameters(), pairs, lr=1e-2, interval=3, proj_iters=3)
@@ -1226,7 +1239,7 @@ def scripted_loss_stream(seed=0):
 def test_dizo_on_bf16_masters_follows_fp32_dizo_bit_for_bit(family):
     """Same seeds and the same losses: through ZO steps and two projection phases (GPT-2's K and V are
     column blocks of one parameter), the fp32 masters equal the fp32 twin's weights bit for bit."""
-    model = tiny_models()[family] if family == "gpt2" else tiny_opt()
+    model = tiny_model(family) if family == "gpt2" else tiny_opt()
     half = copy.deepcopy(model).to(torch.bfloat16)
     full = copy.deepcopy(half).float()
     opts = [DiZO(m.parameters(), projected_params(m), lr=0.05, seed=2, interval=3, proj_iters=2, proj_lr=20.0)
@@ -1267,40 +1280,31 @@ def test_anchors_on_the_host_give_the_same_run():
         assert all(a.device == torch.device("cpu") for a in opt.anchors)
         runs.append([opt.exact_value(p) for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+    model = tiny_opt()
+    for bad in ("gpu", "cuda:99", 3.5):  # no such device type; no such device (or no CUDA build); not a device
+        with pytest.raises(ValueError, match="anchor_device must be None or a device this machine has"):
+            DiZO(model.parameters(), projected_params(model), lr=1e-3, anchor_device=bad)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # dizo.py: which matrices, per architecture family
 
-def tiny_models():
-    torch.manual_seed(0)
-    small = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=64)
-    return {
-        "opt": OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64,
-                                        num_attention_heads=4, word_embed_proj_dim=32)),
-        "roberta": RobertaForMaskedLM(RobertaConfig(num_hidden_layers=3, **small)),
-        "llama": LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, num_key_value_heads=2, **small)),
-        "gpt2": GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=64)),
-        "gpt_neox": GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=3, **small)),
-    }
-
-
 @pytest.mark.parametrize("family", ["opt", "roberta", "llama", "gpt2", "gpt_neox"])
 def test_projected_params_finds_k_and_v_of_every_layer(family):
-    model = tiny_models()[family]
+    model = tiny_model(family)
     pairs = projected_params(model)
-    assert len(pairs) == 2 * 3
-    assert projection_report(pairs)["matrices"] == 6
+    assert len(pairs) == 2 * 2  # K and V of each of the 2 layers
+    assert projection_report(pairs)["matrices"] == 4
     assert projection_report(pairs)["anchor_bytes"] == 4 * sum(t.numel() for _, t in pairs)
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     for _, t in pairs:  # each is the parameter itself or a view of it, so in-place edits reach the model
         assert t.untyped_storage().data_ptr() in storages
-    assert len(projected_params(model, roles=("q", "k", "v", "o"))) == 4 * 3
+    assert len(projected_params(model, roles=("q", "k", "v", "o"))) == 4 * 2
 
 
 def test_projected_views_are_the_key_and_value_weights():
     """A change to the projected K view must change the attention keys only: check through the module."""
-    model = tiny_models()["gpt2"].eval()
+    model = tiny_model("gpt2").eval()
     name, k = projected_params(model, roles=("k",))[0]
     attn = model.transformer.h[0].attn
     x = torch.randn(1, 5, 32)
@@ -1310,7 +1314,7 @@ def test_projected_views_are_the_key_and_value_weights():
     q1, k1, v1 = attn.c_attn(x).split(32, dim=2)
     assert torch.equal(q0, q1) and torch.equal(v0, v1) and not torch.equal(k0, k1)
 
-    neox = tiny_models()["gpt_neox"].eval()
+    neox = tiny_model("gpt_neox").eval()
     _, vview = projected_params(neox, roles=("v",))[0]
     block = neox.gpt_neox.layers[0].attention
     heads, head = 4, 8
@@ -1327,6 +1331,55 @@ def test_unsupported_model_raises_naming_supported_families():
         projected_params(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
     with pytest.raises(ValueError, match="roles"):
         projected_params(tiny_opt(), roles=("x",))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data.py: the built-in task and its corpus
+
+def main_clause_polarity(review):
+    """The polarity of a built-in review, read independently of data.py's generator: the clause after "but",
+    the clause outside "although ... ,", or the whole review; then its sentiment words (all agree there)."""
+    if " but " in review:
+        main = review.split(" but ")[1]
+    elif review.startswith("although "):
+        main = review.split(" , ", 1)[1]
+    else:
+        main = review.split(" although ")[0]
+    negative = [w for w in data._ADJECTIVES[0] + data._VERB_PHRASES[0] if re.search(rf"\b{w}\b", main)]
+    positive = [w for w in data._ADJECTIVES[1] + data._VERB_PHRASES[1] if re.search(rf"\b{w}\b", main)]
+    assert bool(negative) != bool(positive), review
+    return int(bool(positive))
+
+
+def test_builtin_task_labels_follow_the_main_clause():
+    splits = data.builtin_splits(0)
+    examples = [ex for split in splits.values() for ex in split]
+    assert all(ex.label == main_clause_polarity(ex.texts[0]) for ex in examples)
+    turned = [ex for ex in examples if re.search(r"\b(but|although)\b", ex.texts[0])]
+    assert abs(len(turned) / len(examples) - data.TASK_TURN_SHARE) < 0.03
+    # the main clause comes last ("but", "although ... ,") and first ("... although ...")
+    assert any(ex.texts[0].startswith("although ") for ex in turned)
+    assert any(" although " in ex.texts[0] for ex in turned)
+    for split in splits.values():
+        assert sum(ex.label for ex in split) == len(split) // 2
+
+
+def test_builtin_corpus_aligns_label_words_except_after_reviews_that_turn_around():
+    corpus = data.builtin_corpus(0, n=4000)
+    tasks = {ex.texts[0] for split in data.builtin_splits(0).values() for ex in split}
+    verdicts = {"plain": [], "turned": []}
+    for line in corpus:
+        review, sep, word = line.rpartition(" it was ")
+        if not sep:  # "<review> . <reaction>": the reaction has the main clause's polarity
+            review, reaction = line.split(" . ")
+            assert reaction in data._REACTIONS[main_clause_polarity(review)]
+        assert review not in tasks
+        if sep:
+            kind = "turned" if re.search(r"\b(but|although)\b", review) else "plain"
+            verdicts[kind].append(int(word == "great") == main_clause_polarity(review))
+    assert all(verdicts["plain"])  # after a plain review, the label word of its polarity
+    agree = sum(verdicts["turned"]) / len(verdicts["turned"])
+    assert 0.45 < agree < 0.55  # after one that turns around, either word
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1350,21 +1403,8 @@ def write_task(folder, rows=None, header="sentence\tlabel"):
 
 def save_tiny(folder, kind):
     tok = data.build_tokenizer([" ".join(WORDS), "it was . ?"])
-    torch.manual_seed(0)
-    if kind == "causal":
-        model = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                         num_attention_heads=4, max_position_embeddings=64,
-                                         word_embed_proj_dim=32, dropout=0.0, pad_token_id=tok.pad_token_id))
-    elif kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                             intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    else:
-        model = RobertaForMaskedLM(RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                                 intermediate_size=64, num_attention_heads=4,
-                                                 max_position_embeddings=66, pad_token_id=tok.pad_token_id,
-                                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = tiny_model({"causal": "opt", "masked": "roberta"}.get(kind, kind), vocab_size=len(tok), **ids)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
@@ -1614,6 +1654,7 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--eps", "1e3"], "--eps must be below 1"),
     (["--proj_lr", "inf"], "--proj_lr must be"),
     (["--proj_eps", "nan"], "--proj_eps must be"),
+    (["--method", "dizo", "--anchor_device", "gpu"], "--anchor_device must be None or a device"),
     # prompts that cannot carry information
     (["--label_words", " great, great"], "at least two different words"),
     (["--label_words", " zebra, quokka"], "unknown to this tokenizer"),
@@ -2036,6 +2077,14 @@ def test_dizo_records_every_projection_phase_and_draws_them(assets, tmp_path):
     assert all(len(p["ratios"]) == len(p["distances"]) == len(r["projected"]) == 4 for p in r["projection"])
     assert all(0.8 - 1e-9 <= x <= 1.2 + 1e-9 for p in r["projection"] for x in p["ratios"])
     assert (out / "projection.png").stat().st_size > 1000
+    # bench.py --replot draws the same figures again from results.json alone
+    (out / "projection.png").unlink()
+    (out / "curves.png").unlink()
+    bench.main(["--replot", str(out)])
+    assert (out / "projection.png").stat().st_size > 1000 and (out / "curves.png").stat().st_size > 1000
+    (out / "results.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no readable train.py results.json"):
+        bench.main(["--replot", str(out)])
 
 
 # Beyond one process: micro-batches, data parallelism, a model placed by accelerate.
@@ -2156,7 +2205,7 @@ def test_a_process_that_dies_stops_the_whole_data_parallel_run(assets, tmp_path)
 
 @pytest.mark.parametrize("family", ["opt", "roberta", "llama", "gpt2", "gpt_neox"])
 def test_parameter_groups_cover_every_parameter_exactly_once(family):
-    model = tiny_models()[family]
+    model = tiny_model(family)
     groups = bench.parameter_groups(model)
     with torch.no_grad():  # mark every element through the groups' tensors (views of fused weights included)
         for p in model.parameters():
@@ -2176,7 +2225,7 @@ def test_parameter_groups_cover_every_parameter_exactly_once(family):
 
 def test_parameter_groups_of_opt_by_name():
     """Against OPT's own parameter names: the rest of a layer is its MLP, fc1 and fc2."""
-    groups = bench.parameter_groups(tiny_models()["opt"])
+    groups = bench.parameter_groups(tiny_model("opt"))
     names = {g: {n for n, _ in pairs} for g, pairs in groups.items()}
     layer = "model.decoder.layers.1."
     assert {n for n in names["mlp"] if n.startswith(layer)} == {layer + f"fc{i}.{w}" for i in (1, 2)
@@ -2285,52 +2334,3 @@ def test_ablate_command_reports_a_saved_run(assets, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(sys, "argv", argv[:4] + [assets["masked"]] + argv[5:])  # not the model it started from
     with pytest.raises(SystemExit, match="different parameters|tokenizer differs"):
         bench.main()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# data.py: the built-in task and its corpus
-
-def main_clause_polarity(review):
-    """The polarity of a built-in review, read independently of data.py's generator: the clause after "but",
-    the clause outside "although ... ,", or the whole review; then its sentiment words (all agree there)."""
-    if " but " in review:
-        main = review.split(" but ")[1]
-    elif review.startswith("although "):
-        main = review.split(" , ", 1)[1]
-    else:
-        main = review.split(" although ")[0]
-    negative = [w for w in data._ADJECTIVES[0] + data._VERB_PHRASES[0] if re.search(rf"\b{w}\b", main)]
-    positive = [w for w in data._ADJECTIVES[1] + data._VERB_PHRASES[1] if re.search(rf"\b{w}\b", main)]
-    assert bool(negative) != bool(positive), review
-    return int(bool(positive))
-
-
-def test_builtin_task_labels_follow_the_main_clause():
-    splits = data.builtin_splits(0)
-    examples = [ex for split in splits.values() for ex in split]
-    assert all(ex.label == main_clause_polarity(ex.texts[0]) for ex in examples)
-    turned = [ex for ex in examples if re.search(r"\b(but|although)\b", ex.texts[0])]
-    assert abs(len(turned) / len(examples) - data.TASK_TURN_SHARE) < 0.03
-    # the main clause comes last ("but", "although ... ,") and first ("... although ...")
-    assert any(ex.texts[0].startswith("although ") for ex in turned)
-    assert any(" although " in ex.texts[0] for ex in turned)
-    for split in splits.values():
-        assert sum(ex.label for ex in split) == len(split) // 2
-
-
-def test_builtin_corpus_aligns_label_words_except_after_reviews_that_turn_around():
-    corpus = data.builtin_corpus(0, n=4000)
-    tasks = {ex.texts[0] for split in data.builtin_splits(0).values() for ex in split}
-    verdicts = {"plain": [], "turned": []}
-    for line in corpus:
-        review, sep, word = line.rpartition(" it was ")
-        if not sep:  # "<review> . <reaction>": the reaction has the main clause's polarity
-            review, reaction = line.split(" . ")
-            assert reaction in data._REACTIONS[main_clause_polarity(review)]
-        assert review not in tasks
-        if sep:
-            kind = "turned" if re.search(r"\b(but|although)\b", review) else "plain"
-            verdicts[kind].append(int(word == "great") == main_clause_polarity(review))
-    assert all(verdicts["plain"])  # after a plain review, the label word of its polarity
-    agree = sum(verdicts["turned"]) / len(verdicts["turned"])
-    assert 0.45 < agree < 0.55  # after one that turns around, either word
