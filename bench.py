@@ -876,8 +876,11 @@ def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
         return "never"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4g} ± {std:.2g}"
+    mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    if std == 0:
+        return f"{mean:.4g} ± 0"
+    digits = max(0, 1 - math.floor(math.log10(std)))  # both to the std's second significant digit
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def study(folder, target, plot):
