@@ -610,13 +610,10 @@ class Precision:
     values: Callable | None = None
 
 
-def replot(folder):
-    """Draw the figures train.py draws for the run in `folder`, from its results.json alone."""
-    try:
-        results = json.loads((folder / "results.json").read_text())
-        methods = results["methods"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {folder} holds no readable train.py results.json ({type(e).__name__}: {e})")
+def plot_run(results, folder):
+    """The figures of a train.py run, in `folder`: curves, and divergence and projection where recorded;
+    returns their names."""
+    methods = results["methods"]
     figures = {"curves.png": plot_curves}
     if any(r.get("history") and "divergence" in r["history"][-1] for r in methods.values()):
         figures["divergence.png"] = plot_divergence
@@ -624,7 +621,17 @@ def replot(folder):
         figures["projection.png"] = plot_projection
     for name, plot in figures.items():
         plot(results, folder / name)
-    print(f"drew {', '.join(figures)} in {folder}")
+    return list(figures)
+
+
+def replot(folder):
+    """Draw the figures train.py draws for the run in `folder`, from its results.json alone."""
+    try:
+        results = json.loads((folder / "results.json").read_text())
+        results["methods"].items()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: {folder} holds no readable train.py results.json ({type(e).__name__}: {e})")
+    print(f"drew {', '.join(plot_run(results, folder))} in {folder}")
 
 
 def half_precisions(halves):

@@ -157,7 +157,7 @@ def _row_blocks(*tensors):
 # turns each byte into its 8 signs. Both have E[z zᵀ] = I, so E[g z] = ∇L; with a = ∇L the covariance of g z
 # is ||a||² I + a aᵀ for Gaussian z and ||a||² I + a aᵀ - 2 diag(a²) for Rademacher z (total variance
 # (d + 1)||a||² against (d - 1)||a||²), and a Rademacher perturbation has ||εz|| = ε√d exactly. On a CPU the
-# signs cost about a fifth of normal_, whose generator (mt19937) spends ~5 ns on each 32-bit draw.
+# signs are far cheaper to draw than normal_ (bench.py times both steps).
 _DIRECTIONS = ("gaussian", "rademacher")
 _SIGN_BLOCK = 1 << 20  # random bytes turned into signs at a time: bounds the int32 index scratch to 4 MiB
 
@@ -636,8 +636,8 @@ class DiZO(ZOSGD):
         self.names = [n for n, _ in pairs]
         self.matrices = [t for _, t in pairs]
         # θ0 = the matrices as they are now: a master created later starts from them (low bits 0)
-        self.anchors = [_copy_on(t.detach(), t.device if anchor_device is None else _anchor_device(anchor_device))
-                        for t in self.matrices]
+        home = None if anchor_device is None else _anchor_device(anchor_device)
+        self.anchors = [_copy_on(t.detach(), t.device if home is None else home) for t in self.matrices]
         self.ratios = torch.ones(len(pairs), dtype=torch.float64)  # last phase's r, for logging
         self.last_phase = None  # telemetry of the last phase: step, r_l, s_l, loss before and after
         self.gammas = torch.zeros(len(pairs), dtype=torch.float64)  # last phase's γ = r·s

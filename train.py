@@ -652,7 +652,7 @@ def train_all(cfg, setup, out_dir, results, model):
                 data.save_model(model, setup.tokenizer, out_dir / "model" / method if len(cfg.methods) > 1
                            else out_dir / "model")
             record(r)
-            plot_all(cfg, results, out_dir)
+            bench.plot_run(results, out_dir)
         model = None
         if r["status"] == "diverged":
             kept = data.checkpoint_dir(out_dir, method)
@@ -669,12 +669,6 @@ def train_all(cfg, setup, out_dir, results, model):
     return 0
 
 
-def plot_all(cfg, results, out_dir):
-    bench.plot_curves(results, out_dir / "curves.png")
-    if cfg.track_divergence:
-        bench.plot_divergence(results, out_dir / "divergence.png")
-    if any(r.get("projection") for r in results["methods"].values()):
-        bench.plot_projection(results, out_dir / "projection.png")
 
 
 def load_model(cfg, setup, method):
