@@ -319,6 +319,9 @@ def time_phase(opt, device):
     return time.perf_counter() - t0
 
 
+_NORMAL_BLOCK = 1 << 16  # --profile times normal_ over the model's size in blocks of this many entries
+
+
 def profile_zo_step(model, args, device):
     """A ZO step's own work, without its forward passes: each method's step with a closure that returns a
     constant (z drawn and added, three passes for ZOSGD, four for MeZO-style), at lr 0, in 3 x --repeats
@@ -331,7 +334,14 @@ def profile_zo_step(model, args, device):
     for _ in range(1 + 3 * args.repeats):  # the first round allocates the buffers
         for m, opt in steps.items():
             times[m] += time_steps(lambda: opt.step(lambda: 0.0), 0, 1, device)
-    return {m: statistics.median(t[1:]) for m, t in times.items()}
+    out = {m: statistics.median(t[1:]) for m, t in times.items()}
+    if device.type == "cpu":  # torch's CPU normal_ runs on one core: the floor of drawing z
+        n, buf = sum(p.numel() for p in model.parameters()), torch.empty(_NORMAL_BLOCK)
+        gen = torch.Generator().manual_seed(0)
+        draw = [time_steps(lambda: [buf[:min(_NORMAL_BLOCK, n - i)].normal_(generator=gen)
+                                    for i in range(0, n, _NORMAL_BLOCK)], 0, 1, device)[0] for _ in range(3)]
+        out["normal_"] = min(draw)
+    return out
 
 
 def setup(shape, args):
@@ -364,7 +374,8 @@ def timing_worker(shape, methods, args):
             seconds = time_steps(step, 0, 1, device)[0]
             if i >= args.warmup:
                 times[m].append(seconds)
-    out = {"shape": shape, "dtype": args.dtype, "device": args.device, "repeats": args.repeats, "warmup": args.warmup,
+    out = {"shape": shape, "dtype": args.dtype, "device": args.device, "threads": args.threads,
+           "repeats": args.repeats, "warmup": args.warmup,
            "times_s": times, "median_s": {m: statistics.median(t) for m, t in times.items()}}
     for m in DIZO:
         if m in steps:
@@ -458,10 +469,16 @@ def ratios(t, memory):
                    f"2M+2 forwards, / κ={d['kappa']}, M={d['proj_iters']}) / (ZOSGD {med['zosgd']:.4g} s + "
                    f"(2M+2)/κ forwards {extra:.4g} s) = {amortised(t, m) / bound:.3f}")
     if "own_work_s" in t and two:
-        own = t["own_work_s"]
+        own = dict(t["own_work_s"])
+        draw = own.pop("normal_", None)
         out.append(f"{tag} own work per step, without forward passes: " + ", ".join(
             f"{LABELS[m]} {s:.4g} s" for m, s in own.items()) + "; two forwards + own work, / two forwards: "
             + ", ".join(f"{LABELS[m]} {(two + s) / two:.2f}" for m, s in own.items()))
+        if draw is not None:
+            floor = 3 * draw / t["threads"]
+            out.append(f"{tag} normal_ over every parameter on one core {draw:.4g} s; three draws a step shared by "
+                       f"{t['threads']} threads take at least {floor:.4g} s, so a Gaussian ZO step is at least "
+                       f"{(two + floor) / two:.2f} x two forwards with torch's CPU generator")
     mem = {r["method"]: r for r in memory if (r["shape"], r["dtype"]) == (t["shape"], t["dtype"])}
     kinds = [("extra_bytes", "allocator peak" if t["device"] == "cuda" else "RSS"),
              ("tracked_peak_bytes", "tracked tensors")]

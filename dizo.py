@@ -42,11 +42,13 @@ What the closure may do, and what a step guarantees:
     OneCycleLR and CyclicLR need cycle_momentum=False.
 """
 
+import functools
 import math
 import numbers
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -161,6 +163,66 @@ def _row_blocks(*tensors):
 _DIRECTIONS = ("gaussian", "rademacher")
 _SIGN_BLOCK = 1 << 20  # random bytes turned into signs at a time: bounds the int32 index scratch to 4 MiB
 
+# Gaussian z on a CPU. torch's CPU generator (mt19937) is sequential and normal_ runs on one core: drawn from
+# one generator, z took over a quarter of a ZO step at the opt-125m shape on 2 cores, one core idle. So a
+# tensor of more than _CPU_CHUNK entries takes one 62-bit seed s from the pass's generator and is cut into
+# chunks of _CPU_CHUNK entries, chunk k drawn by its own generator seeded with s + k; smaller tensors, too
+# small to be worth a thread, are drawn from the pass's generator itself, in order. (A model whose tensors
+# all have at most 2^16 entries thus sees the z of one generator, as MeZO's code draws it; a larger tensor's
+# z is another stream.) The chunks are shared out among torch.get_num_threads() threads in contiguous runs,
+# and z does not depend on how many. Each thread also applies its chunk (θ += αz) while the chunk is in its
+# cache, so a large tensor's z is never held whole: no scratch buffer the size of the largest tensor, and no
+# pass over memory to add it. The threads run torch's ops on one core each, as does the calling thread
+# during the pass: after a parallel op, OpenMP's idle workers spin for a while on the cores the drawing
+# threads need. On a GPU one generator (Philox) already draws in parallel: z is drawn tensor by tensor.
+_CPU_CHUNK = 1 << 16  # 256 KiB of fp32: stays in a core's cache between normal_'s sweeps and the add
+_POOLS = {}  # thread count -> the ThreadPoolExecutor that draws CPU chunks
+
+
+def _chunk_seed(gen):
+    """The seed of a large tensor's first chunk, drawn from the pass's generator."""
+    return int(torch.randint(0, 2**62, (1,), generator=gen))
+
+
+def _chunks_on_threads(work, threads):
+    """For each (x, seed, apply) of `work`, x a 1-D chunk of at most _CPU_CHUNK entries: z ~ N(0, I) shaped
+    like x from a generator seeded with `seed`, then apply(x, z); apply None: x itself <- z. Contiguous runs
+    of `work` go to `threads` threads."""
+    def run(part, own_thread=True):
+        if own_thread:
+            torch.set_num_threads(1)  # a pool thread: every op of its chunks on this core alone
+        gen, scratch = torch.Generator(), {}
+        with torch.no_grad():
+            for x, seed, apply in part:
+                gen.manual_seed(seed)
+                if apply is None:
+                    x.normal_(generator=gen)
+                    continue
+                if x.dtype not in scratch:
+                    scratch[x.dtype] = torch.empty(_CPU_CHUNK, dtype=x.dtype)
+                apply(x, scratch[x.dtype][: x.numel()].normal_(generator=gen))
+
+    threads = min(threads, len(work))
+    if threads <= 1:
+        return run(work, own_thread=False)
+    pool = _POOLS.get(threads) or _POOLS.setdefault(threads, ThreadPoolExecutor(threads, "dizo-z"))
+    bounds = [len(work) * i // threads for i in range(threads + 1)]
+    futures = [pool.submit(run, work[a:b]) for a, b in zip(bounds, bounds[1:])]
+    try:
+        for future in futures:
+            future.result()
+    finally:
+        wait(futures)  # never leave a thread changing θ behind an error
+
+
+def _normal_on_cpu_(z, gen, threads):
+    """z (flat, on a CPU) <- N(0, I) from the pass's generator `gen` as described above, on `threads`."""
+    if z.numel() <= _CPU_CHUNK:
+        return z.normal_(generator=gen)
+    seed = _chunk_seed(gen)
+    _chunks_on_threads([(x, seed + k, None) for k, x in enumerate(z.split(_CPU_CHUNK))], threads)
+    return z
+
 
 def _sign_table(device, dtype):
     """Row b holds the 8 signs that byte b stands for: +1 where bit j of b is 0, -1 where it is 1."""
@@ -209,9 +271,10 @@ class ZOSGD(torch.optim.Optimizer):
     step(closure) evaluates the closure exactly twice (2q times with q queries), at θ + εz and θ - εz, and
     returns the first loss (as MeZO does). z is never stored: one 62-bit seed is drawn per step (per query)
     from the optimizer's own generator, torch.Generator(seed), and every pass over the parameters regenerates
-    z tensor by tensor, in the order of the parameter groups, from one generator per device type seeded with
-    that seed (+ i for the i-th type; see _z_streams). One scratch buffer per (device, dtype), the size of
-    the largest tensor, holds the current tensor's z.
+    z tensor by tensor, in the order of the parameter groups, from that seed (+ i for the i-th device type;
+    see _z_streams), from one generator seeded with it. On a CPU a tensor of more than 2^16 entries is drawn
+    and stepped in chunks on every thread, from seeds that generator draws (see _normal_on_cpu_); one
+    scratch buffer per (device, dtype), the size of the largest other tensor, holds the current tensor's z.
 
     MeZO regenerates z four times per step (+ε, -2ε, +ε to restore, then -ηg to update). Here the restore
     and the update are fused into one pass, θ <- θ + (ε - ηg) z, so z is generated three times.
@@ -382,24 +445,35 @@ class ZOSGD(torch.optim.Optimizer):
 
     def _z_buffer(self, device, dtype, n, sources):
         """The scratch buffer for z of `dtype` on `device`, at least n long: as large as the largest tensor
-        drawn on it or living on it (sources: device -> the device its z is drawn on)."""
+        drawn on it or living on it (sources: device -> the device its z is drawn on), leaving out those
+        whose z is applied chunk by chunk (_on_threads)."""
         buf = self._buffers.get((device, dtype))
         if buf is None or buf.numel() < n:  # the first pass, a group added or a tensor unfrozen: grow it
-            largest = max(q.numel() for _, q in self._params() if self._value_dtype(q) == dtype
-                          and device in (q.device, sources[q.device]))
+            largest = max([n] + [q.numel() for _, q in self._params() if self._value_dtype(q) == dtype
+                                 and device in (q.device, sources[q.device]) and not self._on_threads(q, sources)])
             # rounded up to whole bytes of signs: Rademacher z is written 8 entries at a time
             buf = self._buffers[(device, dtype)] = torch.empty(-(-largest // 8) * 8, device=device, dtype=dtype)
         return buf
 
-    def _z(self, p, sources):
+    def _on_threads(self, p, sources):
+        """True if a pass applies p's z chunk by chunk on the drawing threads (see _normal_on_cpu_): Gaussian
+        z drawn on p's own CPU, p larger than a chunk, contiguous, and stepped in place (no master)."""
+        return (p.device.type == "cpu" and sources[p.device] == p.device and p.numel() > _CPU_CHUNK
+                and self.param_groups[0]["direction"] == "gaussian" and not self._keeps_master(p)
+                and p.is_contiguous())
+
+    def _z(self, p, sources, threads):
         """The next z for tensor p, drawn from the generator of p's device type (on sources[p.device]) in a
         reused scratch buffer, and copied to p's device if that is another."""
         dtype, source = self._value_dtype(p), sources[p.device]
         buf, gen = self._z_buffer(source, dtype, p.numel(), sources), self._z_gens[source]
-        if self.param_groups[0]["direction"] == "gaussian":
-            z = buf[: p.numel()].normal_(generator=gen)
-        else:
+        z = buf[: p.numel()]
+        if self.param_groups[0]["direction"] == "rademacher":
             z = self._signs_(buf, p.numel(), gen)
+        elif source.type == "cpu":
+            _normal_on_cpu_(z, gen, threads)
+        else:
+            z.normal_(generator=gen)
         if source != p.device:
             z = self._z_buffer(p.device, dtype, p.numel(), sources)[: p.numel()].copy_(z)
         return z.view(p.shape)
@@ -420,23 +494,46 @@ class ZOSGD(torch.optim.Optimizer):
             torch.index_select(self._sign_tables[key], 0, index, out=rows[start:start + part.numel()])
         return buf[:n]
 
-    def _zs(self, seed):
-        """(group, p, z) for every trainable tensor, z regenerated from the step's seed (MeZO's seed replay)."""
+    def _zs(self, seed, deferred=False):
+        """(group, p, z) for every trainable tensor, z regenerated from the step's seed (MeZO's seed replay).
+        deferred=True: for a tensor whose z is applied on the drawing threads (_on_threads), z is instead
+        the seed of its first chunk, drawn from the pass's generator in z's place."""
         streams = _z_streams(self._devices())
         for source, offset in dict.fromkeys(streams.values()):
             if source not in self._z_gens:
                 self._z_gens[source] = torch.Generator(device=source)
             self._z_gens[source].manual_seed(seed + offset)
         sources = {device: source for device, (source, _) in streams.items()}
-        for group, p in self._params():
-            yield group, p, self._z(p, sources)
+        threads = torch.get_num_threads()
+        try:
+            if self.param_groups[0]["direction"] == "gaussian" and "cpu" in (s.type for s in sources.values()):
+                torch.set_num_threads(1)  # see _normal_on_cpu_: the caller's θ += αz on this thread alone
+            for group, p in self._params():
+                if deferred and self._on_threads(p, sources):
+                    yield group, p, _chunk_seed(self._z_gens[sources[p.device]])
+                else:
+                    yield group, p, self._z(p, sources, threads)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _pass_(self, seed, apply):
+        """One pass over θ: apply(group, p, x, z) for the value x of every trained tensor p (or each block of
+        it; see _values) and its z from `seed`. A tensor whose z is drawn in chunks on threads is applied
+        there, chunk by chunk, after the others."""
+        threads, work = torch.get_num_threads(), []
+        for group, p, z in self._zs(seed, deferred=True):
+            if isinstance(z, int):
+                chunks = p.detach().view(-1).split(_CPU_CHUNK)
+                work += [(x, z + k, functools.partial(apply, group, p)) for k, x in enumerate(chunks)]
+            else:
+                for x, zb in self._values(p, z):
+                    apply(group, p, x, zb)
+        _chunks_on_threads(work, threads)
 
     @torch.no_grad()
     def _perturb_(self, seed, alpha):
         """θ <- θ + alpha z."""
-        for _, p, z in self._zs(seed):
-            for x, zb in self._values(p, z):
-                x.add_(zb, alpha=alpha)
+        self._pass_(seed, lambda group, p, x, z: x.add_(z, alpha=alpha))
 
     @torch.no_grad()
     def _update_(self, seeds, eps, grads):
@@ -444,18 +541,18 @@ class ZOSGD(torch.optim.Optimizer):
         restore and update are one pass, θ <- θ + (ε - ηg_q/q) z_q; MeZO's decay θ <- (1 - ηλ) θ applies to
         the restored θ, between adding εz_q and subtracting; then one pass per other query."""
         q = len(grads)
-        for group, p, z in self._zs(seeds[-1]):
+
+        def restore_and_update(group, p, x, z):
             alpha = eps - group["lr"] * grads[-1] / q
             decay = 1.0 - group["lr"] * group["weight_decay"] if p.dim() >= 2 else 1.0
-            for x, zb in self._values(p, z):
-                if decay != 1.0:
-                    x.add_(zb, alpha=eps).mul_(decay).add_(zb, alpha=alpha - eps)
-                else:
-                    x.add_(zb, alpha=alpha)
+            if decay != 1.0:
+                x.add_(z, alpha=eps).mul_(decay).add_(z, alpha=alpha - eps)
+            else:
+                x.add_(z, alpha=alpha)
+
+        self._pass_(seeds[-1], restore_and_update)
         for seed, grad in zip(seeds[:-1], grads[:-1]):
-            for group, p, z in self._zs(seed):
-                for x, zb in self._values(p, z):
-                    x.add_(zb, alpha=-group["lr"] * grad / q)
+            self._pass_(seed, lambda group, p, x, z, grad=grad: x.add_(z, alpha=-group["lr"] * grad / q))
 
     def _next_seed(self):
         return int(torch.randint(0, 2**62, (1,), generator=self._seeds))
@@ -593,10 +690,10 @@ class DiZO(ZOSGD):
     and the final r is applied. Trial projections are undone exactly by copying back the matrices saved at
     the start of the phase (the released code divides, which drifts in fp16). A trial writes the matrices
     only, never their fp32 masters, so the saved copy holds the matrices as stored (the anchor's size) and
-    the masters keep the rest. It lives in the idle z scratch buffer as far as it fits (the buffer is the
-    size of the largest tensor, e.g. the embedding; an fp32 buffer holds a bf16 copy twice its length), in
-    host memory beyond that: DiZO's extra device memory is the anchor, or with anchor_device="cpu" about
-    the largest projected matrix (the projection streams one matrix at a time to its device).
+    the masters keep the rest. It lives in the idle z scratch buffer as far as it fits (on a GPU the buffer
+    is the size of the largest tensor, e.g. the embedding; an fp32 buffer holds a bf16 copy twice its
+    length), in host memory beyond that: DiZO's extra device memory is the anchor, or with
+    anchor_device="cpu" about the largest projected matrix (the projection streams one matrix at a time).
 
     Arguments beyond ZOSGD's (defaults are Skilteee/DiZO's large_models/trainer.py and its README):
         projected     the matrices to project: a list of tensors or of (name, tensor) pairs, as returned by

@@ -41,9 +41,20 @@ def reference_seeds(seed, n):
 
 
 def reference_z(params, step_seed):
-    """z for every tensor, in order, from one generator re-seeded with the step's seed."""
-    gen = torch.Generator().manual_seed(step_seed)
-    return [torch.empty_like(p).normal_(generator=gen) for p in params]
+    """z for every tensor, in order, as documented for a CPU: one generator seeded with the step's seed draws
+    a tensor of at most 2^16 entries itself; for a larger one it draws a 62-bit seed s, and chunk k of the
+    tensor's 2^16-entry chunks comes from a generator seeded with s + k."""
+    gen, out = torch.Generator().manual_seed(step_seed), []
+    for p in params:
+        flat = torch.empty(p.numel(), dtype=p.dtype)
+        if p.numel() <= 2**16:
+            flat.normal_(generator=gen)
+        else:
+            s = int(torch.randint(0, 2**62, (1,), generator=gen))
+            for k, chunk in enumerate(flat.split(2**16)):
+                chunk.normal_(generator=torch.Generator().manual_seed(s + k))
+        out.append(flat.view(p.shape))
+    return out
 
 
 def mezo_reference_step(params, loss_fn, step_seed, lr, eps, weight_decay=0.0):
@@ -220,6 +231,35 @@ def test_seed_determinism_and_closure_calls():
     assert calls == 6  # exactly two forward passes per step
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_z_is_drawn_in_chunks_and_does_not_depend_on_the_thread_count(threads):
+    """Tensors of 3·2^16 + 5, 7 and (2^8 + 1)·2^8 entries, θ = 0, ε = 1: the first forward pass sees θ + εz = z
+    exactly, and with 1, 2 or 3 threads it is the reference's z, bit for bit; a float64 step with weight decay
+    from random θ (large tensors applied chunk by chunk on the threads) matches MeZO's four-pass step."""
+    shapes = [(3 * 2**16 + 5,), (7,), (2**8 + 1, 2**8)]
+    zeros = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ZOSGD(zeros, lr=0.0, eps=1.0, seed=5).step(
+            lambda: seen.append([p.detach().clone() for p in zeros]) or zeros[1].sum())
+        start = [torch.randn(s, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                 for i, s in enumerate(shapes)]
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        ZOSGD(params, lr=1e-3, eps=1e-3, weight_decay=0.5, seed=6).step(lambda: sum((p ** 3).sum() for p in params))
+    finally:
+        torch.set_num_threads(before)
+    for got, z in zip(seen[0], reference_z(zeros, reference_seeds(5, 1)[0])):
+        assert torch.equal(got, z)
+    reference = [torch.nn.Parameter(t.clone()) for t in start]
+    mezo_reference_step(reference, lambda: sum((p ** 3).sum() for p in reference), reference_seeds(6, 1)[0],
+                        lr=1e-3, eps=1e-3, weight_decay=0.5)
+    for p, r, t in zip(params, reference, start):
+        assert not torch.equal(p.detach(), t)
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-10, atol=1e-10)
 
 
 def test_non_finite_loss_raises_and_leaves_parameters_unchanged():
