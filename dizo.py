@@ -202,17 +202,20 @@ def _chunks_on_threads(work, threads):
                     scratch[x.dtype] = torch.empty(_CPU_CHUNK, dtype=x.dtype)
                 apply(x, scratch[x.dtype][: x.numel()].normal_(generator=gen))
 
-    threads = min(threads, len(work))
-    if threads <= 1:
+    used = min(threads, len(work))
+    if used <= 1:
         return run(work, own_thread=False)
-    pool = _POOLS.get(threads) or _POOLS.setdefault(threads, ThreadPoolExecutor(threads, "dizo-z"))
-    bounds = [len(work) * i // threads for i in range(threads + 1)]
+    pool = _POOLS.get(used) or _POOLS.setdefault(used, ThreadPoolExecutor(used, "dizo-z"))
+    bounds = [len(work) * i // used for i in range(used + 1)]
     futures = [pool.submit(run, work[a:b]) for a, b in zip(bounds, bounds[1:])]
     try:
         for future in futures:
             future.result()
     finally:
         wait(futures)  # never leave a thread changing θ behind an error
+        # torch.set_num_threads(1) in a pool thread also sets the count that threads not yet using torch
+        # start with: put back the caller's
+        torch.set_num_threads(threads)
 
 
 def _normal_on_cpu_(z, gen, threads):

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -250,6 +251,11 @@ def test_cpu_z_is_drawn_in_chunks_and_does_not_depend_on_the_thread_count(thread
                  for i, s in enumerate(shapes)]
         params = [torch.nn.Parameter(t.clone()) for t in start]
         ZOSGD(params, lr=1e-3, eps=1e-3, weight_decay=0.5, seed=6).step(lambda: sum((p ** 3).sum() for p in params))
+        seen_by_a_new_thread = []
+        thread = threading.Thread(target=lambda: seen_by_a_new_thread.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert torch.get_num_threads() == threads and seen_by_a_new_thread == [threads]  # left as they were
     finally:
         torch.set_num_threads(before)
     for got, z in zip(seen[0], reference_z(zeros, reference_seeds(5, 1)[0])):
