@@ -8,7 +8,7 @@ This module depends on torch alone; copy it into any project. Read it beside the
            large_models/trainer.py (a fork of MeZO's).
 
 Equation map (sections and equations of the DiZO paper)
-  z ~ N(0, I) (or ±1), regenerated tensor by tensor from a seed   ZOSGD._zs                 MeZO's seed replay
+  z ~ N(0, I) (or ±1), regenerated tensor by tensor from a seed   ZOSGD._zs, ZOSGD._pass_   MeZO's seed replay
   g_j = (L(θ + εz_j) - L(θ - εz_j)) / (2ε), j = 1..q               ZOSGD._query              §2.1 eq. (1)
   θ <- θ - η ((1/q) Σ_j g_j z_j + λ θ), restore and update fused   ZOSGD._update_            §2.1 eq. (2)
   half precision: the same steps on an fp32 master                 ZOSGD._values
