@@ -45,6 +45,7 @@ What the closure may do, and what a step guarantees:
 import functools
 import math
 import numbers
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -176,7 +177,7 @@ _SIGN_BLOCK = 1 << 20  # random bytes turned into signs at a time: bounds the in
 # during the pass: after a parallel op, OpenMP's idle workers spin for a while on the cores the drawing
 # threads need. On a GPU one generator (Philox) already draws in parallel: z is drawn tensor by tensor.
 _CPU_CHUNK = 1 << 16  # 256 KiB of fp32: stays in a core's cache between normal_'s sweeps and the add
-_POOLS = {}  # thread count -> the ThreadPoolExecutor that draws CPU chunks
+_POOLS = {}  # (process id, thread count) -> the ThreadPoolExecutor that draws CPU chunks
 
 
 def _chunk_seed(gen):
@@ -205,7 +206,8 @@ def _chunks_on_threads(work, threads):
     used = min(threads, len(work))
     if used <= 1:
         return run(work, own_thread=False)
-    pool = _POOLS.get(used) or _POOLS.setdefault(used, ThreadPoolExecutor(used, "dizo-z"))
+    key = (os.getpid(), used)  # a forked child has none of its parent's threads: it makes its own pool
+    pool = _POOLS.get(key) or _POOLS.setdefault(key, ThreadPoolExecutor(used, "dizo-z"))
     bounds = [len(work) * i // used for i in range(used + 1)]
     futures = [pool.submit(run, work[a:b]) for a, b in zip(bounds, bounds[1:])]
     try:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -266,6 +267,37 @@ def test_cpu_z_is_drawn_in_chunks_and_does_not_depend_on_the_thread_count(thread
     for p, r, t in zip(params, reference, start):
         assert not torch.equal(p.detach(), t)
         torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_process_draws_z_on_threads_of_its_own():
+    """After a step on 2 threads, a forked child (which has none of the parent's threads) takes the same step
+    as the parent instead of waiting forever for a pool that is not there."""
+    params = [torch.nn.Parameter(torch.zeros(3 * 2**16))]
+    loss = lambda: (params[0][:8] ** 2).sum()  # noqa: E731 -- small: no OpenMP region in the child
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opt = ZOSGD(params, lr=0.1, eps=1e-3, seed=0)
+        opt.step(loss)  # the parent's drawing threads now exist
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one step, its result through the pipe, and out
+            try:
+                opt.step(loss)
+                os.write(write, repr(float(params[0].detach().double().sum())).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        ready, _, _ = select.select([read], [], [], 60)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        child = os.read(read, 100).decode() if ready else "hung"
+        opt.step(loss)
+    finally:
+        torch.set_num_threads(before)
+    assert child == repr(float(params[0].detach().double().sum()))
 
 
 def test_non_finite_loss_raises_and_leaves_parameters_unchanged():
