@@ -685,10 +685,20 @@ def first_step_seed(seed):
 
 
 def replayed_z(params, step_seed, dtype):
-    """z of one step, regenerated from its seed as ZOSGD does: one generator on the parameters' device,
-    tensors in order, each drawn in `dtype` (None: the parameter's own)."""
-    gen = torch.Generator(device=params[0].device).manual_seed(step_seed)
-    return [torch.empty(p.shape, device=p.device, dtype=dtype or p.dtype).normal_(generator=gen) for p in params]
+    """z of one step, regenerated from its seed as ZOSGD documents it: one generator on the parameters' device,
+    tensors in order, each drawn in `dtype` (None: the parameter's own); on a CPU a tensor of more than
+    2^16 entries takes a 62-bit seed s from that generator and its chunk k of 2^16 entries comes from s + k."""
+    gen, out = torch.Generator(device=params[0].device).manual_seed(step_seed), []
+    for p in params:
+        z = torch.empty(p.numel(), device=p.device, dtype=dtype or p.dtype)
+        if p.device.type != "cpu" or p.numel() <= 2**16:
+            z.normal_(generator=gen)
+        else:
+            s = int(torch.randint(0, 2**62, (1,), generator=gen))
+            for k, chunk in enumerate(z.split(2**16)):
+                chunk.normal_(generator=torch.Generator().manual_seed(s + k))
+        out.append(z.view(p.shape))
+    return out
 
 
 def flat64(tensors):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -2276,6 +2277,22 @@ def test_a_process_that_dies_stops_the_whole_data_parallel_run(assets, tmp_path)
     r = json.loads((out / "results.json").read_text())["methods"]["zo"]
     state = torch.load(out / "checkpoints" / "zo" / "trainer_state.pt", weights_only=True)
     assert r["status"] == "running" and r["steps"] == state["result"]["steps"] and r["steps"] % 5 == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench.py --precision: its replay of z must be the optimizer's, or every fidelity it reports is noise
+
+def test_precision_study_replays_the_optimizers_z():
+    """The fidelity study's layer has 512×512 matrices (drawn in chunks on a CPU): in fp32 and in bf16 stepped
+    exactly, the update it measures is the intended -ηgz (ratio 1, cosine 1); in bf16 in place it is not."""
+    found = {}
+    for prec in bench.half_precisions(("bf16",)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # half_precision="plain" warns by design
+            found[prec.name] = bench.step_fidelity(prec, 0.05, 1e-6, 1e-3, torch.device("cpu"))["update"]
+    for name in ("fp32", "bf16 exact", "bf16 autocast"):
+        assert found[name]["ratio"] == pytest.approx(1, abs=1e-3) and found[name]["cosine"] > 0.999, name
+    assert found["bf16 plain"]["cosine"] < 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------
