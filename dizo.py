@@ -203,7 +203,7 @@ def _chunks_on_threads(work, threads):
                     scratch[x.dtype] = torch.empty(_CPU_CHUNK, dtype=x.dtype)
                 apply(x, scratch[x.dtype][: x.numel()].normal_(generator=gen))
 
-    used = min(threads, len(work))
+    used, caller = min(threads, len(work)), torch.get_num_threads()
     if used <= 1:
         return run(work, own_thread=False)
     key = (os.getpid(), used)  # a forked child has none of its parent's threads: it makes its own pool
@@ -217,7 +217,7 @@ def _chunks_on_threads(work, threads):
         wait(futures)  # never leave a thread changing θ behind an error
         # torch.set_num_threads(1) in a pool thread also sets the count that threads not yet using torch
         # start with: put back the caller's
-        torch.set_num_threads(threads)
+        torch.set_num_threads(caller)
 
 
 def _normal_on_cpu_(z, gen, threads):
