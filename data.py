@@ -904,7 +904,8 @@ def claim_out_dir(out_dir, settings, resume, overwrite, inputs):
     if not resume:
         for name in OUTPUTS:
             remove(out_dir / name)
-    return results, lock
+        write_json(out_dir / "results.json", results)  # the folder is this run's from now on: --resume works
+    return results, lock                              # even if it is killed before its first evaluation
 
 
 def save_model(model, tokenizer, folder):

@@ -1886,20 +1886,30 @@ def assert_same_weights(run_a, run_b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp_path):
-    """SIGKILL (out of memory, a time limit) gives no chance to write anything: results.json and the
-    checkpoint written at the last evaluation must be enough to continue, bit-for-bit."""
+def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp_path, monkeypatch):
+    """SIGKILL (out of memory, a time limit) gives no chance to write anything: the checkpoint written at the
+    last evaluation must be enough to continue, bit-for-bit, whether or not results.json had recorded it yet
+    (the kill may fall between the two writes; the copy below has it fall there for certain)."""
     flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--method", "dizo",
              "--batch_size", "4", "--interval", "2", "--proj_iters", "2", "--lr", "1e-3", "--eval_every", "10",
              "--save"]
     flags += ["--steps", "100"]  # long enough that the kill comes first (a step takes milliseconds here)
     assert signal_at_first_checkpoint(flags + ["--out_dir", str(tmp_path / "cut")], tmp_path / "cut", "dizo",
                                       signal.SIGKILL) == -signal.SIGKILL
-    saved = json.loads((tmp_path / "cut" / "results.json").read_text())["methods"]["dizo"]
-    assert saved["status"] == "running" and saved["steps"] % 10 == 0 and 10 <= saved["steps"] < 100
-    assert train.main(flags + ["--out_dir", str(tmp_path / "cut"), "--resume"]) == 0
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "dizo" / "trainer_state.pt", weights_only=True)
+    steps = state["result"]["steps"]
+    saved = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert steps % 10 == 0 and 10 <= steps < 100 and saved["methods"].get("dizo", {"steps": steps})["steps"] == steps
+    shutil.copytree(tmp_path / "cut", tmp_path / "unrecorded")
+    data.write_json(tmp_path / "unrecorded" / "results.json", saved | {"methods": {}})
     assert train.main(flags + ["--out_dir", str(tmp_path / "full")]) == 0
-    assert_same_weights(tmp_path / "full", tmp_path / "cut")
+    take_step, taken = train.take_step, []
+    monkeypatch.setattr(train, "take_step", lambda *args: taken.append(1) or take_step(*args))
+    for run in ("cut", "unrecorded"):
+        taken.clear()
+        assert train.main(flags + ["--out_dir", str(tmp_path / run), "--resume"]) == 0
+        assert len(taken) == 100 - steps  # from the checkpoint, not from the start
+        assert_same_weights(tmp_path / "full", tmp_path / run)
 
 
 def test_sigterm_from_outside_writes_results_and_checkpoint(assets, tmp_path):

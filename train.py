@@ -636,9 +636,8 @@ def train_all(cfg, setup, out_dir, results, model):
         if previous is not None and previous["status"] == "done":
             continue
         model = load_model(cfg, setup, method) if model is None else model
-        saved = None
-        if cfg.resume and previous is not None:
-            saved = data.load_checkpoint(out_dir, method, model)
+        # a checkpoint is written before results.json names it: a run killed in between resumes from it
+        saved = data.load_checkpoint(out_dir, method, model) if cfg.resume else None
 
         def record(r, method=method):
             results["methods"][method] = r | {"world_size": RANKS.world}
@@ -707,11 +706,11 @@ def main(argv=None):
         setup = prepare(cfg)
         model = load_model(cfg, setup, cfg.methods[0])  # broken weights are found before anything is written
         data.check_disk_space(out_dir, model, copies=2 + (len(cfg.methods) if cfg.save else 0))
-        # rank 0 owns the output folder; the others read what it holds once rank 0 has claimed it
+        # rank 0 owns the output folder; the others read the results.json it holds once rank 0 has claimed it
         settings = cfg.run_flags() | {"data_hash": setup.data_hash}
         results, lock = data.claim_out_dir(settings=settings, **folder) if RANKS.main else (None, None)
         RANKS.barrier()
-        results = results if RANKS.main else data.check_out_dir(settings=settings, **folder)
+        results = results if RANKS.main else data.check_out_dir(settings=settings, **folder | {"resume": True})
         RANKS.barrier()
         restore_signals = Stop.install()
         try:
