@@ -165,7 +165,7 @@ _DIRECTIONS = ("gaussian", "rademacher")
 _SIGN_BLOCK = 1 << 20  # random bytes turned into signs at a time: bounds the int32 index scratch to 4 MiB
 
 # Gaussian z on a CPU. torch's CPU generator (mt19937) is sequential and normal_ runs on one core: drawn from
-# one generator, z took over a quarter of a ZO step at the opt-125m shape on 2 cores, one core idle. So a
+# one generator, z is most of a ZO step's own work and leaves every other core idle (bench.py --profile). So a
 # tensor of more than _CPU_CHUNK entries takes one 62-bit seed s from the pass's generator and is cut into
 # chunks of _CPU_CHUNK entries, chunk k drawn by its own generator seeded with s + k; smaller tensors, too
 # small to be worth a thread, are drawn from the pass's generator itself, in order. (A model whose tensors

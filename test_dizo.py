@@ -44,20 +44,10 @@ def reference_seeds(seed, n):
 
 
 def reference_z(params, step_seed):
-    """z for every tensor, in order, as documented for a CPU: one generator seeded with the step's seed draws
-    a tensor of at most 2^16 entries itself; for a larger one it draws a 62-bit seed s, and chunk k of the
-    tensor's 2^16-entry chunks comes from a generator seeded with s + k."""
-    gen, out = torch.Generator().manual_seed(step_seed), []
-    for p in params:
-        flat = torch.empty(p.numel(), dtype=p.dtype)
-        if p.numel() <= 2**16:
-            flat.normal_(generator=gen)
-        else:
-            s = int(torch.randint(0, 2**62, (1,), generator=gen))
-            for k, chunk in enumerate(flat.split(2**16)):
-                chunk.normal_(generator=torch.Generator().manual_seed(s + k))
-        out.append(flat.view(p.shape))
-    return out
+    """z for every tensor, in order, as ZOSGD documents it for a CPU, re-implemented once in bench.py (whose
+    precision study replays it too): one generator seeded with the step's seed draws a tensor of at most 2^16
+    entries itself; for a larger one it draws a 62-bit seed s, and chunk k of 2^16 entries comes from s + k."""
+    return bench.replayed_z(params, step_seed, None)
 
 
 def mezo_reference_step(params, loss_fn, step_seed, lr, eps, weight_decay=0.0):

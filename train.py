@@ -668,8 +668,6 @@ def train_all(cfg, setup, out_dir, results, model):
     return 0
 
 
-
-
 def load_model(cfg, setup, method):
     """The pretrained model, in the method's storage dtype; with --lora, wrapped in PEFT LoRA adapters (B = 0:
     the same function at first), only they trainable. PEFT is an optional dependency, the ecosystem's standard
