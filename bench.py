@@ -512,7 +512,7 @@ def machine(args):
     return info
 
 
-# ------------------------------------------------------------------------------- figures of a train.py run
+# ---------------------------------------------------------------- a train.py run's table and figures
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
@@ -600,6 +600,47 @@ def plot_projection(results, path):
     save_figure(fig, path)
 
 
+def print_table(results):
+    """train.py's end-of-run summary, one row per method."""
+    def cell(r, key, fmt="{:.3f}"):
+        return fmt.format(r[key]) if r.get(key) is not None else "-"
+
+    rows = [("method", "zero-shot", "best dev", "test", "steps", "fwd passes", "train s", "peak MB", "status")]
+    for method, r in results["methods"].items():
+        rows.append((method, cell(r, "zero_shot_acc"), cell(r, "best_dev_acc"), cell(r, "test_acc"),
+                     str(r["steps"]), str(r["forward_passes"]), cell(r, "wall_s", "{:.1f}"),
+                     cell(r, "peak_mem_mb", "{:.0f}"), r["status"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def plot_run(results, folder):
+    """The figures of a train.py run, in `folder`: curves, and divergence and projection where recorded;
+    returns their names."""
+    methods = results["methods"]
+    figures = {"curves.png": plot_curves}
+    if any(r.get("history") and "divergence" in r["history"][-1] for r in methods.values()):
+        figures["divergence.png"] = plot_divergence
+    if any(r.get("projection") for r in methods.values()):
+        figures["projection.png"] = plot_projection
+    for name, plot in figures.items():
+        plot(results, folder / name)
+    return list(figures)
+
+
+def replot(folder):
+    """Draw the figures train.py draws for the run in `folder`, from its results.json alone."""
+    try:
+        results = json.loads((folder / "results.json").read_text())
+        results["methods"].items()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: {folder} holds no readable train.py results.json ({type(e).__name__}: {e})")
+    print(f"drew {', '.join(plot_run(results, folder))} in {folder}")
+
+
 # ------------------------------------------------------------------------------------- precision study
 
 PRECISION_SCALES = (0.02, 0.05)  # typical std of an LLM's weight matrices
@@ -625,30 +666,6 @@ class Precision:
     optimizer: Callable = ZOSGD
     z_dtype: torch.dtype | None = None
     values: Callable | None = None
-
-
-def plot_run(results, folder):
-    """The figures of a train.py run, in `folder`: curves, and divergence and projection where recorded;
-    returns their names."""
-    methods = results["methods"]
-    figures = {"curves.png": plot_curves}
-    if any(r.get("history") and "divergence" in r["history"][-1] for r in methods.values()):
-        figures["divergence.png"] = plot_divergence
-    if any(r.get("projection") for r in methods.values()):
-        figures["projection.png"] = plot_projection
-    for name, plot in figures.items():
-        plot(results, folder / name)
-    return list(figures)
-
-
-def replot(folder):
-    """Draw the figures train.py draws for the run in `folder`, from its results.json alone."""
-    try:
-        results = json.loads((folder / "results.json").read_text())
-        results["methods"].items()
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SystemExit(f"error: {folder} holds no readable train.py results.json ({type(e).__name__}: {e})")
-    print(f"drew {', '.join(plot_run(results, folder))} in {folder}")
 
 
 def half_precisions(halves):

@@ -502,6 +502,72 @@ class Batches:
         self._shuffle()
 
 
+# ------------------------------------------------------------------ which examples this process reads
+#
+# Data parallelism under torchrun. Every rank draws the same global mini-batch (same seed) and evaluates its
+# share, idx[rank::world]; one all-reduce of (Σ loss, count) gives every rank the global mean, so ZO's ℓ+ and
+# ℓ- (and the γ search's) are the same everywhere, and so are g, z (regenerated from the shared seed) and the
+# update: a ZO step costs one all-reduce of two scalars per forward pass and no gradient traffic. FO uses
+# DistributedDataParallel. A process started without torchrun is a world of one, and every method is a no-op.
+
+class Ranks:
+    """This process's place in the run (`world`, `rank`, `main`), its `device`, and the collectives."""
+
+    def __init__(self):
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        self.main = self.rank == 0
+        self.device = torch.device("cpu")
+
+    def start(self):
+        """Join the process group (NCCL between GPUs, one per process; gloo on CPUs); returns the device."""
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.world == 1:
+            return self.device
+        import datetime
+        import torch.distributed as dist
+
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        # a rank that dies leaves the others waiting in an all-reduce: they give up after the timeout
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=10))
+        return self.device
+
+    def stop(self):
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+    def shard(self, idx):
+        return idx[self.rank::self.world]
+
+    def total(self, *values):
+        """Σ over ranks of each value (floats), identical on every rank."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return tuple(t.tolist())
+
+    def mean(self, loss, count):
+        """The global mean of per-rank mean losses over `count` examples each; a tensor alone is left as is."""
+        if self.world == 1:
+            return loss
+        total, n = self.total(float(loss) * count, count)
+        return total / n
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def agree(self, flag):
+        """True on every rank if it is true on any (a signal reaches the ranks at different steps)."""
+        return flag if self.world == 1 else self.total(float(flag))[0] > 0
+
+
+RANKS = Ranks()
+
+
 # ------------------------------------------------------------------------------- the pretrained model
 #
 # Any Hugging Face causal or masked LM, from the hub or a local folder, with errors a user can act on.
@@ -577,6 +643,34 @@ def load_model(name, kind, dtype, device, trust_remote_code, device_map=None):
         raise DataError(f"--model {name} is quantised ({model.hf_quantizer.quantization_config.quant_method}); "
                         "dequantise it to an ordinary float checkpoint first (see the SmolLM2 recipe in README)")
     return (model if device_map else model.to(device)).eval()
+
+
+def check_projectable(config, kind, trust_remote_code):
+    """DiZO and --track_divergence need attention matrices that dizo.projected_params can find: checked on an
+    empty model on the meta device (no memory, no weights read), before anything is trained or written."""
+    from dizo import projected_params
+
+    with torch.device("meta"):
+        model = model_class(kind).from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        projected_params(model)
+    except ValueError as e:
+        raise DataError(f"--method dizo / --track_divergence: {e}") from None
+
+
+def add_lora(model, rank, alpha, targets):
+    """`model` in PEFT LoRA adapters on `targets` (None: PEFT's default modules for the model), only they
+    trainable; B = 0, so it computes the same function at first. PEFT is an optional dependency: the
+    ecosystem's standard for adapters."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise DataError("--lora needs the peft package: pip install peft") from None
+    try:
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                                                lora_dropout=0.0))
+    except ValueError as e:
+        raise DataError(f"--lora: {first_line(e)}") from None
 
 
 # ------------------------------------------------------------------------------------- built-in task

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import bench
 import data
+from data import RANKS
 from dizo import DiZO, ZOSGD, projected_params, projection_report
 
 METHODS = ("fo", "zo", "dizo")
@@ -38,16 +39,16 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Settings. One documented dataclass; the command line is generated from its fields. Defaults that depend on
-# the model (the embedded tiny model or a real one) are None here and resolved by the methods below it.
+# Settings: one documented dataclass, from which the command line is generated. A default that depends on
+# the model (the embedded tiny one or a real one) or on the machine is None in its field and resolved once in
+# __post_init__; steps and lr are resolved per method (steps_for, lr_for).
 
-# Released-code defaults for real models (MeZO / DiZO: ZO lr 1e-6, eps 1e-3, batch 16, constant lr; FO 1e-5).
+# Real models: the released code's settings (MeZO / DiZO: ZO lr 1e-6, eps 1e-3, batch 16, constant lr; FO 1e-5).
 REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 20000, "zo": 20000, "dizo": 20000},
                      eval_every=500, zo_params="all", lr_schedule="constant")
-# Our defaults for the embedded tiny model: a 0.6M-parameter model needs a far larger ZO lr than billions of
-# parameters do; FO reaches its best dev accuracy within 300 steps. It trains what the released code trains,
-# with its logs' decay: with the token embedding (and the head tied to it) trained at a constant rate, ZO
-# reaches 0.985 dev accuracy and then collapses (README).
+# The embedded tiny model: 0.6M parameters take a far larger ZO lr than billions do; FO reaches its best dev
+# accuracy within 300 steps. It trains what the released code trains, with its logs' decay: with the token
+# embedding (and the head tied to it) trained at a constant rate, ZO reaches 0.985 dev accuracy, then collapses.
 BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4},
                         steps={"fo": 300, "zo": 1500, "dizo": 1500}, eval_every=100, zo_params="no_embed",
                         lr_schedule="linear")
@@ -76,14 +77,12 @@ class Config:
     num_test: int | None = flag(None, "test examples (MeZO: 1000)", int)
     eval_every: int | None = flag(None, "steps between dev evaluations and checkpoints (builtin 100, real 500)", int)
     out_dir: str = flag("runs/default", "where results.json, plots, checkpoints and --save go")
-    dtype: str | None = flag(None, "compute precision: fp32, bf16 or fp16 (a GPU); default bf16 for a real model on a "
-                                   "GPU, else fp32. ZO and DiZO keep the weights in it and step their exact fp32 "
-                                   "value (dizo.py's half_precision); FO keeps fp32 weights under autocast", str)
+    dtype: str | None = flag(None, "fp32, bf16 or fp16 (a GPU); default bf16 for a real model on a GPU, else fp32. "
+                                   "ZO keeps the weights in it (see --half_precision); FO autocasts fp32 ones", str)
     save: bool = flag(False, "save the final model(s) to out_dir/model/")
     template: str | None = flag(None, "prompt template with {sentence} and {mask}", str)
     label_words: str | None = flag(None, "comma-separated label words, one per class", str)
-    direction: str = flag("gaussian", "ZO direction z: gaussian (MeZO, DiZO) or rademacher (±1, the original SPSA; "
-                                      "cheaper to draw)")
+    direction: str = flag("gaussian", "ZO direction z: gaussian (MeZO, DiZO) or rademacher (±1, cheaper to draw)")
     queries: int = flag(1, "q: directions per ZO step, their estimates averaged (DiZO eq. (1)); 2q forward passes")
     half_precision: str = flag("exact", "bf16/fp16 weights under ZO: exact (stepped through their fp32 value) or "
                                         "plain (rounded at every pass, as the released code; drifts)")
@@ -92,43 +91,45 @@ class Config:
     proj_eps: float = flag(0.1, "DiZO ε_γ")
     proj_lr: float = flag(2.0, "DiZO η_γ")
     tau: float = flag(0.2, "DiZO τ: ratio clipped to [1-τ, 1+τ]")
-    anchor_device: str | None = flag(None, "DiZO: where the pretrained values θ0 live, e.g. cpu to keep them off "
-                                           "the GPU (the projection then streams one matrix at a time)", str)
-    zo_params: str | None = flag(None, "what trains: all, or no_embed (the released code: the token embedding and "
-                                       "a head tied to it frozen); default builtin no_embed, real all", str)
-    lr_schedule: str | None = flag(None, "constant, or linear from lr to lr/2 over the run (the released logs); "
-                                         "default builtin linear, real constant", str)
+    anchor_device: str | None = flag(None, "DiZO: where θ0 lives, e.g. cpu to keep it off the GPU", str)
+    zo_params: str | None = flag(None, "all, or no_embed (the released code: token embedding and a head tied to "
+                                       "it frozen); default builtin no_embed, real all", str)
+    lr_schedule: str | None = flag(None, "constant, or linear from lr to lr/2 (the released logs); default "
+                                         "builtin linear, real constant", str)
     lora: int = flag(0, "rank of PEFT LoRA adapters on the attention (0: fine-tune the weights themselves)")
     lora_alpha: float = flag(16.0, "LoRA scale alpha (the update is alpha/rank · BA)")
-    lora_targets: str | None = flag(None, "comma-separated module names for LoRA (default: PEFT's per model, "
-                                          "e.g. q_proj,v_proj)", str)
-    grad_accum: int = flag(1, "micro-batches per mini-batch: the loss (FO: the gradient) is summed over them, so a "
-                              "forward pass holds batch_size/grad_accum examples")
-    device_map: str | None = flag(None, "'auto': place the model's layers across the GPUs (and CPU) with "
-                                        "accelerate, for a model larger than one GPU", str)
-    recipe: str | None = flag(None, "released: every setting of the released DiZO OPT runs (flags given "
-                                    "explicitly still win); see README", str)
+    lora_targets: str | None = flag(None, "comma-separated module names for LoRA (default PEFT's, e.g. q_proj,v_proj)",
+                                    str)
+    grad_accum: int = flag(1, "micro-batches per mini-batch, their losses (FO: gradients) summed")
+    device_map: str | None = flag(None, "'auto': spread the model's layers over the GPUs (and CPU) with accelerate",
+                                  str)
+    recipe: str | None = flag(None, "released: the settings of the released DiZO OPT runs (explicit flags win)", str)
     track_divergence: bool = flag(False, "log ‖W_t - W_0‖ of every attention Q, K, V, O matrix at each evaluation")
     resume: bool = flag(False, "continue the run in --out_dir from its checkpoints")
     overwrite: bool = flag(False, "replace an existing run in --out_dir")
     trust_remote_code: bool = flag(False, "allow a model's own Python code to run")
 
     def __post_init__(self):
-        for name in ("zo_params", "lr_schedule"):  # defaults that depend on the model
+        defaults = self.defaults
+        for name in ("zo_params", "lr_schedule", "eval_every"):
             if getattr(self, name) is None:
-                setattr(self, name, self.defaults[name])
+                setattr(self, name, defaults[name])
+        if self.dtype is None:  # bf16 stored, stepped exactly by the optimizer: 4 bytes per parameter in all
+            self.dtype = "bf16" if not self.builtin and torch.cuda.is_available() else "fp32"
+        if self.task is None and (self.builtin or self.data_dir is None):
+            self.task = "toy"
 
     @property
     def builtin(self):
         return self.model == BUILTIN
 
     @property
-    def methods(self):
-        return METHODS if self.method == "all" else (self.method,)
-
-    @property
     def defaults(self):
         return BUILTIN_DEFAULTS if self.builtin else REAL_DEFAULTS
+
+    @property
+    def methods(self):
+        return METHODS if self.method == "all" else (self.method,)
 
     def steps_for(self, method):
         return self.defaults["steps"][method] if self.steps is None else self.steps
@@ -136,37 +137,14 @@ class Config:
     def lr_for(self, method):
         return self.defaults["lr"][method] if self.lr is None else self.lr
 
-    @property
-    def eval_interval(self):
-        return self.defaults["eval_every"] if self.eval_every is None else self.eval_every
-
-    @property
-    def projected_roles(self):
-        """K and V, as the released code; with LoRA every attention matrix carrying adapters (the released code
-        projects every LoRA factor, and its adapters sit on Q and V)."""
-        return ROLES if self.lora else ("k", "v")
-
-    @property
-    def compute_dtype(self):
-        """--dtype, or the default: bf16 for a real model on a GPU (stored in bf16, stepped exactly by the
-        optimizer: 4 bytes per parameter in all), fp32 otherwise."""
-        if self.dtype is not None:
-            return self.dtype
-        return "bf16" if not self.builtin and torch.cuda.is_available() else "fp32"
-
     def storage_dtype(self, method):
         """How the weights are held: in the compute dtype for ZO and DiZO; fp32 for FO, whose AdamW needs it."""
-        return "fp32" if method == "fo" else self.compute_dtype
-
-    @property
-    def task_name(self):
-        return self.task or ("toy" if self.builtin or self.data_dir is None else None)
+        return "fp32" if method == "fo" else self.dtype
 
     def run_flags(self):
         """The settings a resumed run must share with the saved one."""
         skip = {"method", "out_dir", "save", "resume", "overwrite", "trust_remote_code"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip} | {
-            "task": self.task_name, "eval_every": self.eval_interval, "dtype": self.compute_dtype,
             "methods": list(self.methods)}
 
 
@@ -200,24 +178,18 @@ def parse_config(argv=None):
 
 def check_config(cfg):
     """Raise UsageError for a setting that cannot work, before anything is loaded or written."""
-    if cfg.method != "all" and cfg.method not in METHODS:
-        raise UsageError(f"--method must be one of fo, zo, dizo, all; got {cfg.method!r}")
-    if cfg.recipe is not None and cfg.recipe not in RECIPES:
-        raise UsageError(f"--recipe must be one of {', '.join(RECIPES)}; got {cfg.recipe!r}")
-    for name, allowed in (("zo_params", ("all", "no_embed")), ("lr_schedule", ("constant", "linear"))):
+    choices = {"method": (*METHODS, "all"), "recipe": (None, *RECIPES), "zo_params": ("all", "no_embed"),
+               "lr_schedule": ("constant", "linear"), "dtype": tuple(bench.DTYPES)}
+    for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise UsageError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
-    if cfg.compute_dtype not in bench.DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(bench.DTYPES)}; got {cfg.dtype!r}")
-    if cfg.compute_dtype == "fp16" and not torch.cuda.is_available():
-        raise UsageError("--dtype fp16 needs a GPU: fp16 matmuls on the CPU are slow or unsupported; "
-                         "use fp32 or bf16")
-    counts = [("steps", 0), ("batch_size", 1), ("eval_every", 1), ("k", 1), ("num_train", 1), ("num_dev", 1),
-              ("num_test", 1), ("lora", 0), ("grad_accum", 1)]
-    for name, least in counts:
-        value = getattr(cfg, name)
-        if value is not None and value < least:
-            raise UsageError(f"--{name} must be >= {least}, got {value}")
+            names = ", ".join(a for a in allowed if a is not None)
+            raise UsageError(f"--{name} must be one of {names}; got {getattr(cfg, name)!r}")
+    if cfg.dtype == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--dtype fp16 needs a GPU: fp16 matmuls on the CPU are slow or unsupported; use fp32 or bf16")
+    for name, least in (("steps", 0), ("batch_size", 1), ("eval_every", 1), ("k", 1), ("num_train", 1),
+                        ("num_dev", 1), ("num_test", 1), ("lora", 0), ("grad_accum", 1)):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < least:
+            raise UsageError(f"--{name} must be >= {least}, got {getattr(cfg, name)}")
     if cfg.batch_size < RANKS.world * cfg.grad_accum:
         raise UsageError(f"--batch_size {cfg.batch_size} is the global mini-batch: it must hold at least one "
                          f"example per process ({RANKS.world}) and micro-batch ({cfg.grad_accum})")
@@ -227,39 +199,25 @@ def check_config(cfg):
     if not 0 <= cfg.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     for name in ("lr", "eps"):  # dizo.py accepts any finite value; for an LM, 1 or more is a typo (1e3 for 1e-3)
-        value = getattr(cfg, name)
-        if value is not None and not value < 1:
-            raise UsageError(f"--{name} must be below 1 to fine-tune a language model, got {value}")
-    if cfg.task_name is None:
+        if getattr(cfg, name) is not None and not getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be below 1 to fine-tune a language model, got {getattr(cfg, name)}")
+    if cfg.task is None:
         raise UsageError("--task is required with --data_dir (e.g. sst-2, rte, or custom with --template)")
     sampling = [f"--{n}" for n in ("k", "num_train", "num_dev", "num_test") if getattr(cfg, n) is not None]
     if sampling and cfg.data_dir is None:
         raise UsageError(f"{', '.join(sampling)} sample a --data_dir; the built-in task has fixed splits")
-    if cfg.task_name != "toy" and cfg.data_dir is None:
-        raise UsageError(f"--task {cfg.task_name} needs --data_dir (a folder with train.tsv, dev.tsv, test.tsv)")
-    # The optimizers check their own hyperparameters: build each once on a dummy parameter.
-    dummy = torch.nn.Parameter(torch.zeros(2, 2))
+    if cfg.task != "toy" and cfg.data_dir is None:
+        raise UsageError(f"--task {cfg.task} needs --data_dir (a folder with train.tsv, dev.tsv, test.tsv)")
+    dummy = torch.nn.Parameter(torch.zeros(2, 2))  # the optimizers check their own hyperparameters
     try:
-        for method in cfg.methods:
-            if method != "fo":
-                make_optimizer(method, [dummy], [("dummy", dummy)], cfg, cfg.lr_for(method))
+        for method in [m for m in cfg.methods if m != "fo"]:
+            make_optimizer(method, [dummy], [("dummy", dummy)], cfg, cfg.lr_for(method))
     except ValueError as e:
         raise UsageError(f"--{e}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The model and data: loaded and checked before anything is written.
-
-def check_projectable(config, kind, trust_remote_code):
-    """DiZO and --track_divergence need attention matrices projected_params can find: check on an empty
-    model on the meta device (no memory, no weights read) before anything is trained or written."""
-    with torch.device("meta"):
-        model = data.model_class(kind).from_config(config, trust_remote_code=trust_remote_code)
-    try:
-        projected_params(model)
-    except ValueError as e:
-        raise UsageError(f"--method dizo / --track_divergence: {e}")
-
 
 @dataclass
 class Setup:
@@ -275,8 +233,8 @@ class Setup:
 
 def prepare(cfg):
     """Data, tokenizer and loss, checked before anything is written; the model's config decides its kind."""
-    device = DEVICE[0]
-    task = data.get_task(cfg.task_name, template=cfg.template, label_words=cfg.label_words)
+    device = RANKS.device
+    task = data.get_task(cfg.task, template=cfg.template, label_words=cfg.label_words)
     if cfg.data_dir is None:
         raw = data.builtin_splits(data.TINY["seed"])  # the splits the built-in corpus was generated to avoid
     else:
@@ -286,17 +244,28 @@ def prepare(cfg):
     config = data.load_config(name, cfg.trust_remote_code)
     kind = data.model_kind(config)
     if "dizo" in cfg.methods or cfg.track_divergence:
-        check_projectable(config, kind, cfg.trust_remote_code)
+        data.check_projectable(config, kind, cfg.trust_remote_code)
     tokenizer = data.load_tokenizer(name, cfg.trust_remote_code)
     # A prompt longer than the model's positions would index past its position table.
     max_length = min(data.MAX_LENGTH, getattr(config, "max_position_embeddings", data.MAX_LENGTH) - 2)
     loss_fn = data.PromptLoss(task, tokenizer, kind, device, max_length)
     splits = {s: loss_fn.encode(raw[s]) for s in ("train", "dev", "test")}
-    print(f"model {cfg.model} ({kind} LM, {config.model_type}) on {device}, {cfg.compute_dtype}; task {task.name}: "
+    print(f"model {cfg.model} ({kind} LM, {config.model_type}) on {device}, {cfg.dtype}; task {task.name}: "
           f"{len(splits['train'].labels)} train / {len(splits['dev'].labels)} dev / "
           f"{len(splits['test'].labels)} test")
     digest = hashlib.sha256(json.dumps([[splits[s].prompts, splits[s].labels] for s in splits]).encode())
     return Setup(name, kind, tokenizer, loss_fn, splits, device, digest.hexdigest()[:16])
+
+
+def load_model(cfg, setup, method):
+    """The pretrained model, in the method's storage dtype; with --lora, in PEFT LoRA adapters."""
+    model = data.load_model(setup.name, setup.kind, bench.DTYPES[cfg.storage_dtype(method)], setup.device,
+                            cfg.trust_remote_code, cfg.device_map)
+    setup.loss_fn.device = model.get_input_embeddings().weight.device  # where the inputs go (--device_map)
+    if not cfg.lora:
+        return model
+    torch.manual_seed(cfg.seed)  # LoRA's A is random
+    return data.add_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets.split(",") if cfg.lora_targets else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,74 +294,6 @@ def take_step(method, opt, closure, step):
         raise FloatingPointError(f"non-finite loss {float(loss)} at FO step {step}")
     opt.step()
     return loss
-
-
-class Ranks:
-    """Data parallelism under torchrun (one process alone: every method is a no-op).
-
-    Every rank draws the same global mini-batch (same seed) and evaluates its share, idx[rank::world]; one
-    all-reduce of (Σ loss, count) gives every rank the global mean, so ZO's ℓ+ and ℓ- (and the γ search's) are
-    the same everywhere, and so are g, z (regenerated from the shared seed) and the update: a ZO step costs
-    one all-reduce of two scalars per forward pass and no gradient traffic. FO uses DistributedDataParallel.
-    """
-
-    def __init__(self):
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.main = self.rank == 0
-
-    def start(self):
-        """Join the process group: NCCL between GPUs (one per process), gloo on CPUs; the device."""
-        if self.world == 1:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        import datetime
-        import torch.distributed as dist
-
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
-        # a rank that dies leaves the others waiting in an all-reduce: they give up after the timeout
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=10))
-        return device
-
-    def stop(self):
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-
-    def shard(self, idx):
-        return idx[self.rank::self.world]
-
-    def total(self, *values):
-        """Σ over ranks of each value (floats), identical on every rank."""
-        if self.world == 1:
-            return values
-        import torch.distributed as dist
-        t = torch.tensor(values, dtype=torch.float64, device=DEVICE[0])
-        dist.all_reduce(t)
-        return tuple(t.tolist())
-
-    def mean(self, loss, count):
-        """The global mean of per-rank mean losses over `count` examples each; a tensor alone is left as is."""
-        if self.world == 1:
-            return loss
-        total, n = self.total(float(loss) * count, count)
-        return total / n
-
-    def barrier(self):
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def agree(self, flag):
-        """True on every rank if it is true on any (a signal reaches the ranks at different steps)."""
-        return flag if self.world == 1 else self.total(float(flag))[0] > 0
-
-
-RANKS = Ranks()
-DEVICE = [torch.device("cpu")]  # this process's device, set by main
 
 
 class TrainLoss:
@@ -448,7 +349,7 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
     else:
         forward = model
     loss = TrainLoss(setup, forward, cfg, backward=method == "fo")
-    storage, compute = cfg.storage_dtype(method), cfg.compute_dtype
+    storage, compute = cfg.storage_dtype(method), cfg.dtype
     setup.loss_fn.autocast = bench.DTYPES[compute] if compute != storage else None  # FO's mixed precision
     run = build_run(method, model, setup, cfg, loss)
     r = run.restore(saved) if saved is not None else start_result(method, model, setup, cfg, run)
@@ -461,7 +362,7 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
         try:
             losses.append(float(take_step(method, run.opt, lambda: loss(idx), r["steps"] + 1)))
             r["steps"] += 1
-            at_eval = r["steps"] % cfg.eval_interval == 0 or r["steps"] == steps
+            at_eval = r["steps"] % cfg.eval_every == 0 or r["steps"] == steps
             stopping = RANKS.agree(Stop.signum is not None)
             if (at_eval or stopping) and not weights_finite(model):  # never checkpoint those
                 raise FloatingPointError(f"non-finite weights after step {r['steps']}")
@@ -528,11 +429,14 @@ def build_run(method, model, setup, cfg, loss):
     if cfg.zo_params == "no_embed":  # the released code's set: the token embedding (and a head tied to it) frozen
         model.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    pairs = projected_params(model, roles=cfg.projected_roles) if method == "dizo" else None
+    # K and V, as the released code; with LoRA, every attention matrix that carries adapters (the released code
+    # projects every LoRA factor, and its adapters sit on Q and V)
+    roles = ROLES if cfg.lora else ("k", "v")
+    pairs = projected_params(model, roles=roles) if method == "dizo" else None
     opt = make_optimizer(method, params, pairs, cfg, cfg.lr_for(method), fresh.next, loss)
     if pairs:
         report = projection_report(pairs)
-        print(f"dizo: projecting {report['matrices']} matrices ({', '.join(cfg.projected_roles).upper()}), "
+        print(f"dizo: projecting {report['matrices']} matrices ({', '.join(roles).upper()}), "
               f"{report['params']:,} parameters, anchor {report['anchor_bytes'] / 2**20:.1f} MB")
     # linear: from η to η/2 over the run, as in the released logs; constant: η throughout
     decay = 0.5 if cfg.lr_schedule == "linear" else 0.0
@@ -545,7 +449,7 @@ def start_result(method, model, setup, cfg, run):
     """A new result: what trains, zero-shot test accuracy, dev accuracy at step 0."""
     r = {"method": method, "lr": cfg.lr_for(method), "status": "running", "history": [], "steps": 0,
          "forward_passes": 0, "wall_s": 0.0, "storage_dtype": cfg.storage_dtype(method),
-         "compute_dtype": cfg.compute_dtype,
+         "compute_dtype": cfg.dtype,
          "trained_params": sum(p.numel() for g in run.opt.param_groups for p in g["params"])}
     if method == "dizo":
         r |= {"projected": list(run.opt.names), "projection": []}
@@ -602,26 +506,6 @@ def weights_finite(model):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Outputs: the end-of-run table; the figures are drawn by bench.py, which also draws the benchmark's.
-
-def print_table(results):
-    """The end-of-run summary, one row per method."""
-    def cell(r, key, fmt="{:.3f}"):
-        return fmt.format(r[key]) if r.get(key) is not None else "-"
-
-    rows = [("method", "zero-shot", "best dev", "test", "steps", "fwd passes", "train s", "peak MB", "status")]
-    for method, r in results["methods"].items():
-        rows.append((method, cell(r, "zero_shot_acc"), cell(r, "best_dev_acc"), cell(r, "test_acc"),
-                     str(r["steps"]), str(r["forward_passes"]), cell(r, "wall_s", "{:.1f}"),
-                     cell(r, "peak_mem_mb", "{:.0f}"), r["status"]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Main: every method in turn on a freshly loaded model, then the outputs.
 
 def train_all(cfg, setup, out_dir, results, model):
@@ -663,31 +547,9 @@ def train_all(cfg, setup, out_dir, results, model):
                   f"continue with the same flags and --resume", file=sys.stderr)
             return 128 + (Stop.signum or signal.SIGTERM)
     if RANKS.main:
-        print_table(results)
+        bench.print_table(results)
         print(f"results: {out_dir / 'results.json'}, plot: {out_dir / 'curves.png'}")
     return 0
-
-
-def load_model(cfg, setup, method):
-    """The pretrained model, in the method's storage dtype; with --lora, wrapped in PEFT LoRA adapters (B = 0:
-    the same function at first), only they trainable. PEFT is an optional dependency, the ecosystem's standard
-    for adapters."""
-    model = data.load_model(setup.name, setup.kind, bench.DTYPES[cfg.storage_dtype(method)], setup.device,
-                            cfg.trust_remote_code, cfg.device_map)
-    setup.loss_fn.device = model.get_input_embeddings().weight.device  # where the inputs go (--device_map)
-    if not cfg.lora:
-        return model
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise UsageError("--lora needs the peft package: pip install peft")
-    torch.manual_seed(cfg.seed)  # LoRA's A is random
-    targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
-    try:
-        return get_peft_model(model, LoraConfig(r=cfg.lora, lora_alpha=cfg.lora_alpha, target_modules=targets,
-                                                lora_dropout=0.0))
-    except ValueError as e:
-        raise UsageError(f"--lora: {data.first_line(e)}")
 
 
 def main(argv=None):
@@ -700,7 +562,7 @@ def main(argv=None):
         out_dir = Path(cfg.out_dir)
         folder = dict(out_dir=out_dir, resume=cfg.resume, overwrite=cfg.overwrite, inputs=(cfg.model, cfg.data_dir))
         data.check_out_dir(settings=cfg.run_flags() | {"data_hash": None}, **folder)  # fail fast, before loading
-        DEVICE[0] = RANKS.start()
+        RANKS.start()
         setup = prepare(cfg)
         model = load_model(cfg, setup, cfg.methods[0])  # broken weights are found before anything is written
         data.check_disk_space(out_dir, model, copies=2 + (len(cfg.methods) if cfg.save else 0))
