@@ -1,6 +1,7 @@
 """What the model reads and how it is scored: tasks, prompts, data files, the prompt-based loss, the batch order,
-the pretrained model and its tokenizer, the embedded default (a built-in task, its corpus and the tiny model
-pretrained on it); and the files a run writes (results, checkpoints, saved models), each write atomic.
+each process's share of a batch under torchrun, the pretrained model and its tokenizer, the embedded default (a
+built-in task, its corpus and the tiny model pretrained on it); and the files a run writes (results,
+checkpoints, saved models), each write atomic.
 
 * Real tasks: GLUE-style TSV files `train.tsv`, `dev.tsv`, `test.tsv` in one folder. The first line is a
   header; columns are found by name ("sentence", or "premise"/"hypothesis" -- GLUE RTE's "sentence1"/"sentence2"
@@ -566,6 +567,33 @@ class Ranks:
 
 
 RANKS = Ranks()
+
+
+class TrainLoss:
+    """The loss of a training mini-batch (indices into `enc`) over this process's share of it, in `micro`
+    micro-batches, counting its calls (forward passes: every method's cost). With backward=True (FO) each
+    micro-batch's share of the loss is backpropagated as it is computed, so memory holds one micro-batch's
+    activations. `model` may be wrapped in DistributedDataParallel."""
+
+    def __init__(self, loss_fn, enc, model, micro=1, backward=False):
+        self.loss_fn, self.enc, self.model, self.micro, self.backward, self.calls = (loss_fn, enc, model, micro,
+                                                                                     backward, 0)
+
+    def __call__(self, idx):
+        self.calls += 1
+        mine = RANKS.shard(idx)
+        chunks = [mine[i::self.micro] for i in range(self.micro) if mine[i::self.micro]]
+        total = 0.0
+        for i, chunk in enumerate(chunks):
+            loss = self.loss_fn.loss(self.model, self.enc, chunk)
+            part = loss if len(chunks) == 1 else loss * (len(chunk) / len(mine))
+            if self.backward:
+                last = i == len(chunks) - 1  # DDP all-reduces the gradients once, at the last micro-batch
+                with self.model.no_sync() if RANKS.world > 1 and not last else contextlib.nullcontext():
+                    part.backward()
+                part = part.detach()
+            total = part if i == 0 else total + part
+        return RANKS.mean(total, len(mine))
 
 
 # ------------------------------------------------------------------------------- the pretrained model

@@ -2180,14 +2180,12 @@ def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(assets, bac
     tok = AutoTokenizer.from_pretrained(assets["causal"])
     model = OPTForCausalLM.from_pretrained(assets["causal"]).eval()
     loss_fn = data.PromptLoss(data.get_task("sst-2"), tok, "causal", torch.device("cpu"))
-    setup = train.Setup("", "causal", tok, loss_fn, {"train": loss_fn.encode(
-        data.read_tsv(str(Path(assets["data"]) / "train.tsv"), data.get_task("sst-2")))}, torch.device("cpu"), "")
+    enc = loss_fn.encode(data.read_tsv(str(Path(assets["data"]) / "train.tsv"), data.get_task("sst-2")))
     idx = [0, 3, 5, 7, 11, 13, 17]  # 7 examples in 3 micro-batches of 3, 2, 2
     results = []
     for micro in (1, 3):
         model.zero_grad()
-        cfg = train.Config(grad_accum=micro)
-        loss = train.TrainLoss(setup, model, cfg, backward=backward)(idx)
+        loss = data.TrainLoss(loss_fn, enc, model, micro, backward=backward)(idx)
         grads = [p.grad.clone() for p in model.parameters()] if backward else []
         results.append((float(loss), grads))
     (whole, g1), (parts, g3) = results

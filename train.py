@@ -9,7 +9,6 @@ model, one training loop, the outputs.
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -296,31 +295,6 @@ def take_step(method, opt, closure, step):
     return loss
 
 
-class TrainLoss:
-    """The loss on mini-batches of the training split, over this rank's share and --grad_accum micro-batches,
-    counting forward passes (every method's cost). With backward=True (FO) each micro-batch's share of the
-    loss is backpropagated as it is computed, so that memory holds one micro-batch's activations."""
-
-    def __init__(self, setup, model, cfg, backward=False):
-        self.setup, self.model, self.micro, self.backward, self.calls = setup, model, cfg.grad_accum, backward, 0
-
-    def __call__(self, idx):
-        self.calls += 1
-        mine = RANKS.shard(idx)
-        chunks = [mine[i::self.micro] for i in range(self.micro) if mine[i::self.micro]]
-        total = 0.0
-        for i, chunk in enumerate(chunks):
-            loss = self.setup.loss_fn.loss(self.model, self.setup.splits["train"], chunk)
-            part = loss if len(chunks) == 1 else loss * (len(chunk) / len(mine))
-            if self.backward:
-                last = i == len(chunks) - 1
-                with self.model.no_sync() if RANKS.world > 1 and not last else contextlib.nullcontext():
-                    part.backward()
-                part = part.detach()
-            total = part if i == 0 else total + part
-        return RANKS.mean(total, len(mine))
-
-
 def attention_divergence(model, anchor):
     """‖W_t - W_0‖_F of every attention matrix (DiZO §2.2): {role: [layer 0, layer 1, ...]}."""
     with torch.no_grad():
@@ -348,7 +322,7 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
         forward = torch.nn.parallel.DistributedDataParallel(model)
     else:
         forward = model
-    loss = TrainLoss(setup, forward, cfg, backward=method == "fo")
+    loss = data.TrainLoss(setup.loss_fn, setup.splits["train"], forward, cfg.grad_accum, backward=method == "fo")
     storage, compute = cfg.storage_dtype(method), cfg.dtype
     setup.loss_fn.autocast = bench.DTYPES[compute] if compute != storage else None  # FO's mixed precision
     run = build_run(method, model, setup, cfg, loss)
