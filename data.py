@@ -515,9 +515,12 @@ class Ranks:
     """This process's place in the run (`world`, `rank`, `main`), its `device`, and the collectives."""
 
     def __init__(self):
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.main = self.rank == 0
         self.device = torch.device("cpu")
+
+    # torchrun's environment (the env:// rendezvous) says where this process stands
+    world = property(lambda self: int(os.environ.get("WORLD_SIZE", 1)))
+    rank = property(lambda self: int(os.environ.get("RANK", 0)))
+    main = property(lambda self: self.rank == 0)
 
     def start(self):
         """Join the process group (NCCL between GPUs, one per process; gloo on CPUs); returns the device."""

@@ -5,6 +5,7 @@ re-implementation of MeZO's four-pass step written here, independently of dizo.p
 """
 
 import copy
+import gc
 import json
 import math
 import os
@@ -12,10 +13,12 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -32,6 +35,9 @@ import train
 from dizo import DiZO, ZOSGD, projected_params, projection_report
 
 torch.set_num_threads(1)
+# The imported modules' 375k objects never become garbage: frozen, they are not walked again by each gc.collect()
+# (train.py runs one per method, to measure its peak memory), which would cost 0.4 s each.
+gc.freeze()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1493,6 +1499,56 @@ def assets(tmp_path_factory):
             "data": str(write_task(root / "sst2"))}
 
 
+@pytest.fixture
+def figures():
+    """Asked for by name by the tests whose runs draw their figures (see _no_figures)."""
+
+
+@pytest.fixture(autouse=True)
+def _no_figures(request, monkeypatch):
+    """train.py draws its figures when a run ends: about 0.9 s on 2 cores, most of a short test run's time. The
+    tests that ask for `figures` draw them, and between them their runs end in every way (done, diverged,
+    interrupted); in the other tests bench.plot_run does nothing."""
+    if "figures" not in request.fixturenames:
+        monkeypatch.setattr(bench, "plot_run", lambda results, folder: [])
+
+
+def forked_train(argv, env=(), stderr=os.devnull):
+    """Run train.main(argv) in a forked copy of this process, which starts at once (no interpreter to start, no
+    imports), with `env` added to its environment and its error output written to `stderr`; returns its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            os.environ.update(env)
+            sys.stdout = open(os.devnull, "w")
+            sys.stderr = open(stderr, "w", buffering=1)
+            code = train.main(argv)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def exit_code(pid, timeout=120):
+    """The exit code of the forked process `pid` (negative: killed by that signal); killed after `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"process {pid} still running after {timeout} s")
+
+
+def running(pid):
+    return os.waitpid(pid, os.WNOHANG)[0] == 0
+
+
 def run_train(assets, out, *extra, kind="causal"):
     args = ["--model", assets[kind], "--task", "sst-2", "--data_dir", assets["data"], "--out_dir", str(out),
             "--batch_size", "4", "--interval", "2", "--proj_iters", "2", "--lr", "1e-3"] + list(extra)
@@ -1500,7 +1556,7 @@ def run_train(assets, out, *extra, kind="causal"):
 
 
 @pytest.mark.parametrize("kind", ["causal", "masked"])
-def test_train_runs_every_method_and_writes_results(assets, tmp_path, kind):
+def test_train_runs_every_method_and_writes_results(assets, tmp_path, kind, figures):
     assert run_train(assets, tmp_path / "out", "--method", "all", "--steps", "3", "--eval_every", "2",
                      "--save", kind=kind) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -1794,7 +1850,7 @@ def test_existing_run_is_not_overwritten_without_overwrite(assets, tmp_path, cap
 
 @pytest.mark.parametrize("method", ["zo", "fo"])
 def test_non_finite_loss_stops_with_diverged_results_and_keeps_checkpoint(assets, tmp_path, capsys, monkeypatch,
-                                                                          method):
+                                                                          method, figures):
     original = data.PromptLoss.loss
     calls = {"n": 0}
 
@@ -1812,6 +1868,7 @@ def test_non_finite_loss_stops_with_diverged_results_and_keeps_checkpoint(assets
     assert r["status"] == "diverged" and "non-finite loss" in r["error"]
     state = torch.load(out / "checkpoints" / method / "trainer_state.pt", weights_only=True)
     assert state["result"]["steps"] == (4 if method == "fo" else 2)  # the last step before the NaN
+    assert (out / "curves.png").stat().st_size > 1000  # drawn up to the last finite step
 
 
 def interrupt_at_call(monkeypatch, n):
@@ -1829,7 +1886,7 @@ def interrupt_at_call(monkeypatch, n):
 
 
 @pytest.mark.parametrize("method", ["zo", "dizo", "fo"])
-def test_interrupted_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys, method):
+def test_interrupted_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys, method, figures):
     flags = ["--method", method, "--steps", "9", "--eval_every", "4", "--save"]
     assert run_train(assets, tmp_path / "full", *flags) == 0
     interrupt_at_call(monkeypatch, 6 if method == "fo" else 11)  # during step 6: FO 1 loss a step, ZO 2
@@ -1837,6 +1894,7 @@ def test_interrupted_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch, caps
     assert "--resume" in capsys.readouterr().err
     r = json.loads((tmp_path / "cut" / "results.json").read_text())["methods"][method]
     assert r["status"] == "interrupted" and 0 < r["steps"] < 9
+    assert (tmp_path / "cut" / "curves.png").stat().st_size > 1000
     monkeypatch.undo()
     assert run_train(assets, tmp_path / "cut", *flags, "--resume") == 0
     assert_same_weights(tmp_path / "full", tmp_path / "cut")
@@ -1854,18 +1912,15 @@ def test_resume_refuses_changed_flags(assets, tmp_path, capsys):
 def signal_at_first_checkpoint(flags, out_dir, method, signum):
     """Run train.py in a process of its own, send it `signum` once its first checkpoint exists; its exit code
     (negative: killed by that signal)."""
-    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=Path(__file__).parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not (out_dir / "checkpoints" / method / "trainer_state.pt").exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signum)
-        return proc.wait(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
+    pid = forked_train(flags)
+    deadline = time.time() + 120
+    while not (out_dir / "checkpoints" / method / "trainer_state.pt").exists():
+        if not running(pid) or time.time() > deadline:
+            os.kill(pid, signal.SIGKILL) if time.time() > deadline else None
+            raise AssertionError("train.py ended, or wrote no checkpoint in 120 s")
+        time.sleep(0.01)
+    os.kill(pid, signum)
+    return exit_code(pid, 60)
 
 
 def assert_same_weights(run_a, run_b):
@@ -1883,13 +1938,13 @@ def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp
     flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--method", "dizo",
              "--batch_size", "4", "--interval", "2", "--proj_iters", "2", "--lr", "1e-3", "--eval_every", "10",
              "--save"]
-    flags += ["--steps", "100"]  # long enough that the kill comes first (a step takes milliseconds here)
+    flags += ["--steps", "40"]  # long enough that the kill comes first (a step takes milliseconds here)
     assert signal_at_first_checkpoint(flags + ["--out_dir", str(tmp_path / "cut")], tmp_path / "cut", "dizo",
                                       signal.SIGKILL) == -signal.SIGKILL
     state = torch.load(tmp_path / "cut" / "checkpoints" / "dizo" / "trainer_state.pt", weights_only=True)
     steps = state["result"]["steps"]
     saved = json.loads((tmp_path / "cut" / "results.json").read_text())
-    assert steps % 10 == 0 and 10 <= steps < 100 and saved["methods"].get("dizo", {"steps": steps})["steps"] == steps
+    assert steps % 10 == 0 and 10 <= steps < 40 and saved["methods"].get("dizo", {"steps": steps})["steps"] == steps
     shutil.copytree(tmp_path / "cut", tmp_path / "unrecorded")
     data.write_json(tmp_path / "unrecorded" / "results.json", saved | {"methods": {}})
     assert train.main(flags + ["--out_dir", str(tmp_path / "full")]) == 0
@@ -1898,7 +1953,7 @@ def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp
     for run in ("cut", "unrecorded"):
         taken.clear()
         assert train.main(flags + ["--out_dir", str(tmp_path / run), "--resume"]) == 0
-        assert len(taken) == 100 - steps  # from the checkpoint, not from the start
+        assert len(taken) == 40 - steps  # from the checkpoint, not from the start
         assert_same_weights(tmp_path / "full", tmp_path / run)
 
 
@@ -1937,7 +1992,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     assert (folder / "w").read_text() == "old"
 
 
-def test_divergence_tracking_shows_zo_moves_every_matrix_alike(assets, tmp_path):
+def test_divergence_tracking_shows_zo_moves_every_matrix_alike(assets, tmp_path, figures):
     """DiZO §2.2: under ZO every entry gets the same scalar g times Gaussian noise, so ‖W_t - W_0‖/√n is
     the same for every matrix (up to O(1/√n) noise); FO's differs from matrix to matrix."""
     out = tmp_path / "out"
@@ -2154,7 +2209,7 @@ def test_released_recipe_sets_its_settings_and_explicit_flags_win(assets, tmp_pa
     assert (config["steps"], config["num_train"], config["tau"], config["proj_lr"]) == (2, 10, 0.2, 2.0)
 
 
-def test_dizo_records_every_projection_phase_and_draws_them(assets, tmp_path):
+def test_dizo_records_every_projection_phase_and_draws_them(assets, tmp_path, figures):
     out = tmp_path / "out"
     assert run_train(assets, out, "--method", "dizo", "--steps", "6", "--eval_every", "3") == 0
     r = json.loads((out / "results.json").read_text())["methods"]["dizo"]
@@ -2194,18 +2249,28 @@ def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(assets, bac
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def data_parallel(argv, world=2, stderr=os.devnull):
+    """train.main(argv) in `world` forked processes, each with the environment torchrun gives its workers for
+    the env:// rendezvous (gloo on a CPU); their pids, by rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    return [forked_train(argv, env | {"RANK": str(r), "LOCAL_RANK": str(r)}, stderr if r == 0 else os.devnull)
+            for r in range(world)]
+
+
 def test_data_parallel_run_ends_where_one_process_ends(assets, tmp_path):
-    """torchrun with 2 processes (gloo, CPU) on the same global batch as 1 process: ZO and DiZO reach the same
-    weights to float round-off (each rank evaluates half the batch; the means are averaged)."""
+    """2 processes (gloo, CPU) on the same global batch as 1 process: ZO and DiZO reach the same weights to
+    float round-off (each rank evaluates half the batch; the means are averaged)."""
     from safetensors.torch import load_file
     flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--batch_size", "4",
              "--interval", "2", "--proj_iters", "2", "--lr", "1e-3", "--steps", "5", "--eval_every", "5",
              "--method", "all", "--save"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "train.py", *flags, "--out_dir", str(tmp_path / "two")], cwd=Path(__file__).parent,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    err = tmp_path / "rank0.err"
+    pids = data_parallel(flags + ["--out_dir", str(tmp_path / "two")], stderr=str(err))
+    assert [exit_code(pid, 300) for pid in pids] == [0, 0], err.read_text()[-2000:]
     assert train.main(flags + ["--out_dir", str(tmp_path / "one")]) == 0
     results = json.loads((tmp_path / "two" / "results.json").read_text())["methods"]
     assert {m: r["world_size"] for m, r in results.items()} == {"fo": 2, "zo": 2, "dizo": 2}
@@ -2248,36 +2313,18 @@ def test_training_at_learning_rate_zero_leaves_the_weights_as_they_were(assets, 
 
 
 def test_a_process_that_dies_stops_the_whole_data_parallel_run(assets, tmp_path):
-    """SIGKILL one of two torchrun processes after the first checkpoint: the run ends (no process left waiting),
-    the survivor says so in one line, and results.json and the checkpoint are those of the last evaluation."""
-    out = tmp_path / "out"
+    """SIGKILL one of two processes after the first checkpoint: the run ends (no process left waiting), the
+    survivor says so in one line, and results.json and the checkpoint are those of the last evaluation."""
+    out, err = tmp_path / "out", tmp_path / "rank0.err"
     flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--batch_size", "4",
              "--method", "zo", "--steps", "1000000", "--eval_every", "5", "--out_dir", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "train.py", *flags], cwd=Path(__file__).parent, env=os.environ | {"OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while not (out / "checkpoints" / "zo" / "trainer_state.pt").exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.1)
-        ranks = {}  # rank -> pid, from the environment torchrun gave each worker
-        for entry in Path("/proc").iterdir():
-            try:
-                env = (entry / "environ").read_bytes().split(b"\0")
-                if b"TORCHELASTIC_RUN_ID=" in b"".join(env) and str(out).encode() in (
-                        entry / "cmdline").read_bytes():
-                    rank = next(int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK="))
-                    ranks[rank] = int(entry.name)
-            except (OSError, StopIteration, ValueError):
-                continue
-        assert set(ranks) == {0, 1}, ranks
-        os.kill(ranks[1], signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0
-    assert "error: rank 0 lost the other processes" in err and "--resume" in err
+    rank0, rank1 = data_parallel(flags, stderr=str(err))
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "zo" / "trainer_state.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(rank1, signal.SIGKILL)
+    assert exit_code(rank1) == -signal.SIGKILL and exit_code(rank0) == 1
+    assert "error: rank 0 lost the other processes" in err.read_text() and "--resume" in err.read_text()
     r = json.loads((out / "results.json").read_text())["methods"]["zo"]
     state = torch.load(out / "checkpoints" / "zo" / "trainer_state.pt", weights_only=True)
     assert r["status"] == "running" and r["steps"] == state["result"]["steps"] and r["steps"] % 5 == 0

@@ -509,7 +509,8 @@ def train_all(cfg, setup, out_dir, results, model):
                 data.save_model(model, setup.tokenizer, out_dir / "model" / method if len(cfg.methods) > 1
                            else out_dir / "model")
             record(r)
-            bench.plot_run(results, out_dir)
+            if method == cfg.methods[-1] or r["status"] != "done":  # the figures, once the run ends
+                bench.plot_run(results, out_dir)
         model = None
         if r["status"] == "diverged":
             kept = data.checkpoint_dir(out_dir, method)
