@@ -704,6 +704,35 @@ def add_lora(model, rank, alpha, targets):
         raise DataError(f"--lora: {first_line(e)}") from None
 
 
+@dataclass
+class Setup:
+    """What every method of a run shares: the model's name and kind, its tokenizer, the loss and the encoded
+    splits, on `device`; `data_hash` identifies the splits (a resumed run must train on the same data)."""
+    name: str
+    kind: str
+    tokenizer: object
+    loss_fn: PromptLoss
+    splits: dict
+    device: torch.device
+    data_hash: str
+
+    @classmethod
+    def load(cls, name, task, raw, device, trust_remote_code, projected=False):
+        """Read model `name`'s config (it says the kind) and tokenizer, and encode the `raw` splits of `task`;
+        with `projected`, check that DiZO finds the matrices it projects."""
+        config = load_config(name, trust_remote_code)
+        kind = model_kind(config)
+        if projected:
+            check_projectable(config, kind, trust_remote_code)
+        tokenizer = load_tokenizer(name, trust_remote_code)
+        # a prompt longer than the model's positions would index past its position table
+        max_length = min(MAX_LENGTH, getattr(config, "max_position_embeddings", MAX_LENGTH) - 2)
+        loss_fn = PromptLoss(task, tokenizer, kind, device, max_length)
+        splits = {s: loss_fn.encode(raw[s]) for s in ("train", "dev", "test")}
+        digest = hashlib.sha256(json.dumps([[splits[s].prompts, splits[s].labels] for s in splits]).encode())
+        return cls(name, kind, tokenizer, loss_fn, splits, device, digest.hexdigest()[:16])
+
+
 # ------------------------------------------------------------------------------------- built-in task
 #
 # Task "toy" is binary sentiment on short film reviews, read through SST-2's prompt ("<review> it was" ->

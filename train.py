@@ -9,8 +9,6 @@ model, one training loop, the outputs.
 """
 
 import argparse
-import hashlib
-import json
 import math
 import os
 import signal
@@ -218,21 +216,8 @@ def check_config(cfg):
 # ---------------------------------------------------------------------------------------------------------
 # The model and data: loaded and checked before anything is written.
 
-@dataclass
-class Setup:
-    """What every method shares: the model's name and kind, its tokenizer, the loss and the encoded data."""
-    name: str
-    kind: str
-    tokenizer: object
-    loss_fn: data.PromptLoss
-    splits: dict
-    device: torch.device
-    data_hash: str  # of the encoded splits: a resumed run must train on the same data
-
-
 def prepare(cfg):
-    """Data, tokenizer and loss, checked before anything is written; the model's config decides its kind."""
-    device = RANKS.device
+    """The task's splits, the model's tokenizer and kind, and the loss, checked before anything is written."""
     task = data.get_task(cfg.task, template=cfg.template, label_words=cfg.label_words)
     if cfg.data_dir is None:
         raw = data.builtin_splits(data.TINY["seed"])  # the splits the built-in corpus was generated to avoid
@@ -240,20 +225,12 @@ def prepare(cfg):
         raw = data.load_splits(cfg.data_dir, task, k=cfg.k, num_train=cfg.num_train, num_dev=cfg.num_dev,
                                num_test=cfg.num_test, data_seed=cfg.data_seed)
     name = data.builtin_model() if cfg.builtin else cfg.model
-    config = data.load_config(name, cfg.trust_remote_code)
-    kind = data.model_kind(config)
-    if "dizo" in cfg.methods or cfg.track_divergence:
-        data.check_projectable(config, kind, cfg.trust_remote_code)
-    tokenizer = data.load_tokenizer(name, cfg.trust_remote_code)
-    # A prompt longer than the model's positions would index past its position table.
-    max_length = min(data.MAX_LENGTH, getattr(config, "max_position_embeddings", data.MAX_LENGTH) - 2)
-    loss_fn = data.PromptLoss(task, tokenizer, kind, device, max_length)
-    splits = {s: loss_fn.encode(raw[s]) for s in ("train", "dev", "test")}
-    print(f"model {cfg.model} ({kind} LM, {config.model_type}) on {device}, {cfg.dtype}; task {task.name}: "
-          f"{len(splits['train'].labels)} train / {len(splits['dev'].labels)} dev / "
-          f"{len(splits['test'].labels)} test")
-    digest = hashlib.sha256(json.dumps([[splits[s].prompts, splits[s].labels] for s in splits]).encode())
-    return Setup(name, kind, tokenizer, loss_fn, splits, device, digest.hexdigest()[:16])
+    setup = data.Setup.load(name, task, raw, RANKS.device, cfg.trust_remote_code,
+                            projected="dizo" in cfg.methods or cfg.track_divergence)
+    print(f"model {cfg.model} ({setup.kind} LM) on {setup.device}, {cfg.dtype}; task {task.name}: "
+          f"{len(setup.splits['train'].labels)} train / {len(setup.splits['dev'].labels)} dev / "
+          f"{len(setup.splits['test'].labels)} test")
+    return setup
 
 
 def load_model(cfg, setup, method):
