@@ -175,7 +175,9 @@ _SIGN_BLOCK = 1 << 20  # random bytes turned into signs at a time: bounds the in
 # cache, so a large tensor's z is never held whole: no scratch buffer the size of the largest tensor, and no
 # pass over memory to add it. The threads run torch's ops on one core each, as does the calling thread
 # during the pass: after a parallel op, OpenMP's idle workers spin for a while on the cores the drawing
-# threads need. On a GPU one generator (Philox) already draws in parallel: z is drawn tensor by tensor.
+# threads need. Rademacher z of a large tensor goes the same way with its stream unchanged: the pass's
+# generator draws the tensor's random words, and each thread turns its chunks' words into signs and applies
+# them. On a GPU one generator (Philox) already draws in parallel: z is drawn tensor by tensor.
 _CPU_CHUNK = 1 << 16  # 256 KiB of fp32: stays in a core's cache between normal_'s sweeps and the add
 _POOLS = {}  # (process id, thread count) -> the ThreadPoolExecutor that draws CPU chunks
 
@@ -185,23 +187,47 @@ def _chunk_seed(gen):
     return int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
+def _random_words(n, gen):
+    """The ceil(n/64) random 64-bit words that Rademacher z of n entries takes from `gen` (see _DIRECTIONS)."""
+    return torch.empty(-(-n // 64), dtype=torch.int64, device=gen.device).random_(-2**63, None, generator=gen)
+
+
+def _signs_from_words_(out, words, n, table, index):
+    """out[:n] <- the first n signs that `words` stand for (_DIRECTIONS), the 8 signs of each byte looked up in
+    `table` (_sign_table); out has room for n rounded up to 8 entries, `index` (int32 scratch) for ceil(n/8).
+    Returns out[:n]."""
+    nbytes = -(-n // 8)
+    part = words.view(torch.uint8)[:nbytes]
+    torch.index_select(table, 0, index[:nbytes].copy_(part), out=out[: 8 * nbytes].view(nbytes, 8))
+    return out[:n]
+
+
 def _chunks_on_threads(work, threads):
-    """For each (x, seed, apply) of `work`, x a 1-D chunk of at most _CPU_CHUNK entries: z ~ N(0, I) shaped
-    like x from a generator seeded with `seed`, then apply(x, z); apply None: x itself <- z. Contiguous runs
-    of `work` go to `threads` threads."""
+    """For each (x, source, apply) of `work`, x a 1-D chunk of at most _CPU_CHUNK entries: z shaped like x,
+    then apply(x, z); apply None: x itself <- z. Source is a seed (Gaussian z from a generator seeded with it)
+    or the chunk's random words (Rademacher z, _DIRECTIONS). Contiguous runs of `work` go to `threads`
+    threads."""
     def run(part, own_thread=True):
         if own_thread:
             torch.set_num_threads(1)  # a pool thread: every op of its chunks on this core alone
-        gen, scratch = torch.Generator(), {}
+        gen, scratch, tables = torch.Generator(), {}, {}
         with torch.no_grad():
-            for x, seed, apply in part:
-                gen.manual_seed(seed)
+            for x, source, apply in part:
                 if apply is None:
-                    x.normal_(generator=gen)
+                    x.normal_(generator=gen.manual_seed(source))
                     continue
                 if x.dtype not in scratch:
                     scratch[x.dtype] = torch.empty(_CPU_CHUNK, dtype=x.dtype)
-                apply(x, scratch[x.dtype][: x.numel()].normal_(generator=gen))
+                z = scratch[x.dtype]
+                if isinstance(source, int):
+                    z = z[: x.numel()].normal_(generator=gen.manual_seed(source))
+                else:
+                    if x.dtype not in tables:
+                        tables[x.dtype] = _sign_table(x.device, x.dtype)
+                    if "index" not in scratch:
+                        scratch["index"] = torch.empty(_CPU_CHUNK // 8, dtype=torch.int32)
+                    z = _signs_from_words_(z, source, x.numel(), tables[x.dtype], scratch["index"])
+                apply(x, z)
 
     used, caller = min(threads, len(work)), torch.get_num_threads()
     if used <= 1:
@@ -461,11 +487,19 @@ class ZOSGD(torch.optim.Optimizer):
         return buf
 
     def _on_threads(self, p, sources):
-        """True if a pass applies p's z chunk by chunk on the drawing threads (see _normal_on_cpu_): Gaussian
-        z drawn on p's own CPU, p larger than a chunk, contiguous, and stepped in place (no master)."""
+        """True if a pass applies p's z chunk by chunk on the drawing threads (see _normal_on_cpu_): z drawn on
+        p's own CPU, p larger than a chunk, contiguous, and stepped in place (no master)."""
         return (p.device.type == "cpu" and sources[p.device] == p.device and p.numel() > _CPU_CHUNK
-                and self.param_groups[0]["direction"] == "gaussian" and not self._keeps_master(p)
-                and p.is_contiguous())
+                and not self._keeps_master(p) and p.is_contiguous())
+
+    def _chunk_sources(self, p, gen):
+        """For a tensor applied on the drawing threads, what each chunk's z comes from, taken from the pass's
+        generator in z's place: Gaussian z, a seed s and chunk k from s + k (another stream than gen's);
+        Rademacher z, the tensor's random words, _CPU_CHUNK/64 per chunk (the same words as drawn whole)."""
+        n = -(-p.numel() // _CPU_CHUNK)
+        if self.param_groups[0]["direction"] == "gaussian":
+            return [s + k for s in [_chunk_seed(gen)] for k in range(n)]
+        return list(_random_words(p.numel(), gen).split(_CPU_CHUNK // 64))
 
     def _z(self, p, sources, threads):
         """The next z for tensor p, drawn from the generator of p's device type (on sources[p.device]) in a
@@ -485,24 +519,21 @@ class ZOSGD(torch.optim.Optimizer):
 
     def _signs_(self, buf, n, gen):
         """buf[:n] <- Rademacher z from ceil(n/64) random 64-bit words of gen (see _DIRECTIONS); returns it."""
-        nbytes = -(-n // 8)
         words = self._scratch_for("words", buf.device, torch.int64, -(-n // 64))
-        words.random_(-2**63, None, generator=gen)  # the full 64-bit range: every bit random
-        rows = buf[: 8 * nbytes].view(nbytes, 8)
+        words.random_(-2**63, None, generator=gen)  # the full 64-bit range: every bit random, as _random_words
         key = (buf.device, buf.dtype)
         if key not in self._sign_tables:
             self._sign_tables[key] = _sign_table(*key)
-        for start in range(0, nbytes, _SIGN_BLOCK):
-            part = words.view(torch.uint8)[start:min(start + _SIGN_BLOCK, nbytes)]
-            index = self._scratch_for("index", buf.device, torch.int32, min(nbytes, _SIGN_BLOCK))
-            index = index[:part.numel()].copy_(part)
-            torch.index_select(self._sign_tables[key], 0, index, out=rows[start:start + part.numel()])
+        index = self._scratch_for("index", buf.device, torch.int32, min(-(-n // 8), _SIGN_BLOCK))
+        for start in range(0, n, 8 * _SIGN_BLOCK):  # _SIGN_BLOCK bytes of words at a time
+            _signs_from_words_(buf[start:], words[start // 64:], min(8 * _SIGN_BLOCK, n - start),
+                               self._sign_tables[key], index)
         return buf[:n]
 
     def _zs(self, seed, deferred=False):
         """(group, p, z) for every trainable tensor, z regenerated from the step's seed (MeZO's seed replay).
         deferred=True: for a tensor whose z is applied on the drawing threads (_on_threads), z is instead
-        the seed of its first chunk, drawn from the pass's generator in z's place."""
+        the list of its chunks' sources (_chunk_sources)."""
         streams = _z_streams(self._devices())
         for source, offset in dict.fromkeys(streams.values()):
             if source not in self._z_gens:
@@ -511,11 +542,11 @@ class ZOSGD(torch.optim.Optimizer):
         sources = {device: source for device, (source, _) in streams.items()}
         threads = torch.get_num_threads()
         try:
-            if self.param_groups[0]["direction"] == "gaussian" and "cpu" in (s.type for s in sources.values()):
+            if "cpu" in (s.type for s in sources.values()):
                 torch.set_num_threads(1)  # see _normal_on_cpu_: the caller's θ += αz on this thread alone
             for group, p in self._params():
                 if deferred and self._on_threads(p, sources):
-                    yield group, p, _chunk_seed(self._z_gens[sources[p.device]])
+                    yield group, p, self._chunk_sources(p, self._z_gens[sources[p.device]])
                 else:
                     yield group, p, self._z(p, sources, threads)
         finally:
@@ -527,9 +558,9 @@ class ZOSGD(torch.optim.Optimizer):
         there, chunk by chunk, after the others."""
         threads, work = torch.get_num_threads(), []
         for group, p, z in self._zs(seed, deferred=True):
-            if isinstance(z, int):
+            if isinstance(z, list):
                 chunks = p.detach().view(-1).split(_CPU_CHUNK)
-                work += [(x, z + k, functools.partial(apply, group, p)) for k, x in enumerate(chunks)]
+                work += [(x, source, functools.partial(apply, group, p)) for x, source in zip(chunks, z)]
             else:
                 for x, zb in self._values(p, z):
                     apply(group, p, x, zb)

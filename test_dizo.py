@@ -254,6 +254,37 @@ def test_cpu_z_is_drawn_in_chunks_and_does_not_depend_on_the_thread_count(thread
         torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rademacher_z_applied_in_chunks_is_the_z_of_the_whole_tensor(threads):
+    """Rademacher z of a tensor larger than a chunk is turned into signs and applied chunk by chunk on the
+    threads, from the words the tensor takes whole: θ + εz at θ = 0, ε = 1 is reference_signs' z bit for bit
+    with 1, 2 or 3 threads, no z buffer the size of the large tensor is kept, and a float64 step with weight
+    decay from random θ matches the four-pass reference."""
+    shapes = [(3 * 2**16 + 5,), (7,), (2**8 + 1, 2**8)]
+    zeros = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+             for i, s in enumerate(shapes)]
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    loss = lambda ps: sum((p ** 3).sum() for p in ps)  # noqa: E731
+    seen, before = [], torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        opt = ZOSGD(zeros, lr=0.0, eps=1.0, seed=5, direction="rademacher")
+        opt.step(lambda: seen.append([p.detach().clone() for p in zeros]) or zeros[1].sum())
+        ZOSGD(params, lr=1e-3, eps=1e-3, weight_decay=0.5, seed=6, direction="rademacher").step(lambda: loss(params))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(got, z) for got, z in zip(seen[0], reference_signs(zeros, reference_seeds(5, 1)[0])))
+    assert max(b.numel() for b in opt._buffers.values()) <= 2**16  # the large tensor's z is never held whole
+    reference = [torch.nn.Parameter(t.clone()) for t in start]
+    zo_reference_step(reference, lambda: loss(reference), [reference_signs(reference, reference_seeds(6, 1)[0])],
+                      lr=1e-3, eps=1e-3, weight_decay=0.5)
+    for p, r, t in zip(params, reference, start):
+        assert not torch.equal(p.detach(), t)
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_process_draws_z_on_threads_of_its_own():
     """After a step on 2 threads, a forked child (which has none of the parent's threads) takes the same step
