@@ -311,7 +311,7 @@ def load_splits(data_dir: str, task: Task, *, k: int | None = None, num_train: i
 def write_atomically(path, write) -> None:
     """write(tmp) creates a file or a folder at a temporary name, which then takes the place of `path` by rename:
     a kill at any moment leaves the old or the new one whole, never half (an old folder is renamed aside first,
-    then removed; `checkpoint_dir` in train.py knows that name)."""
+    then removed; `checkpoint_dir` knows that name)."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     remove(tmp)
@@ -706,10 +706,11 @@ def add_lora(model, rank, alpha, targets):
 
 @dataclass
 class Setup:
-    """What every method of a run shares: the model's name and kind, its tokenizer, the loss and the encoded
-    splits, on `device`; `data_hash` identifies the splits (a resumed run must train on the same data)."""
+    """What every method of a run shares: the model's name, kind and type, its tokenizer, the loss and the
+    encoded splits, on `device`; `data_hash` identifies the splits (a resumed run must train on the same data)."""
     name: str
     kind: str
+    model_type: str
     tokenizer: object
     loss_fn: PromptLoss
     splits: dict
@@ -730,7 +731,7 @@ class Setup:
         loss_fn = PromptLoss(task, tokenizer, kind, device, max_length)
         splits = {s: loss_fn.encode(raw[s]) for s in ("train", "dev", "test")}
         digest = hashlib.sha256(json.dumps([[splits[s].prompts, splits[s].labels] for s in splits]).encode())
-        return cls(name, kind, tokenizer, loss_fn, splits, device, digest.hexdigest()[:16])
+        return cls(name, kind, config.model_type, tokenizer, loss_fn, splits, device, digest.hexdigest()[:16])
 
 
 # ------------------------------------------------------------------------------------- built-in task

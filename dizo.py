@@ -179,6 +179,8 @@ _SIGN_BLOCK = 1 << 20  # random bytes turned into signs at a time: bounds the in
 # generator draws the tensor's random words, and each thread turns its chunks' words into signs and applies
 # them. On a GPU one generator (Philox) already draws in parallel: z is drawn tensor by tensor.
 _CPU_CHUNK = 1 << 16  # 256 KiB of fp32: stays in a core's cache between normal_'s sweeps and the add
+# Rademacher z is cut at whole words: a chunk takes _CPU_CHUNK/64 words, a block of _signs_ _SIGN_BLOCK/8
+assert _CPU_CHUNK % 64 == 0 and _SIGN_BLOCK % 8 == 0
 _POOLS = {}  # (process id, thread count) -> the ThreadPoolExecutor that draws CPU chunks
 
 
@@ -303,9 +305,10 @@ class ZOSGD(torch.optim.Optimizer):
     returns the first loss (as MeZO does). z is never stored: one 62-bit seed is drawn per step (per query)
     from the optimizer's own generator, torch.Generator(seed), and every pass over the parameters regenerates
     z tensor by tensor, in the order of the parameter groups, from that seed (+ i for the i-th device type;
-    see _z_streams), from one generator seeded with it. On a CPU a tensor of more than 2^16 entries is drawn
-    and stepped in chunks on every thread, from seeds that generator draws (see _normal_on_cpu_); one
-    scratch buffer per (device, dtype), the size of the largest other tensor, holds the current tensor's z.
+    see _z_streams), from one generator seeded with it. On a CPU a tensor of more than 2^16 entries stepped in
+    place is drawn and stepped in chunks on every thread: Gaussian z from seeds that generator draws (another
+    stream), Rademacher z from the words it draws (the same stream; see _normal_on_cpu_); one scratch buffer
+    per (device, dtype), the size of the largest other tensor, holds the current tensor's z.
 
     MeZO regenerates z four times per step (+ε, -2ε, +ε to restore, then -ηg to update). Here the restore
     and the update are fused into one pass, θ <- θ + (ε - ηg) z, so z is generated three times.
@@ -541,8 +544,10 @@ class ZOSGD(torch.optim.Optimizer):
             self._z_gens[source].manual_seed(seed + offset)
         sources = {device: source for device, (source, _) in streams.items()}
         threads = torch.get_num_threads()
+        gaussian = self.param_groups[0]["direction"] == "gaussian"
         try:
-            if "cpu" in (s.type for s in sources.values()):
+            if "cpu" in (s.type for s in sources.values()) and (
+                    gaussian or any(self._on_threads(p, sources) for _, p in self._params())):
                 torch.set_num_threads(1)  # see _normal_on_cpu_: the caller's θ += αz on this thread alone
             for group, p in self._params():
                 if deferred and self._on_threads(p, sources):
@@ -555,12 +560,16 @@ class ZOSGD(torch.optim.Optimizer):
     def _pass_(self, seed, apply):
         """One pass over θ: apply(group, p, x, z) for the value x of every trained tensor p (or each block of
         it; see _values) and its z from `seed`. A tensor whose z is drawn in chunks on threads is applied
-        there, chunk by chunk, after the others."""
+        there, chunk by chunk: Gaussian ones after the others, all in one share-out (a chunk's seed costs
+        nothing to keep), Rademacher ones at once (a tensor's words take an eighth of a byte per entry)."""
         threads, work = torch.get_num_threads(), []
         for group, p, z in self._zs(seed, deferred=True):
             if isinstance(z, list):
                 chunks = p.detach().view(-1).split(_CPU_CHUNK)
                 work += [(x, source, functools.partial(apply, group, p)) for x, source in zip(chunks, z)]
+                if not isinstance(z[0], int):  # Rademacher: applied now, so one tensor's words are alive at a time
+                    _chunks_on_threads(work, threads)
+                    work = []
             else:
                 for x, zb in self._values(p, z):
                     apply(group, p, x, zb)

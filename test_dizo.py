@@ -1528,9 +1528,12 @@ def _no_figures(request, monkeypatch):
         monkeypatch.setattr(bench, "plot_run", lambda results, folder: [])
 
 
-def forked_train(argv, env=(), stderr=os.devnull):
+def forked_train(argv, env=(), stderr=os.devnull, hold_at_step=None):
     """Run train.main(argv) in a forked copy of this process, which starts at once (no interpreter to start, no
-    imports), with `env` added to its environment and its error output written to `stderr`; returns its pid."""
+    imports), with `env` added to its environment and its error output written to `stderr`; returns its pid.
+    hold_at_step: the child stops before that step and waits to be killed."""
+    if torch.cuda.is_initialized():
+        pytest.skip("a forked process cannot use CUDA once the test process has; run this test on its own")
     pid = os.fork()
     if pid == 0:
         code = 70
@@ -1538,6 +1541,15 @@ def forked_train(argv, env=(), stderr=os.devnull):
             os.environ.update(env)
             sys.stdout = open(os.devnull, "w")
             sys.stderr = open(stderr, "w", buffering=1)
+            if hold_at_step is not None:
+                take_step = train.take_step
+
+                def held(method, opt, closure, step):
+                    if step == hold_at_step:
+                        time.sleep(3600)  # until killed
+                    return take_step(method, opt, closure, step)
+
+                train.take_step = held
             code = train.main(argv)
         except BaseException:
             traceback.print_exc()
@@ -1547,21 +1559,43 @@ def forked_train(argv, env=(), stderr=os.devnull):
     return pid
 
 
-def exit_code(pid, timeout=120):
-    """The exit code of the forked process `pid` (negative: killed by that signal); killed after `timeout` s."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"process {pid} still running after {timeout} s")
-
-
 def running(pid):
-    return os.waitpid(pid, os.WNOHANG)[0] == 0
+    """True while forked process `pid` has not ended (it is not reaped: its exit code stays to be read)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
+
+def stop(pids):
+    """End and reap every process of `pids` (none of them reaped yet)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def exit_codes(pids, timeout=120):
+    """The exit codes of forked processes `pids` (negative: killed by that signal), within `timeout` s in all;
+    any still running then is ended, and the call fails."""
+    codes, deadline = {}, time.time() + timeout
+    while len(codes) < len(pids) and time.time() < deadline:
+        for pid in set(pids) - set(codes):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    left = [pid for pid in pids if pid not in codes]
+    stop(left)
+    assert not left, f"processes {left} still running after {timeout} s"
+    return [codes[pid] for pid in pids]
+
+
+def wait_for(path, pids, timeout=120):
+    """Wait until `path` exists while every process of `pids` runs; if one ends first, or time runs out, end
+    them all and fail."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline or not all(map(running, pids)):
+            stop(pids)
+            raise AssertionError(f"{path} was not written: a process ended first, or {timeout} s passed")
+        time.sleep(0.01)
 
 
 def run_train(assets, out, *extra, kind="causal"):
@@ -1794,6 +1828,7 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--resume"], "nothing to resume"),
+    (["--lora", "4", "--track_divergence"], "which --lora leaves frozen"),
     # absurd or non-finite hyperparameters
     (["--lr", "1e30"], "--lr must be below 1"),
     (["--lr", "inf"], "--lr must be below 1"),
@@ -1824,8 +1859,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as here: no hub; and no retries
     args = {"--model": assets["causal"], "--task": "sst-2", "--data_dir": assets["data"],
             "--out_dir": str(tmp_path / "out"), "--steps": "2"}
-    switches = [f for f in flags if f == "--resume"]
-    for key, value in zip(flags[::2], flags[1::2]):
+    switches = [f for f in flags if f in ("--resume", "--track_divergence")]
+    pairs = [f for f in flags if f not in switches]
+    for key, value in zip(pairs[::2], pairs[1::2]):
         if value.startswith("@"):
             value = bad_folder(tmp_path, value[1:], assets)
         elif value.startswith("!"):  # an out_dir below a regular file: it cannot be created
@@ -1918,24 +1954,26 @@ def test_interrupted_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch, caps
     assert (a["test_acc"], a["forward_passes"], a["steps"]) == (b["test_acc"], b["forward_passes"], b["steps"])
 
 
+def test_zero_steps_score_the_pretrained_model(assets, tmp_path):
+    assert run_train(assets, tmp_path / "out", "--method", "all", "--steps", "0") == 0
+    for r in json.loads((tmp_path / "out" / "results.json").read_text())["methods"].values():
+        assert (r["status"], r["steps"], r["forward_passes"]) == ("done", 0, 0)
+        assert r["test_acc"] == r["zero_shot_acc"] and r["best_dev_acc"] == r["history"][0]["dev_acc"]
+
+
 def test_resume_refuses_changed_flags(assets, tmp_path, capsys):
     assert run_train(assets, tmp_path / "o", "--method", "zo", "--steps", "2") == 0
     assert run_train(assets, tmp_path / "o", "--method", "zo", "--steps", "2", "--seed", "5", "--resume") == 2
     assert "flags differ from the saved run: seed" in capsys.readouterr().err
 
 
-def signal_at_first_checkpoint(flags, out_dir, method, signum):
+def signal_at_first_checkpoint(flags, out_dir, method, signum, hold_at_step=None):
     """Run train.py in a process of its own, send it `signum` once its first checkpoint exists; its exit code
-    (negative: killed by that signal)."""
-    pid = forked_train(flags)
-    deadline = time.time() + 120
-    while not (out_dir / "checkpoints" / method / "trainer_state.pt").exists():
-        if not running(pid) or time.time() > deadline:
-            os.kill(pid, signal.SIGKILL) if time.time() > deadline else None
-            raise AssertionError("train.py ended, or wrote no checkpoint in 120 s")
-        time.sleep(0.01)
+    (negative: killed by that signal). hold_at_step: see forked_train."""
+    pid = forked_train(flags, hold_at_step=hold_at_step)
+    wait_for(out_dir / "checkpoints" / method / "trainer_state.pt", [pid])
     os.kill(pid, signum)
-    return exit_code(pid, 60)
+    return exit_codes([pid], 60)[0]
 
 
 def assert_same_weights(run_a, run_b):
@@ -1949,17 +1987,17 @@ def assert_same_weights(run_a, run_b):
 def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp_path, monkeypatch):
     """SIGKILL (out of memory, a time limit) gives no chance to write anything: the checkpoint written at the
     last evaluation must be enough to continue, bit-for-bit, whether or not results.json had recorded it yet
-    (the kill may fall between the two writes; the copy below has it fall there for certain)."""
+    (the kill may fall between the two writes; the copy below has it fall there for certain). The killed run
+    waits before step 11, so that the kill always comes after the first checkpoint and before the last step."""
     flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--method", "dizo",
              "--batch_size", "4", "--interval", "2", "--proj_iters", "2", "--lr", "1e-3", "--eval_every", "10",
-             "--save"]
-    flags += ["--steps", "40"]  # long enough that the kill comes first (a step takes milliseconds here)
+             "--save", "--steps", "20"]
     assert signal_at_first_checkpoint(flags + ["--out_dir", str(tmp_path / "cut")], tmp_path / "cut", "dizo",
-                                      signal.SIGKILL) == -signal.SIGKILL
+                                      signal.SIGKILL, hold_at_step=11) == -signal.SIGKILL
     state = torch.load(tmp_path / "cut" / "checkpoints" / "dizo" / "trainer_state.pt", weights_only=True)
     steps = state["result"]["steps"]
     saved = json.loads((tmp_path / "cut" / "results.json").read_text())
-    assert steps % 10 == 0 and 10 <= steps < 40 and saved["methods"].get("dizo", {"steps": steps})["steps"] == steps
+    assert steps == 10 and saved["methods"]["dizo"]["steps"] == steps
     shutil.copytree(tmp_path / "cut", tmp_path / "unrecorded")
     data.write_json(tmp_path / "unrecorded" / "results.json", saved | {"methods": {}})
     assert train.main(flags + ["--out_dir", str(tmp_path / "full")]) == 0
@@ -1968,7 +2006,7 @@ def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp
     for run in ("cut", "unrecorded"):
         taken.clear()
         assert train.main(flags + ["--out_dir", str(tmp_path / run), "--resume"]) == 0
-        assert len(taken) == 40 - steps  # from the checkpoint, not from the start
+        assert len(taken) == 20 - steps  # from the checkpoint, not from the start
         assert_same_weights(tmp_path / "full", tmp_path / run)
 
 
@@ -2285,7 +2323,7 @@ def test_data_parallel_run_ends_where_one_process_ends(assets, tmp_path):
              "--method", "all", "--save"]
     err = tmp_path / "rank0.err"
     pids = data_parallel(flags + ["--out_dir", str(tmp_path / "two")], stderr=str(err))
-    assert [exit_code(pid, 300) for pid in pids] == [0, 0], err.read_text()[-2000:]
+    assert exit_codes(pids, 300) == [0, 0], err.read_text()[-2000:]
     assert train.main(flags + ["--out_dir", str(tmp_path / "one")]) == 0
     results = json.loads((tmp_path / "two" / "results.json").read_text())["methods"]
     assert {m: r["world_size"] for m, r in results.items()} == {"fo": 2, "zo": 2, "dizo": 2}
@@ -2334,11 +2372,9 @@ def test_a_process_that_dies_stops_the_whole_data_parallel_run(assets, tmp_path)
     flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--batch_size", "4",
              "--method", "zo", "--steps", "1000000", "--eval_every", "5", "--out_dir", str(out)]
     rank0, rank1 = data_parallel(flags, stderr=str(err))
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "zo" / "trainer_state.pt").exists() and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(out / "checkpoints" / "zo" / "trainer_state.pt", [rank0, rank1])
     os.kill(rank1, signal.SIGKILL)
-    assert exit_code(rank1) == -signal.SIGKILL and exit_code(rank0) == 1
+    assert exit_codes([rank1, rank0]) == [-signal.SIGKILL, 1]
     assert "error: rank 0 lost the other processes" in err.read_text() and "--resume" in err.read_text()
     r = json.loads((out / "results.json").read_text())["methods"]["zo"]
     state = torch.load(out / "checkpoints" / "zo" / "trainer_state.pt", weights_only=True)

@@ -113,8 +113,7 @@ class Config:
                 setattr(self, name, defaults[name])
         if self.dtype is None:  # bf16 stored, stepped exactly by the optimizer: 4 bytes per parameter in all
             self.dtype = "bf16" if not self.builtin and torch.cuda.is_available() else "fp32"
-        if self.task is None and (self.builtin or self.data_dir is None):
-            self.task = "toy"
+        self.task = self.task or ("toy" if self.builtin or self.data_dir is None else None)
 
     @property
     def builtin(self):
@@ -198,6 +197,8 @@ def check_config(cfg):
     for name in ("lr", "eps"):  # dizo.py accepts any finite value; for an LM, 1 or more is a typo (1e3 for 1e-3)
         if getattr(cfg, name) is not None and not getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be below 1 to fine-tune a language model, got {getattr(cfg, name)}")
+    if cfg.lora and cfg.track_divergence:
+        raise UsageError("--track_divergence follows the attention weights, which --lora leaves frozen")
     if cfg.task is None:
         raise UsageError("--task is required with --data_dir (e.g. sst-2, rte, or custom with --template)")
     sampling = [f"--{n}" for n in ("k", "num_train", "num_dev", "num_test") if getattr(cfg, n) is not None]
@@ -227,7 +228,7 @@ def prepare(cfg):
     name = data.builtin_model() if cfg.builtin else cfg.model
     setup = data.Setup.load(name, task, raw, RANKS.device, cfg.trust_remote_code,
                             projected="dizo" in cfg.methods or cfg.track_divergence)
-    print(f"model {cfg.model} ({setup.kind} LM) on {setup.device}, {cfg.dtype}; task {task.name}: "
+    print(f"model {cfg.model} ({setup.kind} LM, {setup.model_type}) on {setup.device}, {cfg.dtype}; task {task.name}: "
           f"{len(setup.splits['train'].labels)} train / {len(setup.splits['dev'].labels)} dev / "
           f"{len(setup.splits['test'].labels)} test")
     return setup
@@ -391,7 +392,7 @@ def build_run(method, model, setup, cfg, loss):
               f"{report['params']:,} parameters, anchor {report['anchor_bytes'] / 2**20:.1f} MB")
     # linear: from η to η/2 over the run, as in the released logs; constant: η throughout
     decay = 0.5 if cfg.lr_schedule == "linear" else 0.0
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / cfg.steps_for(method))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / max(1, cfg.steps_for(method)))
     anchor = {n: t.detach().clone() for n, t in projected_params(model, roles=ROLES)} if cfg.track_divergence else None
     return Run(opt, schedule, batches, fresh, anchor)
 
