@@ -1528,10 +1528,10 @@ def _no_figures(request, monkeypatch):
         monkeypatch.setattr(bench, "plot_run", lambda results, folder: [])
 
 
-def forked_train(argv, env=(), stderr=os.devnull, hold_at_step=None):
+def forked_train(argv, env=(), stderr=os.devnull, hold=None):
     """Run train.main(argv) in a forked copy of this process, which starts at once (no interpreter to start, no
     imports), with `env` added to its environment and its error output written to `stderr`; returns its pid.
-    hold_at_step: the child stops before that step and waits to be killed."""
+    hold = (step, path): before that step the child creates file `path` and waits to be killed."""
     if torch.cuda.is_initialized():
         pytest.skip("a forked process cannot use CUDA once the test process has; run this test on its own")
     pid = os.fork()
@@ -1541,11 +1541,12 @@ def forked_train(argv, env=(), stderr=os.devnull, hold_at_step=None):
             os.environ.update(env)
             sys.stdout = open(os.devnull, "w")
             sys.stderr = open(stderr, "w", buffering=1)
-            if hold_at_step is not None:
+            if hold is not None:
                 take_step = train.take_step
 
                 def held(method, opt, closure, step):
-                    if step == hold_at_step:
+                    if step == hold[0]:
+                        Path(hold[1]).touch()
                         time.sleep(3600)  # until killed
                     return take_step(method, opt, closure, step)
 
@@ -1967,11 +1968,11 @@ def test_resume_refuses_changed_flags(assets, tmp_path, capsys):
     assert "flags differ from the saved run: seed" in capsys.readouterr().err
 
 
-def signal_at_first_checkpoint(flags, out_dir, method, signum, hold_at_step=None):
-    """Run train.py in a process of its own, send it `signum` once its first checkpoint exists; its exit code
-    (negative: killed by that signal). hold_at_step: see forked_train."""
-    pid = forked_train(flags, hold_at_step=hold_at_step)
-    wait_for(out_dir / "checkpoints" / method / "trainer_state.pt", [pid])
+def signal_at_first_checkpoint(flags, out_dir, method, signum, hold=None):
+    """Run train.py in a process of its own, send it `signum` once its first checkpoint exists (with `hold`, see
+    forked_train: once it waits); its exit code (negative: killed by that signal)."""
+    pid = forked_train(flags, hold=hold)
+    wait_for(Path(hold[1]) if hold else out_dir / "checkpoints" / method / "trainer_state.pt", [pid])
     os.kill(pid, signum)
     return exit_codes([pid], 60)[0]
 
@@ -1988,12 +1989,12 @@ def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp
     """SIGKILL (out of memory, a time limit) gives no chance to write anything: the checkpoint written at the
     last evaluation must be enough to continue, bit-for-bit, whether or not results.json had recorded it yet
     (the kill may fall between the two writes; the copy below has it fall there for certain). The killed run
-    waits before step 11, so that the kill always comes after the first checkpoint and before the last step."""
+    waits before step 11 to be killed: after the first checkpoint and its record, before the last step."""
     flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--method", "dizo",
              "--batch_size", "4", "--interval", "2", "--proj_iters", "2", "--lr", "1e-3", "--eval_every", "10",
              "--save", "--steps", "20"]
     assert signal_at_first_checkpoint(flags + ["--out_dir", str(tmp_path / "cut")], tmp_path / "cut", "dizo",
-                                      signal.SIGKILL, hold_at_step=11) == -signal.SIGKILL
+                                      signal.SIGKILL, hold=(11, tmp_path / "held")) == -signal.SIGKILL
     state = torch.load(tmp_path / "cut" / "checkpoints" / "dizo" / "trainer_state.pt", weights_only=True)
     steps = state["result"]["steps"]
     saved = json.loads((tmp_path / "cut" / "results.json").read_text())
