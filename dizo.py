@@ -499,9 +499,9 @@ class ZOSGD(torch.optim.Optimizer):
         """For a tensor applied on the drawing threads, what each chunk's z comes from, taken from the pass's
         generator in z's place: Gaussian z, a seed s and chunk k from s + k (another stream than gen's);
         Rademacher z, the tensor's random words, _CPU_CHUNK/64 per chunk (the same words as drawn whole)."""
-        n = -(-p.numel() // _CPU_CHUNK)
         if self.param_groups[0]["direction"] == "gaussian":
-            return [s + k for s in [_chunk_seed(gen)] for k in range(n)]
+            first = _chunk_seed(gen)
+            return [first + k for k in range(-(-p.numel() // _CPU_CHUNK))]
         return list(_random_words(p.numel(), gen).split(_CPU_CHUNK // 64))
 
     def _z(self, p, sources, threads):

@@ -602,6 +602,32 @@ def test_a_failing_closure_leaves_theta_restored_by_replay(kind, fail_at):
     assert f"θ {'+' if fail_at == 1 else '-'} εz" in text
 
 
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
+def test_replay_after_a_failure_regenerates_the_z_of_tensors_drawn_in_chunks(direction):
+    """A failure at θ - εz is undone by replaying z outside the chunked pass (_put_back_): for a tensor larger
+    than a chunk that replay must draw the z the threads applied, or θ ends εz away from where it was."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((3 * 2**16 + 5,), (7,))]
+    before = [p.detach().clone() for p in params]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return params[1].sum()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            ZOSGD(params, lr=1e-2, eps=1e-3, seed=4, direction=direction).step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("closure", [None, torch.tensor(0.5), 0.5])
 def test_a_closure_that_is_not_callable_is_refused_before_theta_moves(closure):
     model = tiny_opt()
