@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ZOSGD", "DiZO", "projected_params", "projection_report"]
+__all__ = ["ZOSGD", "DiZO", "divergence", "projected_params", "projection_report"]
 
 Loss = torch.Tensor | float
 Closure = Callable[[], Loss]
@@ -1141,3 +1141,13 @@ def projection_report(pairs: Sequence[tuple[str, torch.Tensor]]) -> dict[str, in
     tensors = [t for _, t in pairs]
     return {"matrices": len(tensors), "params": sum(t.numel() for t in tensors),
             "anchor_bytes": sum(t.numel() * t.element_size() for t in tensors)}
+
+
+def divergence(model: torch.nn.Module, anchor: dict[str, torch.Tensor],
+               roles: Sequence[str] = ("k", "v")) -> dict[str, list[float]]:
+    """The layer-wise divergence of §2.2, ||W - W0||_F of each attention matrix, by role in layer order:
+    {"k": [layer 0, layer 1, ...], ...}. `anchor` maps the names projected_params(model, roles) gives to the
+    pretrained values (e.g. a clone taken before training)."""
+    with torch.no_grad():
+        return {role: [float(torch.linalg.vector_norm((t - anchor[n]).float()))
+                       for n, t in projected_params(model, roles=(role,))] for role in roles}

@@ -32,7 +32,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
 import bench
 import data
 import train
-from dizo import DiZO, ZOSGD, projected_params, projection_report
+from dizo import DiZO, ZOSGD, divergence, projected_params, projection_report
 
 torch.set_num_threads(1)
 # The imported modules' 375k objects never become garbage: frozen, they are not walked again by each gc.collect()
@@ -1446,6 +1446,18 @@ def test_projected_views_are_the_key_and_value_weights():
     y1 = block.query_key_value(x).view(1, 5, heads, 3 * head)
     assert torch.equal(y0[..., :2 * head], y1[..., :2 * head])  # q and k of every head unchanged
     assert not torch.equal(y0[..., 2 * head:], y1[..., 2 * head:])  # v changed
+
+
+def test_divergence_is_each_matrix_distance_from_its_anchor_in_layer_order():
+    model = tiny_model("gpt2")  # Q, K and V are column blocks of one fused Conv1D weight (in, 3 * width)
+    roles = ("q", "k", "v", "o")
+    anchor = {n: t.detach().clone() for n, t in projected_params(model, roles=roles)}
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight[:, 32:64].add_(0.5)  # layer 1's K: 32 x 32 entries
+        model.transformer.h[0].attn.c_proj.weight[0, 0].sub_(3.0)  # one entry of layer 0's O
+    assert divergence(model, anchor, roles) == {"q": [0.0, 0.0], "k": [0.0, 16.0], "v": [0.0, 0.0],
+                                                "o": [3.0, 0.0]}
+    assert divergence(model, anchor) == {"k": [0.0, 16.0], "v": [0.0, 0.0]}  # K and V by default
 
 
 def test_unsupported_model_raises_naming_supported_families():
