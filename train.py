@@ -24,7 +24,7 @@ from tqdm import tqdm
 import bench
 import data
 from data import RANKS
-from dizo import DiZO, ZOSGD, projected_params, projection_report
+from dizo import DiZO, ZOSGD, divergence, projected_params, projection_report
 
 METHODS = ("fo", "zo", "dizo")
 BUILTIN = "builtin"  # --model value of the embedded tiny OPT
@@ -74,32 +74,26 @@ class Config:
     num_test: int | None = flag(None, "test examples (MeZO: 1000)", int)
     eval_every: int | None = flag(None, "steps between dev evaluations and checkpoints (builtin 100, real 500)", int)
     out_dir: str = flag("runs/default", "where results.json, plots, checkpoints and --save go")
-    dtype: str | None = flag(None, "fp32, bf16 or fp16 (a GPU); default bf16 for a real model on a GPU, else fp32. "
-                                   "ZO keeps the weights in it (see --half_precision); FO autocasts fp32 ones", str)
+    dtype: str | None = flag(None, "fp32, bf16 or fp16 (GPU); default bf16 for real models on a GPU, else fp32", str)
     save: bool = flag(False, "save the final model(s) to out_dir/model/")
     template: str | None = flag(None, "prompt template with {sentence} and {mask}", str)
     label_words: str | None = flag(None, "comma-separated label words, one per class", str)
     direction: str = flag("gaussian", "ZO direction z: gaussian (MeZO, DiZO) or rademacher (±1, cheaper to draw)")
     queries: int = flag(1, "q: directions per ZO step, their estimates averaged (DiZO eq. (1)); 2q forward passes")
-    half_precision: str = flag("exact", "bf16/fp16 weights under ZO: exact (stepped through their fp32 value) or "
-                                        "plain (rounded at every pass, as the released code; drifts)")
+    half_precision: str = flag("exact", "bf16/fp16 ZO weights: exact (via their fp32 value) or plain (drifts)")
     interval: int = flag(50, "DiZO κ: ZO steps between projections")
     proj_iters: int = flag(10, "DiZO M: γ-search iterations per projection")
     proj_eps: float = flag(0.1, "DiZO ε_γ")
     proj_lr: float = flag(2.0, "DiZO η_γ")
     tau: float = flag(0.2, "DiZO τ: ratio clipped to [1-τ, 1+τ]")
     anchor_device: str | None = flag(None, "DiZO: where θ0 lives, e.g. cpu to keep it off the GPU", str)
-    zo_params: str | None = flag(None, "all, or no_embed (the released code: token embedding and a head tied to "
-                                       "it frozen); default builtin no_embed, real all", str)
-    lr_schedule: str | None = flag(None, "constant, or linear from lr to lr/2 (the released logs); default "
-                                         "builtin linear, real constant", str)
+    zo_params: str | None = flag(None, "all, or no_embed (as released: embedding frozen); builtin no_embed", str)
+    lr_schedule: str | None = flag(None, "constant, or linear from lr to lr/2 (as released); builtin linear", str)
     lora: int = flag(0, "rank of PEFT LoRA adapters on the attention (0: fine-tune the weights themselves)")
     lora_alpha: float = flag(16.0, "LoRA scale alpha (the update is alpha/rank · BA)")
-    lora_targets: str | None = flag(None, "comma-separated module names for LoRA (default PEFT's, e.g. q_proj,v_proj)",
-                                    str)
+    lora_targets: str | None = flag(None, "comma-separated modules for LoRA (default PEFT's, e.g. q_proj,v_proj)", str)
     grad_accum: int = flag(1, "micro-batches per mini-batch, their losses (FO: gradients) summed")
-    device_map: str | None = flag(None, "'auto': spread the model's layers over the GPUs (and CPU) with accelerate",
-                                  str)
+    device_map: str | None = flag(None, "'auto': spread the model over the GPUs (and CPU) with accelerate", str)
     recipe: str | None = flag(None, "released: the settings of the released DiZO OPT runs (explicit flags win)", str)
     track_divergence: bool = flag(False, "log ‖W_t - W_0‖ of every attention Q, K, V, O matrix at each evaluation")
     resume: bool = flag(False, "continue the run in --out_dir from its checkpoints")
@@ -273,13 +267,6 @@ def take_step(method, opt, closure, step):
     return loss
 
 
-def attention_divergence(model, anchor):
-    """‖W_t - W_0‖_F of every attention matrix (DiZO §2.2): {role: [layer 0, layer 1, ...]}."""
-    with torch.no_grad():
-        return {role: [float(torch.linalg.vector_norm((t - anchor[n]).float()))
-                       for n, t in projected_params(model, roles=(role,))] for role in ROLES}
-
-
 def evaluate(model, setup, split):
     """Accuracy on a split (each rank scores its share), in eval mode; the model's mode is put back after."""
     enc, was_training = setup.splits[split], model.training
@@ -296,10 +283,8 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
     with it). Returns the result dict: early on a signal, with status "diverged" on a non-finite loss."""
     peak = bench.PeakMemory(setup.device)
     peak.reset()
-    if method == "fo" and RANKS.world > 1:  # gradients averaged across ranks
-        forward = torch.nn.parallel.DistributedDataParallel(model)
-    else:
-        forward = model
+    ddp = method == "fo" and RANKS.world > 1  # FO under torchrun: gradients averaged across ranks
+    forward = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     loss = data.TrainLoss(setup.loss_fn, setup.splits["train"], forward, cfg.grad_accum, backward=method == "fo")
     storage, compute = cfg.storage_dtype(method), cfg.dtype
     setup.loss_fn.autocast = bench.DTYPES[compute] if compute != storage else None  # FO's mixed precision
@@ -376,8 +361,7 @@ def build_run(method, model, setup, cfg, loss):
     """The optimizer (on the parameters the method trains), the learning-rate schedule and the data order."""
     torch.manual_seed(cfg.seed)  # FO dropout; ZO methods run in eval mode and own their generators
     n_train = len(setup.splits["train"].labels)
-    batches, fresh = data.Batches(n_train, cfg.batch_size, cfg.seed), data.Batches(n_train, cfg.batch_size,
-                                                                                   cfg.seed + 1)
+    batches, fresh = (data.Batches(n_train, cfg.batch_size, cfg.seed + i) for i in (0, 1))
     if cfg.zo_params == "no_embed":  # the released code's set: the token embedding (and a head tied to it) frozen
         model.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -421,7 +405,7 @@ def history_entry(r, model, setup, losses, anchor, full):
     if full:
         entry["dev_acc"] = evaluate(model, setup, "dev")
     if anchor is not None:
-        entry["divergence"] = attention_divergence(model, anchor)
+        entry["divergence"] = divergence(model, anchor, ROLES)
     return entry
 
 
