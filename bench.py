@@ -18,9 +18,10 @@ What is measured, per (shape, method):
           every method needs); "extra" = peak - RSS at that moment, the memory the method needs on top of
           the weights. CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats; "extra" =
           that peak - memory_allocated at the reset.
-  DiZO    its ordinary steps are timed like ZOSGD's; one projection phase (M inner iterations, 2M forward
-          passes on fresh batches) is timed separately, and the per-step time is amortised over κ steps:
-          median ordinary step + phase / κ. Its peak covers both the ordinary steps and the phase.
+  DiZO    its ordinary steps are timed like ZOSGD's; one projection phase (M inner iterations on fresh
+          batches: 2M + 2 forward passes, the loss before and after included) is timed separately, and the
+          per-step time is amortised over κ steps: median ordinary step + phase / κ. Its peak covers both the
+          ordinary steps and the phase.
 
 What --precision measures, per storage dtype and compute mode (fp32; bf16 and, on CUDA, fp16, each "plain":
 weights stored, stepped and computed in it; "exact": stored and computed in it, stepped through dizo.py's fp32
