@@ -5,6 +5,7 @@ re-implementation of MeZO's four-pass step written here, independently of dizo.p
 """
 
 import copy
+import fcntl
 import gc
 import json
 import math
@@ -22,17 +23,20 @@ import traceback
 import warnings
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM, GPT2Config,
+                          GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM, ViTConfig)
 
 import bench
 import data
 import train
-from dizo import DiZO, ZOSGD, divergence, projected_params, projection_report
+from dizo import DiZO, ZOSGD, _z_streams, divergence, projected_params, projection_report
 
 torch.set_num_threads(1)
 # The imported modules' 375k objects never become garbage: frozen, they are not walked again by each gc.collect()
@@ -1343,7 +1347,6 @@ def test_dizo_with_queries_calls_2q_per_step_and_restores_a_failing_query():
 def test_z_streams_are_one_per_device_type():
     """Devices of one type share the stream of the first of them (so a model split across two GPUs draws
     the z of the unsplit model); each type has its own seed offset; one device keeps offset 0."""
-    from dizo import _z_streams
     cpu, g0, g1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
     assert _z_streams([cpu]) == {cpu: (cpu, 0)}
     assert _z_streams([g0]) == {g0: (g0, 0)}
@@ -1671,7 +1674,6 @@ def two_examples():
 def test_causal_loss_equals_hand_computation(assets, words):
     """Mean log-prob of each candidate's tokens after the prompt, CE over candidates; by hand, one unpadded
     sequence at a time. Single-token words take the one-sequence-per-example path, the others do not."""
-    from transformers import AutoTokenizer
 
     task = data.get_task("sst-2", label_words=",".join(words))
     tok = AutoTokenizer.from_pretrained(assets["causal"])
@@ -1694,8 +1696,6 @@ def test_causal_loss_equals_hand_computation(assets, words):
 
 
 def test_masked_loss_equals_hand_computation(assets):
-    from transformers import AutoTokenizer
-
     task = data.get_task("sst-2")
     tok = AutoTokenizer.from_pretrained(assets["masked"])
     model = RobertaForMaskedLM.from_pretrained(assets["masked"]).eval()
@@ -1766,8 +1766,6 @@ def test_byte_order_mark_keeps_pair_columns_in_place(tmp_path):
 
 
 def test_builtin_model_is_built_once_and_loads_like_any_hub_model(tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     monkeypatch.setenv("DIZO_CACHE", str(tmp_path))
     monkeypatch.setitem(data.TINY, "pretrain_steps", 3)  # the recipe, shortened: the path is what is tested
     folder = data.builtin_model()
@@ -1792,7 +1790,6 @@ def test_builtin_model_is_built_once_and_loads_like_any_hub_model(tmp_path, monk
 def bad_folder(tmp_path, what, assets):
     folder = tmp_path / what
     if what in ("corrupt_weights", "broken_tokenizer", "size_mismatch", "pickle_weights"):
-        import shutil
         shutil.copytree(assets["causal"], folder)
     if what == "corrupt_weights":  # truncated safetensors
         weights = folder / "model.safetensors"
@@ -1809,10 +1806,8 @@ def bad_folder(tmp_path, what, assets):
         folder.mkdir()
         (folder / "weights.bin").write_bytes(b"")
     elif what == "not_lm":
-        from transformers import ViTConfig
         ViTConfig(architectures=["ViTModel"]).save_pretrained(folder)
     elif what == "bloom":  # a causal LM whose attention projected_params does not know
-        from transformers import BloomConfig, BloomForCausalLM
         tok = data.build_tokenizer([" ".join(WORDS), "it was . ?"])
         BloomForCausalLM(BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4)).save_pretrained(folder)
         tok.save_pretrained(folder)
@@ -1894,7 +1889,6 @@ BAD_INPUTS = [  # (flags, what the one line must say)
 
 @pytest.mark.parametrize("flags, message", BAD_INPUTS, ids=[" ".join(f) for f, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, monkeypatch, flags, message):
-    import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as here: no hub; and no retries
     args = {"--model": assets["causal"], "--task": "sst-2", "--data_dir": assets["data"],
             "--out_dir": str(tmp_path / "out"), "--steps": "2"}
@@ -2017,7 +2011,6 @@ def signal_at_first_checkpoint(flags, out_dir, method, signum, hold=None):
 
 def assert_same_weights(run_a, run_b):
     """The models two runs saved with --save are equal tensor by tensor."""
-    from safetensors.torch import load_file
     a = load_file(str(run_a / "model" / "model.safetensors"))
     b = load_file(str(run_b / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -2101,7 +2094,6 @@ def test_divergence_tracking_shows_zo_moves_every_matrix_alike(assets, tmp_path,
 # The output folder: nothing that is not this tool's output is touched; one run at a time.
 
 def test_out_dir_with_foreign_files_or_the_input_model_is_refused(assets, tmp_path, capsys):
-    import shutil
     out = tmp_path / "out"
     shutil.copytree(assets["causal"], out / "model")  # e.g. --out_dir . beside the user's own ./model
     before = sorted(p.name for p in (out / "model").iterdir())
@@ -2129,7 +2121,6 @@ def test_overwrite_replaces_every_output_of_the_old_run(assets, tmp_path):
 
 
 def test_a_second_run_into_a_busy_out_dir_is_refused(assets, tmp_path, capsys):
-    import fcntl
     out = tmp_path / "out"
     out.mkdir()
     with open(out / ".lock", "w") as held:  # as the first run holds it
@@ -2141,7 +2132,6 @@ def test_a_second_run_into_a_busy_out_dir_is_refused(assets, tmp_path, capsys):
 
 
 def test_too_little_disk_space_is_refused_before_training(assets, tmp_path, monkeypatch, capsys):
-    import shutil
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     assert run_train(assets, tmp_path / "out", "--method", "zo", "--steps", "1") == 2
     assert "MB free" in capsys.readouterr().err
@@ -2166,7 +2156,6 @@ def test_non_finite_weights_stop_the_run_before_any_checkpoint_or_save(assets, t
     r = json.loads((out / "results.json").read_text())["methods"]["zo"]
     assert r["status"] == "diverged" and "non-finite weights after step 4" in r["error"]
     assert not (out / "model").exists()
-    from safetensors.torch import load_file
     kept = load_file(str(out / "checkpoints" / "zo" / "model.safetensors"))  # the step-2 checkpoint
     assert torch.load(out / "checkpoints" / "zo" / "trainer_state.pt", weights_only=True)["result"]["steps"] == 2
     assert all(torch.isfinite(t).all() for t in kept.values())
@@ -2193,7 +2182,6 @@ def test_masked_lm_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys):
     ("data", "the data differ from the saved run's"),
 ])
 def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys, damage, message):
-    import shutil
     task = tmp_path / "task"
     shutil.copytree(assets["data"], task)
     out = tmp_path / "o"
@@ -2236,7 +2224,6 @@ def test_a_signal_after_the_last_step_keeps_the_saved_model(assets, tmp_path, mo
 
 @pytest.mark.parametrize("kind", ["causal", "llama"])
 def test_lora_trains_only_the_adapters_with_every_method(assets, tmp_path, kind):
-    from safetensors.torch import load_file
     out = tmp_path / "out"
     assert run_train(assets, out, "--lora", "4", "--method", "all", "--steps", "4", "--eval_every", "2",
                      "--lr", "1e-2", "--save", kind=kind) == 0
@@ -2257,7 +2244,6 @@ def test_lora_trains_only_the_adapters_with_every_method(assets, tmp_path, kind)
 
 
 def test_lora_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
     flags = ["--lora", "4", "--method", "dizo", "--steps", "9", "--eval_every", "4", "--save", "--lr", "1e-2"]
     assert run_train(assets, tmp_path / "full", *flags) == 0
     interrupt_at_call(monkeypatch, 11)
@@ -2269,7 +2255,6 @@ def test_lora_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch):
 
 
 def test_no_embed_freezes_the_token_embedding_and_its_tied_head(assets, tmp_path):
-    from safetensors.torch import load_file
     out = tmp_path / "out"
     assert run_train(assets, out, "--zo_params", "no_embed", "--method", "zo", "--steps", "3", "--save") == 0
     base = load_file(str(Path(assets["causal"]) / "model.safetensors"))
@@ -2323,7 +2308,6 @@ def test_dizo_records_every_projection_phase_and_draws_them(assets, tmp_path, fi
 
 @pytest.mark.parametrize("backward", [False, True])
 def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(assets, backward):
-    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(assets["causal"])
     model = OPTForCausalLM.from_pretrained(assets["causal"]).eval()
     loss_fn = data.PromptLoss(data.get_task("sst-2"), tok, "causal", torch.device("cpu"))
@@ -2356,7 +2340,6 @@ def data_parallel(argv, world=2, stderr=os.devnull):
 def test_data_parallel_run_ends_where_one_process_ends(assets, tmp_path):
     """2 processes (gloo, CPU) on the same global batch as 1 process: ZO and DiZO reach the same weights to
     float round-off (each rank evaluates half the batch; the means are averaged)."""
-    from safetensors.torch import load_file
     flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--batch_size", "4",
              "--interval", "2", "--proj_iters", "2", "--lr", "1e-3", "--steps", "5", "--eval_every", "5",
              "--method", "all", "--save"]
@@ -2375,7 +2358,6 @@ def test_data_parallel_run_ends_where_one_process_ends(assets, tmp_path):
 
 
 def test_a_model_placed_by_accelerate_trains_like_one_on_a_device(assets, tmp_path):
-    from safetensors.torch import load_file
     for name, extra in (("plain", []), ("placed", ["--device_map", "auto"])):
         assert run_train(assets, tmp_path / name, "--method", "dizo", "--steps", "4", "--save", *extra) == 0
     a, b = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("plain", "placed"))
@@ -2386,7 +2368,6 @@ def test_training_at_learning_rate_zero_leaves_the_weights_as_they_were(assets, 
     """At lr 0 a ZO step must leave θ where it was: θ + εz - 2εz + εz only rounds. fp32: round-off; bf16 (stored
     in bf16, stepped through its exact fp32 value by dizo.py): no more drift than fp32's, where plain bf16
     arithmetic drifts by percents. FO under bf16 autocast keeps fp32 weights."""
-    from safetensors.torch import load_file
     base = load_file(str(Path(assets["causal"]) / "model.safetensors"))
     drift = {}
     for dtype in ("fp32", "bf16"):
