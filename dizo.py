@@ -13,6 +13,7 @@ Equation map (sections and equations of the DiZO paper)
   θ <- θ - η ((1/q) Σ_j g_j z_j + λ θ), restore and update fused   ZOSGD._update_            §2.1 eq. (2)
   half precision: the same steps on an fp32 master                 ZOSGD._values
   Δ_l = θ_l - θ0_l,  s_l = ||Δ_l||_F  (the layer-wise divergence)  DiZO.distances            §2.2
+  the same, logged for any model's attention matrices              divergence                §2.2
   θ_l <- θ0_l + (γ_l / s_l) Δ_l = θ0_l + r_l Δ_l                   DiZO._set_ratios_         §3, projection
   γ search: SPSA on per-matrix scalars, u clipped, r in [1-τ, 1+τ]  DiZO._search_ratios       §3, as trainer.py
   every κ ZO steps, M search iterations on fresh mini-batches      DiZO.step, DiZO.project   §3, as trainer.py
@@ -1149,5 +1150,6 @@ def divergence(model: torch.nn.Module, anchor: dict[str, torch.Tensor],
     {"k": [layer 0, layer 1, ...], ...}. `anchor` maps the names projected_params(model, roles) gives to the
     pretrained values (e.g. a clone taken before training)."""
     with torch.no_grad():
-        return {role: [float(torch.linalg.vector_norm((t - anchor[n]).float()))
+        # the difference in fp32: two nearby bf16 values subtracted in bf16 lose their low bits
+        return {role: [float(torch.linalg.vector_norm(t.float() - anchor[n].float()))
                        for n, t in projected_params(model, roles=(role,))] for role in roles}

@@ -1461,6 +1461,14 @@ def test_divergence_is_each_matrix_distance_from_its_anchor_in_layer_order():
     assert divergence(model, anchor, roles) == {"q": [0.0, 0.0], "k": [0.0, 16.0], "v": [0.0, 0.0],
                                                 "o": [3.0, 0.0]}
     assert divergence(model, anchor) == {"k": [0.0, 16.0], "v": [0.0, 0.0]}  # K and V by default
+    half = tiny_model("opt").to(torch.bfloat16)  # bf16 weights: the distance is computed in fp32
+    start = {n: t.detach().clone() for n, t in projected_params(half)}
+    with torch.no_grad():
+        for _, t in projected_params(half):
+            t.add_(torch.randn_like(t, dtype=torch.float32).mul_(1e-3).to(torch.bfloat16))
+    exact = [float(torch.linalg.vector_norm(t.double() - start[n].double())) for n, t in projected_params(half)]
+    got = divergence(half, start)
+    assert got["k"] + got["v"] == pytest.approx([exact[i] for i in (0, 2, 1, 3)], rel=1e-6)
 
 
 def test_unsupported_model_raises_naming_supported_families():
