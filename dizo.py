@@ -1,6 +1,7 @@
 """Zeroth-order fine-tuning: ZO-SGD with seed replay (MeZO) and DiZO's layer-wise divergence projection.
 
-Torch only: copy this file into any project. Read it beside the papers and their released code:
+Torch only: copy it into any project. Read it beside the papers and released code (the README lists where and why
+this file departs from that code):
   MeZO  Malladi et al., arXiv 2305.17333; princeton-nlp/MeZO, large_models/trainer.py.
   DiZO  Tan et al., "Harmony in Divergence", arXiv 2502.03304 (NeurIPS 2025); Skilteee/DiZO, the same file.
 
@@ -13,10 +14,9 @@ Equation map (the DiZO paper's sections)                                      wh
   every κ ZO steps, M iterations of SPSA on γ, r clipped to [1-τ, 1+τ]         DiZO.project      §3
   which matrices: attention K and V (or their LoRA factors)                     projected_params  trainer.py
 
-Usage (ZOSGD: the same without the matrices, search_data and search_loss):
+Usage (ZOSGD: the same without the matrices, search_data and search_loss); the closure: ONE mini-batch's loss:
     opt = DiZO(model.parameters(), projected_params(model), lr=1e-6, search_data=batches, search_loss=loss_fn)
-    for batch in loader:
-        loss = opt.step(lambda: loss_fn(batch))   # the loss of ONE mini-batch, no backward()
+    for batch in loader: loss = opt.step(lambda: loss_fn(batch))          # two forward passes, no backward()
 
 Check a step by hand (q = 1, no weight decay): this loop gives the θ of the first opt.step(closure), to rounding:
 
@@ -82,7 +82,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.steps_done, self.projected_grad, self.projected_grads = 0, None, []
         halves = [p for _, p in self._params() if p.dtype in (torch.bfloat16, torch.float16)]
         if halves:  # stepped in place, where a change below |θ|·eps/4 (half a unit in the last place) is lost
-            dtype, lr = halves[0].dtype, self.defaults["lr"]
+            dtype, lr = halves[0].dtype, self.defaults["lr"]  # the spacing of dtype's values near |θ| is |θ|·eps
             warnings.warn(f"{sum(p.numel() for p in halves):,} {dtype} weights are stepped in place: at lr {lr:g} a "
                           f"weight θ moves only where |g·z| > |θ|·{torch.finfo(dtype).eps / 4 / max(lr, 1e-300):.3g}, "
                           f"and each ±εz pass rounds; fp32 weights under torch.autocast are exact", stacklevel=2)
@@ -123,9 +123,16 @@ class ZOSGD(torch.optim.Optimizer):
                 yield group, p, torch.randn(generator=gen, **like)                          # z ~ N(0, I)
 
     def _perturb(self, seed, alpha):
-        """θ <- θ + alpha·z."""
-        for _, p, z in self._zs(seed):
-            p.add_(z, alpha=alpha)
+        """θ <- θ + alpha·z; a pass that fails part-way (out of memory drawing z) undoes the tensors it did."""
+        done = 0
+        try:
+            for _, p, z in self._zs(seed):
+                p.add_(z, alpha=alpha)
+                done += 1
+        except BaseException:
+            for _, (_, p, z) in zip(range(done), self._zs(seed)):
+                p.add_(z, alpha=-alpha)
+            raise
 
     def _query(self, closure, seed, eps):
         """From θ: ℓ+ = L(θ + εz), ℓ- = L(θ - εz), z from `seed`; returns g of eq. (1) and ℓ+, θ left at θ - εz.
@@ -333,8 +340,6 @@ class DiZO(ZOSGD):
                           f"γ search draws other batches than the saved run would (a list or a function would not)")
 
 
-# Which matrices to project: found by module structure, as (role, weight) pairs with roles q, k, v, o.
-
 def _is_lora(module):
     return hasattr(module, "base_layer") and isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict)
 
@@ -364,22 +369,18 @@ def _attention(module):
     return None
 
 
-SUPPORTED_FAMILIES = "OPT, Llama/Mistral/Qwen2, BERT/RoBERTa, GPT-2"
-
-
 def projected_params(model, roles=("k", "v")):
     """The trained attention matrices DiZO projects, as (name, tensor) pairs in module order.
 
-    Default K and V, as the released code (OPT's k_proj and v_proj); any of "q", "k", "v", "o". Found by the
-    structure of each family's attention block; a model with none raises. Names are model.named_parameters()'s;
-    a view's is its parameter's + [role]. Under PEFT LoRA a matrix gives the trained factors A and B of its
-    active adapters; the released code projects every LoRA tensor, on q_proj and v_proj: roles=("q", "v").
+    Default K and V, as the released code (OPT's k_proj and v_proj); any of "q", "k", "v", "o", found by the
+    structure of each family's attention block (none found: an error). A view is named after its parameter +
+    [role]. Under PEFT LoRA a matrix gives its active adapters' trained A and B: roles=("q", "v") is the released.
     """
     _check("roles", roles, roles and set(roles) <= {"q", "k", "v", "o"}, "a non-empty subset of q, k, v, o")
     names = {id(p): n.replace("_orig_mod.", "") for n, p in model.named_parameters()}
     lora = {id(getattr(m.base_layer, "weight", None)): m for m in model.modules() if _is_lora(m)}
     blocks = [hits for hits in map(_attention, model.modules()) if hits]
-    _check("model", type(model).__name__, blocks, f"one of {SUPPORTED_FAMILIES} (else pass DiZO the matrices)")
+    _check("model", type(model).__name__, blocks, "OPT, Llama/Mistral/Qwen2, BERT/RoBERTa, GPT-2 (or pass the matrices)")
     found = []
     for role, t in (hit for hits in blocks for hit in hits if hit[0] in roles):
         if id(t) in lora:  # the frozen weight's trained LoRA factors instead
@@ -394,7 +395,6 @@ def projected_params(model, roles=("k", "v")):
 
 @torch.no_grad()
 def divergence(model, anchor, roles=("k", "v")):
-    """§2.2's layer-wise divergence ||W - W0||_F of each attention matrix, by role in layer order, e.g.
-    {"k": [layer 0, layer 1, ...]}; `anchor` maps projected_params(model, roles)'s names to W0."""
+    """§2.2's ||W - W0||_F of each attention matrix by role in layer order, W0 = anchor[projected_params name]."""
     return {role: [float(torch.linalg.vector_norm(t.to(_wide(t)) - anchor[n].to(t.device, _wide(t))))
                    for n, t in projected_params(model, roles=(role,))] for role in roles}

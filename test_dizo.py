@@ -419,9 +419,11 @@ def test_half_precision_weights_are_stepped_in_place_with_a_warning_that_gives_t
         ZOSGD(tiny_opt().parameters(), lr=1e-2)  # fp32: no warning
 
 
-def test_zosgd_trains_on_a_non_differentiable_error_rate():
-    """The closure may return any scalar: here the 0/1 error of a linear classifier on a fixed batch,
-    piecewise constant in θ (no gradient), from a start orthogonal to the separating line."""
+@pytest.mark.parametrize("eps", [1e-3, 0.1])
+def test_zosgd_on_a_non_differentiable_error_rate_needs_a_larger_eps(eps):
+    """The closure may return any scalar: here the 0/1 error of a linear classifier on 256 fixed points,
+    piecewise constant in θ, from a start orthogonal to the separating line. At the default ε = 1e-3 no
+    prediction flips between θ ± εz, so g = 0 at every step and nothing trains; at ε = 0.1 it learns."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 2, generator=gen, dtype=torch.float64)
     y = (x[:, 0] + x[:, 1] > 0).long()
@@ -434,10 +436,29 @@ def test_zosgd_trains_on_a_non_differentiable_error_rate():
         return float((model(x).argmax(1) == y).double().mean())
 
     start = accuracy()
-    opt = ZOSGD(model.parameters(), lr=0.5, eps=0.1, seed=0)
+    opt = ZOSGD(model.parameters(), lr=0.5, eps=eps, seed=0)
+    moved = 0
     for _ in range(100):
         opt.step(lambda: 1.0 - accuracy())
-    assert 0.4 < start < 0.6 and accuracy() >= 0.9
+        moved += opt.projected_grad != 0
+    assert 0.4 < start < 0.6
+    assert (moved, accuracy()) == (0, start) if eps == 1e-3 else (moved > 50 and accuracy() >= 0.9)
+
+
+def test_accelerate_returns_none_from_step_and_skips_zo_steps_when_it_accumulates():
+    """What the README warns of: accelerate's wrapped optimizer returns None from step(closure) (the loss is
+    the inner optimizer's), and with gradient_accumulation_steps = 4 it takes one ZO step in four calls."""
+    accelerate = pytest.importorskip("accelerate")
+    net = torch.nn.Linear(4, 1)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    runner = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=4)
+    net, opt = runner.prepare(net, ZOSGD(net.parameters(), lr=0.1, seed=0))
+    returned = []
+    for _ in range(8):
+        with runner.accumulate(net):
+            returned.append(opt.step(lambda: torch.nn.functional.mse_loss(net(x), y)))
+    assert returned == [None] * 8 and opt.optimizer.steps_done == 2
+    assert isinstance(opt.optimizer.step(lambda: torch.nn.functional.mse_loss(net(x), y)), float)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -787,6 +808,28 @@ def test_a_failing_query_is_undone_and_dizo_takes_2q_passes_per_step():
         assert len(calls) - n == 2 * 2 + (2 * 3 + 2 if step % 2 == 0 else 0)
 
 
+@pytest.mark.parametrize("failing_draw", [3, 5])
+def test_a_pass_that_fails_part_way_moves_back_the_tensors_it_moved(monkeypatch, failing_draw):
+    """An error while drawing z (out of memory at the k-th tensor of the -2εz pass, or of the first pass)
+    leaves θ as the step found it: the tensors already moved are moved back, then the earlier passes."""
+    model = tiny_opt()
+    params, n = list(model.parameters()), len(list(model.parameters()))
+    before, draws, randn = weights(params), [], torch.randn
+
+    def failing_randn(*args, **kwargs):
+        draws.append(1)
+        if len(draws) == failing_draw + (n if failing_draw == 5 else 0):
+            raise RuntimeError("out of memory (simulated)")
+        return randn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", failing_randn)
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        ZOSGD(params, lr=1e-2, seed=0).step(lm_closure(model))
+    assert "θ was put back by replaying z" in " ".join(info.value.__notes__)
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("eps, says", [(1e38, "could NOT be put back"), (1e-3, "was put back")])
 def test_an_eps_that_overflows_is_not_reported_as_put_back(eps, says):
     model = tiny_opt()
@@ -1009,7 +1052,7 @@ def test_projected_views_are_the_key_weights():
 
 def test_unsupported_model_or_roles_raise_naming_what_is_supported():
     for model in (torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), tiny_model("gpt_neox")):
-        with pytest.raises(ValueError, match="OPT, Llama/Mistral/Qwen2, BERT/RoBERTa, GPT-2 .else pass DiZO"):
+        with pytest.raises(ValueError, match="model must be OPT, Llama/Mistral/Qwen2, BERT/RoBERTa, GPT-2 .or pass the matrices"):
             projected_params(model)
     with pytest.raises(ValueError, match="roles must be a non-empty subset"):
         projected_params(tiny_opt(), roles=("x",))
