@@ -1,31 +1,16 @@
-"""What the model reads and how it is scored: tasks, prompts, data files, the prompt-based loss, the batch order,
-each process's share of a batch under torchrun, the pretrained model and its tokenizer, the embedded default (a
-built-in task, its corpus and the tiny model pretrained on it); and the files a run writes (results,
-checkpoints, saved models), each write atomic.
-
-* Real tasks: GLUE-style TSV files `train.tsv`, `dev.tsv`, `test.tsv` in one folder. The first line is a
-  header; columns are found by name ("sentence", or "premise"/"hypothesis" -- GLUE RTE's "sentence1"/"sentence2"
-  are accepted as aliases -- and "label"). A header without these names falls back to positions: the text
-  column(s) first, the label last. Fields are split on tabs, with no quoting (as GLUE writes them). LM-BFF ships
-  MR, CR, MPQA, Subj, SST-5 and TREC as headerless CSV; convert them to this format first.
-* Prompts and labels follow LM-BFF (Gao et al., 2021) for masked LMs and MeZO (Malladi et al., 2023) for causal
-  LMs: a causal LM scores each candidate label word appended to `causal_prompt(task, ex)` (the mean
-  log-probability of its tokens); a masked LM reads the logits of the label words at the mask of
-  `masked_prompt(task, ex, mask_token)`. Templates are `str.format` strings with one placeholder per text column
-  and `{mask}`. `PromptLoss` turns either score into a cross-entropy over the candidates.
-* The embedded default: task "toy", a small sentiment task with a matching pretraining corpus, generated from a
-  seeded `random.Random`, and a tiny OPT pretrained on that corpus once and cached as an ordinary Hugging Face
-  folder (`builtin_model`), so that the whole pipeline runs offline.
-"""
+"""What the model reads and the files a run writes: tasks, prompts (LM-BFF's for masked LMs, MeZO's for causal LMs),
+data files, the prompt-based loss, the batch order, the pretrained model, the embedded default (task "toy" and a tiny
+OPT pretrained once on its corpus and cached: all runs offline); results, checkpoints, models, figures, all atomic."""
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
 import string
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,20 +20,15 @@ from transformers import PreTrainedTokenizerFast
 
 
 class DataError(ValueError):
-    """A problem with the user's inputs (data files, task options, model folder); the message is one line, with
-    path:line where there is one."""
+    """A problem with the user's inputs (data, task options, model folder), in one line (path:line if any)."""
 
 
 # ----------------------------------------------------------------------------------------------- tasks
 
 @dataclass(frozen=True)
 class Task:
-    """A classification task as a prompt: class i is `labels[i]` in the data and `label_words[i]` in text.
-
-    Masked-LM label words carry a leading space, as LM-BFF's do (it tokenizes " " + word for every task,
-    TREC's included). A causal LM appends `causal_label_words` (default: `label_words`) to the causal
-    prompt: `causal_template`, or `template` cut at `{mask}` when it is None.
-    """
+    """A classification task as a prompt: class i is `labels[i]` in the data, `label_words[i]` (LM-BFF's, with a
+    leading space) in text; a causal LM appends `causal_words` to `causal_template`, or to `template` cut at {mask}."""
     name: str
     labels: tuple[str, ...]
     label_words: tuple[str, ...]
@@ -59,28 +39,22 @@ class Task:
 
     @property
     def causal_words(self) -> tuple[str, ...]:
-        """The words a causal LM appends to `causal_prompt`, one per class."""
         return self.causal_label_words or self.label_words
 
 
 _SENTIMENT = dict(labels=("0", "1"), label_words=(" terrible", " great"), template="{sentence} It was{mask}.")
 
-TASKS: dict[str, Task] = {
-    "sst-2": Task("sst-2", **_SENTIMENT),
-    "mr": Task("mr", **_SENTIMENT),
-    "cr": Task("cr", **_SENTIMENT),
-    "mpqa": Task("mpqa", **_SENTIMENT),
+TASKS: dict[str, Task] = {name: Task(name, **_SENTIMENT) for name in ("sst-2", "mr", "cr", "mpqa")} | {
     "sst-5": Task("sst-5", labels=("0", "1", "2", "3", "4"),
                   label_words=(" terrible", " bad", " okay", " good", " great"), template="{sentence} It was{mask}."),
     "subj": Task("subj", labels=("0", "1"), label_words=(" subjective", " objective"),
                  template="{sentence} This is{mask}."),
-    # LM-BFF puts the mask first, so cutting at it leaves a causal LM nothing to read: the causal prompt
-    # is our choice (MeZO has no TREC prompt).
+    # LM-BFF puts the mask first, leaving a causal LM nothing to read: our causal prompt (MeZO has no TREC prompt).
     "trec": Task("trec", labels=("0", "1", "2", "3", "4", "5"),
                  label_words=(" Description", " Entity", " Expression", " Human", " Location", " Number"),
                  template="{mask}: {sentence}", causal_template="{sentence} Answer type:"),
-    # Masked: LM-BFF's template and words (it also drops the premise's last character and lower-cases the
-    # hypothesis' first letter; we do not). Causal: MeZO's prompt, whose answer follows a newline unspaced.
+    # Masked: LM-BFF's template and words (not its edits of the premise's end and the hypothesis' first letter).
+    # Causal: MeZO's prompt, whose answer follows a newline unspaced.
     "rte": Task("rte", labels=("entailment", "not_entailment"), label_words=(" Yes", " No"),
                 template="{premise}?{mask}, {hypothesis}",
                 causal_template='{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
@@ -91,8 +65,7 @@ TASKS: dict[str, Task] = {
 
 
 def _placeholders(template: str) -> list[str]:
-    """The `{name}` fields of a format string, in order of appearance; only plain fields are allowed (a format
-    spec such as `{sentence:>200000000}` would pad every prompt, a conversion would quote it)."""
+    """The `{name}` fields of a format string, in order; plain ones only (`{sentence:>200000000}` pads every prompt)."""
     try:
         parsed = [(field, spec, conv) for _, field, spec, conv in string.Formatter().parse(template)
                   if field is not None]
@@ -111,8 +84,7 @@ def _check_template(template: str, text_columns: tuple[str, ...]) -> None:
     if fields.count("mask") != 1:
         raise DataError(f"template {template!r} must contain {{mask}} exactly once")
     if not text_columns:
-        raise DataError(f"template {template!r} has no text field such as {{sentence}}: every prompt would be the "
-                        "same")
+        raise DataError(f"template {template!r} has no text field such as {{sentence}}: every prompt would be the same")
     unknown = sorted(set(fields) - set(text_columns) - {"mask"})
     missing = [c for c in text_columns if c not in fields]
     if unknown or missing:
@@ -131,12 +103,8 @@ def parse_label_words(spec: str) -> tuple[str, ...]:
 
 
 def get_task(name: str, template: str | None = None, label_words: str | None = None) -> Task:
-    """The task called `name` (any case), with --template / --label_words overrides applied.
-
-    `label_words` is one string, comma-separated, spaces kept: " terrible, great" gives (" terrible", " great").
-    A template override also becomes the causal prompt (cut at {mask}). Task "custom" needs both: its
-    text columns are the template's placeholders, its labels "0", "1", ... in the order of the words.
-    """
+    """Task `name` (any case) with --template (also the causal prompt, cut at {mask}) and --label_words. Task
+    "custom" needs both: its text columns are the template's fields, its labels "0", "1", ... in word order."""
     key = name.lower()
     if key == "custom":
         if template is None or label_words is None:
@@ -147,13 +115,12 @@ def get_task(name: str, template: str | None = None, label_words: str | None = N
     elif key in TASKS:
         task = TASKS[key]
         if template is not None:
-            task = Task(task.name, task.labels, task.label_words, template, text_columns=task.text_columns)
+            task = replace(task, template=template, causal_template=None, causal_label_words=None)
         if label_words is not None:
             words = parse_label_words(label_words)
             if len(words) != len(task.labels):
                 raise DataError(f"--label_words gives {len(words)} words, task {key} has {len(task.labels)} classes")
-            task = Task(task.name, task.labels, words, task.template, task.causal_template,
-                        text_columns=task.text_columns)
+            task = replace(task, label_words=words, causal_label_words=None)
     else:
         raise DataError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS) + ['custom'])}")
     _check_template(task.template, task.text_columns)
@@ -189,110 +156,67 @@ def masked_prompt(task: Task, ex: Example, mask_token: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- files
 
-# Header names that identify a text column (GLUE RTE writes sentence1/sentence2).
 _ALIASES = {"premise": ("premise", "sentence1"), "hypothesis": ("hypothesis", "sentence2")}
 
 
-def _column_positions(header: list[str], task: Task) -> tuple[list[int], int] | None:
-    """Positions of the text columns and of the label, by header name; None if the names are not there."""
-    names = [h.strip().lower() for h in header]
-
-    def find(column: str) -> int | None:
-        return next((names.index(a) for a in _ALIASES.get(column, (column,)) if a in names), None)
-
-    texts, label = [find(c) for c in task.text_columns], find("label")
-    return (texts, label) if None not in texts and label is not None else None
-
-
 def _read_lines(path: str) -> list[str]:
-    """The file's lines, split on "\n" alone (and "\r\n"): real sentences contain U+0085, U+2028 or form feeds,
-    which str.splitlines would take for line ends. A byte-order mark before the header is dropped."""
+    """The lines, split on "\n" or "\r\n" only (not on U+0085, U+2028 or form feeds, as in real sentences), no BOM."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: a folder, not a file") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror})") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        why = {FileNotFoundError: "no such file", IsADirectoryError: "a folder, not a file"}
+        raise DataError(f"{path}: {why.get(type(err), f'cannot read ({err.strerror})')}") from None
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     if not any(lines):
         raise DataError(f"{path}: empty file")
     return lines
 
 
-def _parse_row(fields: list[str], task: Task, text_at: list[int], label_at: int) -> Example:
-    """One TSV row as an Example; the DataError it raises lacks the path:line its caller adds."""
-    label = fields[label_at].strip()
-    if label not in task.labels:
-        raise DataError(f"label {label!r} is not a label of task {task.name} (allowed: {', '.join(task.labels)})")
-    texts = tuple(fields[i].rstrip() for i in text_at)
-    for column, text in zip(task.text_columns, texts):
-        if not text.strip():
-            raise DataError(f"empty {column}")
-    return Example(texts, task.labels.index(label))
-
-
 def read_tsv(path: str, task: Task) -> list[Example]:
-    """Read a GLUE-style TSV into Examples of `task`: a header naming the columns, then one example per line.
-    Without those names, columns go by position (text first, label last), and a first line whose label field is
-    one of the task's labels is an example, not a header (LM-BFF-style files have none)."""
+    """A GLUE-style TSV as Examples of `task`: a header naming the text columns (GLUE RTE's sentence1/2 too) and
+    "label", then an example per line, split on tabs, no quoting. Without those names columns go by position (text
+    first, label last), and a first line whose label is one of the task's is an example (LM-BFF's files)."""
     lines = _read_lines(path)
     header = lines[0].split("\t")
     if len(header) < len(task.text_columns) + 1:
         raise DataError(f"{path}:1: expected columns {', '.join(task.text_columns)} and label, "
                         f"found {len(header)} tab-separated field(s)")
-    positions = _column_positions(header, task)
-    headerless = positions is None and header[-1].strip() in task.labels
-    text_at, label_at = positions or (list(range(len(task.text_columns))), len(header) - 1)
+    names = [h.strip().lower() for h in header]
+    at = [next((names.index(a) for a in _ALIASES.get(c, (c,)) if a in names), None)
+          for c in (*task.text_columns, "label")]
+    headerless = None in at and header[-1].strip() in task.labels
+    if None in at:
+        at = [*range(len(task.text_columns)), len(header) - 1]
     examples = []
     for number, line in enumerate(lines, start=1):
         if (number == 1 and not headerless) or not line:  # a blank line (e.g. at the end) is not an example
             continue
-        try:
-            fields = line.split("\t")
-            if len(fields) != len(header):
-                raise DataError(f"expected {len(header)} tab-separated columns, got {len(fields)}")
-            examples.append(_parse_row(fields, task, text_at, label_at))
-        except DataError as err:
-            raise DataError(f"{path}:{number}: {err}") from None
+        fields, where = line.split("\t"), f"{path}:{number}"
+        if len(fields) != len(header):
+            raise DataError(f"{where}: expected {len(header)} tab-separated columns, got {len(fields)}")
+        label, texts = fields[at[-1]].strip(), tuple(fields[i].rstrip() for i in at[:-1])
+        if label not in task.labels:
+            raise DataError(f"{where}: label {label!r} is not a label of task {task.name} "
+                            f"(allowed: {', '.join(task.labels)})")
+        empty = [column for column, text in zip(task.text_columns, texts) if not text.strip()]
+        if empty:
+            raise DataError(f"{where}: empty {empty[0]}")
+        examples.append(Example(texts, task.labels.index(label)))
     if not examples:
         raise DataError(f"{path}: no examples after the header")
     return examples
 
 
-def _sample(examples: list[Example], n: int, seed: str, what: str) -> list[Example]:
-    """n examples drawn without replacement, kept in file order; `seed` is a string so that the draw does
-    not depend on Python's hash seed (random.Random hashes strings with SHA-512)."""
-    if n > len(examples):
-        raise DataError(f"asked for {n} examples from {what}, it has {len(examples)}")
-    return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), n))]
-
-
-def _sample_per_class(examples: list[Example], k: int, task: Task, seed: str, what: str) -> list[Example]:
-    """k examples of each class (LM-BFF's k-shot sampling), kept in file order."""
-    chosen = []
-    for c, label in enumerate(task.labels):
-        members = [i for i, ex in enumerate(examples) if ex.label == c]
-        if len(members) < k:
-            raise DataError(f"asked for k={k} examples per class from {what}, it has {len(members)} of class {label!r}")
-        chosen += random.Random(f"{seed}:{label}").sample(members, k)
-    return [examples[i] for i in sorted(chosen)]
-
-
 def load_splits(data_dir: str, task: Task, *, k: int | None = None, num_train: int | None = None,
                 num_dev: int | None = None, num_test: int | None = None,
                 data_seed: int = 42) -> dict[str, list[Example]]:
-    """train/dev/test from data_dir/{train,dev,test}.tsv, subsampled with `data_seed`.
-
+    """train/dev/test from data_dir/{train,dev,test}.tsv, subsampled with `data_seed`, kept in file order:
     train: k per class (LM-BFF), or num_train at random (MeZO: 1000), else all.
     dev:   num_dev at random (MeZO: 500), else k per class when k is given (LM-BFF), else all.
-    test:  num_test at random (MeZO: 1000 of the original validation set), else all.
-    Each split has its own random stream, so changing one size leaves the other draws as they were.
-    """
+    test:  num_test at random (MeZO: 1000 of the original validation set), else all."""
     if k is not None and num_train is not None:
         raise DataError("give k (examples per class) or num_train, not both")
     if not os.path.isdir(data_dir):
@@ -300,41 +224,27 @@ def load_splits(data_dir: str, task: Task, *, k: int | None = None, num_train: i
     splits = {s: read_tsv(os.path.join(data_dir, f"{s}.tsv"), task) for s in ("train", "dev", "test")}
     sizes = {"train": num_train, "dev": num_dev, "test": num_test}
     for split, examples in splits.items():
-        seed = f"{split}:{data_seed}"
-        if sizes[split] is not None:
-            splits[split] = _sample(examples, sizes[split], seed, f"{data_dir}/{split}.tsv")
-        elif k is not None and split != "test":
-            splits[split] = _sample_per_class(examples, k, task, seed, f"{data_dir}/{split}.tsv")
+        # a stream per split, seeded by a string (random.Random hashes it with SHA-512, not with Python's hash seed)
+        seed, n, what = f"{split}:{data_seed}", sizes[split], f"{data_dir}/{split}.tsv"
+        if n is not None:
+            if n > len(examples):
+                raise DataError(f"asked for {n} examples from {what}, it has {len(examples)}")
+            chosen = random.Random(seed).sample(range(len(examples)), n)
+        elif k is not None and split != "test":  # LM-BFF's k-shot sampling
+            chosen = []
+            for c, label in enumerate(task.labels):
+                members = [i for i, ex in enumerate(examples) if ex.label == c]
+                if len(members) < k:
+                    raise DataError(f"asked for k={k} examples per class from {what}, it has {len(members)} of "
+                                    f"class {label!r}")
+                chosen += random.Random(f"{seed}:{label}").sample(members, k)
+        else:
+            continue
+        splits[split] = [examples[i] for i in sorted(chosen)]
     return splits
 
 
-def write_atomically(path, write) -> None:
-    """write(tmp) creates a file or a folder at a temporary name, which then takes the place of `path` by rename:
-    a kill at any moment leaves the old or the new one whole, never half (an old folder is renamed aside first,
-    then removed; `checkpoint_dir` knows that name)."""
-    path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    remove(tmp)
-    write(tmp)
-    if path.is_dir():
-        remove(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        remove(old)
-    else:
-        os.replace(tmp, path)
-
-
-def remove(path: Path) -> None:
-    """Delete a file or a folder tree, if there is one."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
 # ------------------------------------------------------------------------------ what the model reads
-#
 # The prompt-based classification loss, shared by every method (LM-BFF for masked LMs, MeZO for causal LMs):
 #   causal: score(c) = mean log p(label word c's tokens | prompt); loss = CE over the candidates' scores.
 #   masked: score(c) = logit of label word c at the mask; loss = CE over the candidates.
@@ -344,8 +254,7 @@ EVAL_BATCH = 32  # examples per forward pass in evaluation; any value gives the 
 
 
 @dataclass
-class Encoded:
-    """A split, tokenised once: prompt token ids per example and the label."""
+class Encoded:  # a split, tokenised once: prompt token ids and label per example
     prompts: list
     labels: list
 
@@ -354,9 +263,8 @@ class PromptLoss:
     """The classification loss and accuracy of a prompted LM on a task; see the comment above."""
 
     def __init__(self, task, tokenizer, kind, device, max_length=MAX_LENGTH):
-        self.task, self.tok, self.kind, self.device = task, tokenizer, kind, device
-        self.max_length = max_length
-        self.autocast = None  # a half dtype: the forward runs under torch.autocast (fp32 weights, FO)
+        self.task, self.tok, self.kind, self.device, self.max_length = task, tokenizer, kind, device, max_length
+        self.autocast = None  # a half dtype: every forward runs under torch.autocast (fp32 weights)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         words = task.causal_words if kind == "causal" else task.label_words
         self.words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
@@ -368,7 +276,7 @@ class PromptLoss:
                                 f"{tokenizer.unk_token!r}): the model cannot score it")
             if kind == "masked" and len(ids) != 1:
                 raise DataError(f"label word {w!r} is {len(ids)} tokens for this tokenizer; a masked LM "
-                                 "needs single-token label words (try a leading space, or another word)")
+                                "needs single-token label words (try a leading space, or another word)")
         if len({tuple(ids) for ids in self.words}) < len(words):
             raise DataError(f"label words {list(words)} are the same tokens for this tokenizer: the classes "
                             "cannot be told apart")
@@ -376,15 +284,11 @@ class PromptLoss:
             raise DataError("the tokenizer has no mask token, so the model cannot be used as a masked LM")
 
     def encode(self, examples):
-        """Tokenise the prompts of a split once; keeps the end of a prompt that is too long."""
-        if self.kind == "causal":
-            texts = [causal_prompt(self.task, e) for e in examples]
-        else:
-            texts = [masked_prompt(self.task, e, self.tok.mask_token) for e in examples]
-        ids = self.tok(texts)["input_ids"]
+        """Tokenise a split's prompts once; a prompt too long keeps its end (the words next to the label word)."""
+        texts = [causal_prompt(self.task, e) if self.kind == "causal" else
+                 masked_prompt(self.task, e, self.tok.mask_token) for e in examples]
         room = self.max_length - max(len(w) for w in self.words)
-        # Keep the end of a long prompt: the template's words next to the label word matter most.
-        prompts = [p if len(p) <= room else p[:1] + p[len(p) - room + 1:] for p in ids]
+        prompts = [p if len(p) <= room else p[:1] + p[len(p) - room + 1:] for p in self.tok(texts)["input_ids"]]
         if self.kind == "masked":
             for text, p in zip(texts, prompts):
                 if p.count(self.tok.mask_token_id) > 1:
@@ -397,60 +301,37 @@ class PromptLoss:
                             f"tokens ({texts[0][:80]!r}...): the template leaves no room for the text")
         return Encoded(prompts, [e.label for e in examples])
 
-    def scores(self, model, prompts):
-        """[batch, candidates] scores; the forward pass is the only model call."""
-        with torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext():
-            if self.kind == "masked":
-                return self._masked_scores(model, prompts)
-            return self._causal_scores(model, prompts)
-
-    def _masked_scores(self, model, prompts):
-        length = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), length), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p)
-            mask[i, :len(p)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        rows = torch.arange(len(prompts), device=self.device)
-        at_mask = logits[rows, (ids == self.tok.mask_token_id).long().argmax(1)]
-        return at_mask[:, [w[0] for w in self.words]].float()
-
-    def _left_padded(self, seqs):
-        """Model inputs for token lists, left-padded so that all end at the last position."""
+    def _padded(self, seqs, left=False):
+        """Model inputs, right-padded, or left-padded (ending together) with position ids unshifted by padding."""
         length = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), length), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), length), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, length - len(s):] = torch.tensor(s)
-            mask[i, length - len(s):] = 1
-        positions = (mask.cumsum(1) - 1).clamp_min(0)  # so that left padding does not shift positions
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
-                "position_ids": positions.to(self.device)}
+            at = slice(length - len(s), None) if left else slice(len(s))
+            ids[i, at], mask[i, at] = torch.tensor(s), 1
+        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        return inputs | ({"position_ids": (mask.cumsum(1) - 1).clamp_min(0).to(self.device)} if left else {})
 
-    def _causal_scores(self, model, prompts):
-        if all(len(w) == 1 for w in self.words):
-            return self._causal_next_token_scores(model, prompts)
-        # One sequence per (example, candidate), LEFT-padded so that every sequence ends at the same
-        # position: the candidate's tokens are then the last ones, and the model only has to produce the
-        # logits of the last (longest word + 1) positions (logits_to_keep), not of the whole sequence.
-        seqs = [p + w for p in prompts for w in self.words]
-        keep = max(len(w) for w in self.words) + 1
-        logits = model(**self._left_padded(seqs), logits_to_keep=keep).logits
-        logp = logits[:, :-1].float().log_softmax(-1)  # logp[:, j] predicts token length - keep + j + 1
-        scores = []
-        for i, s in enumerate(seqs):
-            w = self.words[i % len(self.words)]
-            targets = torch.tensor(w, device=self.device)
-            scores.append(logp[i, keep - 1 - len(w):, :].gather(1, targets[:, None]).mean())
-        return torch.stack(scores).view(len(prompts), len(self.words))
-
-    def _causal_next_token_scores(self, model, prompts):
-        """Single-token label words: the mean log-prob of a one-token word is its next-token log-prob, so
-        one sequence per example scores every candidate at once (half the tokens of one per candidate)."""
-        logits = model(**self._left_padded(prompts), logits_to_keep=1).logits
-        return logits[:, -1].float().log_softmax(-1)[:, [w[0] for w in self.words]]
+    def scores(self, model, prompts):
+        """[batch, candidates] scores; the forward pass is the only model call."""
+        first = [w[0] for w in self.words]
+        with torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext():
+            if self.kind == "masked":
+                inputs = self._padded(prompts)
+                at = (inputs["input_ids"] == self.tok.mask_token_id).long().argmax(1)
+                return model(**inputs).logits[torch.arange(len(prompts), device=self.device), at][:, first].float()
+            if all(len(w) == 1 for w in self.words):  # mean log-prob = next-token log-prob: one sequence per example
+                logits = model(**self._padded(prompts, left=True), logits_to_keep=1).logits
+                return logits[:, -1].float().log_softmax(-1)[:, first]
+            # One sequence per (example, candidate), left-padded so that all end with the candidate's tokens: the
+            # model only produces the logits of the last (longest word + 1) positions (logits_to_keep).
+            keep = max(len(w) for w in self.words) + 1
+            seqs = [p + w for p in prompts for w in self.words]
+            logits = model(**self._padded(seqs, left=True), logits_to_keep=keep).logits
+            logp = logits[:, :-1].float().log_softmax(-1)  # logp[:, j] predicts token length - keep + j + 1
+            scores = [logp[i, keep - 1 - len(w):].gather(1, torch.tensor(w, device=self.device)[:, None]).mean()
+                      for i, w in enumerate(self.words * len(prompts))]
+            return torch.stack(scores).view(len(prompts), len(self.words))
 
     def loss(self, model, enc, idx):
         """Cross-entropy over the candidates' scores of examples idx of an encoded split."""
@@ -462,163 +343,52 @@ class PromptLoss:
         """How many examples (all, or those in idx) have the label as their highest-scoring candidate."""
         idx = range(len(enc.labels)) if idx is None else idx
         count = 0
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
+        for chunk in (idx[start:start + batch_size] for start in range(0, len(idx), batch_size)):
             pred = self.scores(model, [enc.prompts[i] for i in chunk]).argmax(1).cpu()
             count += int((pred == torch.tensor([enc.labels[i] for i in chunk])).sum())
         return count
 
     def accuracy(self, model, enc):
-        """Share of examples whose highest-scoring candidate is the label."""
         return self.correct(model, enc) / len(enc.labels)
 
 
-# Data order: endless shuffled mini-batches, reproducible from a seed and resumable from (epoch, position).
-
 class Batches:
-    """Indices of the next mini-batch, from a new random permutation each epoch (seeded by seed and epoch)."""
+    """The data order: mini-batch indices, endlessly, from a permutation per epoch (seeded by seed and epoch)."""
 
     def __init__(self, n, batch_size, seed):
         self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
-        self.epoch, self.pos = 0, 0
-        self._shuffle()
-
-    def _shuffle(self):
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        self.order = torch.randperm(self.n, generator=gen).tolist()
+        self.load_state_dict({"epoch": 0, "pos": 0})
 
     def next(self):
         if self.pos + self.batch_size > self.n:  # drop the ragged tail: every batch has the same size
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._shuffle()
-        idx = self.order[self.pos:self.pos + self.batch_size]
+            self.load_state_dict({"epoch": self.epoch + 1, "pos": 0})
         self.pos += self.batch_size
-        return idx
+        return self.order[self.pos - self.batch_size:self.pos]
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, state):
         self.epoch, self.pos = state["epoch"], state["pos"]
-        self._shuffle()
-
-
-# ------------------------------------------------------------------ which examples this process reads
-#
-# Data parallelism under torchrun. Every rank draws the same global mini-batch (same seed) and evaluates its
-# share, idx[rank::world]; one all-reduce of (Σ loss, count) gives every rank the global mean, so ZO's ℓ+ and
-# ℓ- (and the γ search's) are the same everywhere, and so are g, z (regenerated from the shared seed) and the
-# update: a ZO step costs one all-reduce of two scalars per forward pass and no gradient traffic. FO uses
-# DistributedDataParallel. A process started without torchrun is a world of one, and every method is a no-op.
-
-class Ranks:
-    """This process's place in the run (`world`, `rank`, `main`), its `device`, and the collectives."""
-
-    def __init__(self):
-        self.device = torch.device("cpu")
-
-    # torchrun's environment (the env:// rendezvous) says where this process stands
-    world = property(lambda self: int(os.environ.get("WORLD_SIZE", 1)))
-    rank = property(lambda self: int(os.environ.get("RANK", 0)))
-    main = property(lambda self: self.rank == 0)
-
-    def start(self):
-        """Join the process group (NCCL between GPUs, one per process; gloo on CPUs); returns the device."""
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.world == 1:
-            return self.device
-        import datetime
-        import torch.distributed as dist
-
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
-        # a rank that dies leaves the others waiting in an all-reduce: they give up after the timeout
-        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=10))
-        return self.device
-
-    def stop(self):
-        if self.world > 1:
-            torch.distributed.destroy_process_group()
-
-    def shard(self, idx):
-        return idx[self.rank::self.world]
-
-    def total(self, *values):
-        """Σ over ranks of each value (floats), identical on every rank."""
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return tuple(t.tolist())
-
-    def mean(self, loss, count):
-        """The global mean of per-rank mean losses over `count` examples each; a tensor alone is left as is."""
-        if self.world == 1:
-            return loss
-        total, n = self.total(float(loss) * count, count)
-        return total / n
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def agree(self, flag):
-        """True on every rank if it is true on any (a signal reaches the ranks at different steps)."""
-        return flag if self.world == 1 else self.total(float(flag))[0] > 0
-
-
-RANKS = Ranks()
-
-
-class TrainLoss:
-    """The loss of a training mini-batch (indices into `enc`) over this process's share of it, in `micro`
-    micro-batches, counting its calls (forward passes: every method's cost). With backward=True (FO) each
-    micro-batch's share of the loss is backpropagated as it is computed, so memory holds one micro-batch's
-    activations. `model` may be wrapped in DistributedDataParallel."""
-
-    def __init__(self, loss_fn, enc, model, micro=1, backward=False):
-        self.loss_fn, self.enc, self.model, self.micro, self.backward, self.calls = (loss_fn, enc, model, micro,
-                                                                                     backward, 0)
-
-    def __call__(self, idx):
-        self.calls += 1
-        mine = RANKS.shard(idx)
-        chunks = [mine[i::self.micro] for i in range(self.micro) if mine[i::self.micro]]
-        total = 0.0
-        for i, chunk in enumerate(chunks):
-            loss = self.loss_fn.loss(self.model, self.enc, chunk)
-            part = loss if len(chunks) == 1 else loss * (len(chunk) / len(mine))
-            if self.backward:
-                last = i == len(chunks) - 1  # DDP all-reduces the gradients once, at the last micro-batch
-                with self.model.no_sync() if RANKS.world > 1 and not last else contextlib.nullcontext():
-                    part.backward()
-                part = part.detach()
-            total = part if i == 0 else total + part
-        return RANKS.mean(total, len(mine))
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        self.order = torch.randperm(self.n, generator=gen).tolist()
 
 
 # ------------------------------------------------------------------------------- the pretrained model
-#
 # Any Hugging Face causal or masked LM, from the hub or a local folder, with errors a user can act on.
 
 def model_kind(config):
-    """'causal' or 'masked', from the config's architecture; DataError for anything else."""
+    """'causal' or 'masked', from the config's architectures (none: what its model type supports); else DataError."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
-
     archs = " ".join(config.architectures or [])
     if "MaskedLM" in archs:
         return "masked"
-    if "CausalLM" in archs or "LMHeadModel" in archs:
+    if "CausalLM" in archs or "LMHeadModel" in archs or not archs and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         return "causal"
-    if not archs:  # a config without the trained head's name: go by what the model type supports
-        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-            return "causal"
-        if type(config) in MODEL_FOR_MASKED_LM_MAPPING:
-            return "masked"
+    if not archs and type(config) in MODEL_FOR_MASKED_LM_MAPPING:
+        return "masked"
     raise DataError(f"{config.name_or_path or 'the model'} ({config.model_type}) is neither a causal nor a "
-                     "masked language model")
+                    "masked language model")
 
 
 def first_line(err: BaseException) -> str:
@@ -629,7 +399,6 @@ def first_line(err: BaseException) -> str:
 def load_config(name, trust_remote_code):
     """The model's config from a local folder or the hub, with one-line errors for the usual mistakes."""
     from transformers import AutoConfig
-
     local = Path(name).is_dir()
     if local and not (Path(name) / "config.json").exists():
         raise DataError(f"--model {name}: folder has no config.json, not a Hugging Face model")
@@ -647,7 +416,6 @@ def load_config(name, trust_remote_code):
 
 def load_tokenizer(name, trust_remote_code):
     from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -656,15 +424,12 @@ def load_tokenizer(name, trust_remote_code):
 
 def model_class(kind):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
     return AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
 
 
 def load_model(name, kind, dtype, device, trust_remote_code, device_map=None):
-    """The model, in eval mode. Weights load through safetensors, or torch.load with weights_only=True, as
-    transformers does by default: never an arbitrary pickle. A quantised model is refused: ZO updates need
-    real-valued weights, and checkpoints need save_pretrained, which refuses most quantisations. With a
-    device_map ('auto'), accelerate places the layers across the devices instead of `device`."""
+    """The model in eval mode on `device` (or placed by accelerate with a device_map, e.g. 'auto'); never from an
+    arbitrary pickle. Not quantised: ZO needs real-valued weights, and save_pretrained refuses most quantisations."""
     try:
         model = model_class(kind).from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
                                                   device_map=device_map)
@@ -676,38 +441,21 @@ def load_model(name, kind, dtype, device, trust_remote_code, device_map=None):
     return (model if device_map else model.to(device)).eval()
 
 
-def check_projectable(config, kind, trust_remote_code):
-    """DiZO and --track_divergence need attention matrices that dizo.projected_params can find: checked on an
-    empty model on the meta device (no memory, no weights read), before anything is trained or written."""
-    from dizo import projected_params
-
-    with torch.device("meta"):
-        model = model_class(kind).from_config(config, trust_remote_code=trust_remote_code)
-    try:
-        projected_params(model)
-    except ValueError as e:
-        raise DataError(f"--method dizo / --track_divergence: {e}") from None
-
-
 def add_lora(model, rank, alpha, targets):
-    """`model` in PEFT LoRA adapters on `targets` (None: PEFT's default modules for the model), only they
-    trainable; B = 0, so it computes the same function at first. PEFT is an optional dependency: the
-    ecosystem's standard for adapters."""
+    """`model` in PEFT LoRA adapters on `targets` (None: PEFT's default), only they trainable; B = 0 at first."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise DataError("--lora needs the peft package: pip install peft") from None
     try:
-        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                                                lora_dropout=0.0))
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
     except ValueError as e:
         raise DataError(f"--lora: {first_line(e)}") from None
 
 
 @dataclass
 class Setup:
-    """What every method of a run shares: the model's name, kind and type, its tokenizer, the loss and the
-    encoded splits, on `device`; `data_hash` identifies the splits (a resumed run must train on the same data)."""
+    """What every method of a run shares; `data_hash` identifies the splits (a resumed run must use the same data)."""
     name: str
     kind: str
     model_type: str
@@ -719,12 +467,17 @@ class Setup:
 
     @classmethod
     def load(cls, name, task, raw, device, trust_remote_code, projected=False):
-        """Read model `name`'s config (it says the kind) and tokenizer, and encode the `raw` splits of `task`;
-        with `projected`, check that DiZO finds the matrices it projects."""
+        """Read model `name`'s config (it says the kind) and tokenizer, and encode the `raw` splits of `task`."""
         config = load_config(name, trust_remote_code)
         kind = model_kind(config)
-        if projected:
-            check_projectable(config, kind, trust_remote_code)
+        if projected:  # DiZO and --track_divergence need attention matrices that dizo.projected_params finds:
+            from dizo import projected_params  # checked on an empty model (no memory, no weights), before any write
+            with torch.device("meta"):
+                empty = model_class(kind).from_config(config, trust_remote_code=trust_remote_code)
+            try:
+                projected_params(empty)
+            except ValueError as e:
+                raise DataError(f"--method dizo / --track_divergence: {e}") from None
         tokenizer = load_tokenizer(name, trust_remote_code)
         # a prompt longer than the model's positions would index past its position table
         max_length = min(MAX_LENGTH, getattr(config, "max_position_embeddings", MAX_LENGTH) - 2)
@@ -735,21 +488,10 @@ class Setup:
 
 
 # ------------------------------------------------------------------------------------- built-in task
-#
-# Task "toy" is binary sentiment on short film reviews, read through SST-2's prompt ("<review> it was" ->
-# " terrible" / " great"). Three reviews in four turn around: one clause says the opposite of the other ("the
-# plot was dull but the cast was superb", "although the plot was dull , ...", "... although the plot was
-# dull"), and the label is the polarity of the main clause, which sits first or last. The corpus that
-# pretrains the tiny model is built so that the model knows the label words and where a review's verdict lies,
-# but not that "it was" should read it there -- so fine-tuning has to change where the last position attends:
-#  * After reviews that do not turn around, "it was" is followed by the label word of their polarity: the
-#    label words are aligned before any fine-tuning, and only reviews that turn around are left to learn.
-#  * Reviews are also followed by reactions ("i loved it", "what a waste of time") of the main clause's
-#    polarity: the model learns to find the main clause, but only where a reaction follows.
-#  * After a review that turns around, "it was" is followed by either label word (a coin flip): the untuned
-#    model is unsure there (zero-shot accuracy about 0.6 on the task), and no word-level bias can fix it.
-# The main clause is the first or the last one, so reading "the end of the review" (e.g. through the learned
-# positions) does not solve the task.
+# Task "toy": sentiment of short film reviews through SST-2's prompt ("<review> it was" -> " terrible" / " great").
+# Three in four turn around ("the plot was dull but the cast was superb"): the label is the main clause's polarity,
+# first or last. The pretraining corpus teaches the label words and where a review's verdict lies (reactions), not
+# that "it was" should read it there: after a review that turns around comes either word (zero-shot acc. ~0.6).
 
 # Clauses "<aspect> was <adverb><adjective>" or "<aspect> <verb phrase>"; index 0 negative, 1 positive.
 # The label words never occur inside a review.
@@ -783,7 +525,6 @@ REACTION_SHARE = 0.3     # corpus lines "<review> . <reaction>"; the rest "<revi
 
 
 def _clause(rng: random.Random, polarity: int) -> str:
-    """One clause of the given polarity."""
     aspect = rng.choice(_ASPECTS)
     if rng.random() < ADJECTIVE_SHARE:
         return f"{aspect} was {rng.choice(_ADVERBS)}{rng.choice(_ADJECTIVES[polarity])}"
@@ -791,8 +532,7 @@ def _clause(rng: random.Random, polarity: int) -> str:
 
 
 def _review(rng: random.Random, polarity: int, turns: bool) -> str:
-    """A review whose main clause has the given polarity: one that turns around (see _TURNS), or 1 or 2
-    clauses of that polarity."""
+    """A review whose main clause has that polarity: one that turns around, or 1 or 2 clauses of that polarity."""
     if turns:
         return rng.choice(_TURNS).format(main=_clause(rng, polarity), other=_clause(rng, 1 - polarity))
     text = _clause(rng, polarity)
@@ -818,39 +558,32 @@ def builtin_splits(seed: int = 0) -> dict[str, list[Example]]:
     return splits
 
 
-def _corpus_line(rng: random.Random, avoid: set[str]) -> str:
-    """One pretraining sentence; its review is not in `avoid`."""
-    polarity, turns = rng.randrange(2), rng.random() < CORPUS_TURN_SHARE
-    review = _review(rng, polarity, turns)
-    while review in avoid:
-        review = _review(rng, polarity, turns)
-    if rng.random() < REACTION_SHARE:
-        return f"{review} . {rng.choice(_REACTIONS[polarity])}"
-    word = rng.randrange(2) if turns else polarity  # a review that turns around: either word
-    return f"{review} it was {_LABEL_WORDS[word]}"
-
-
 def builtin_corpus(seed: int = 0, n: int = 20000) -> list[str]:
     """Pretraining text for the built-in tiny LM (about 150 words); it holds no review of task "toy"."""
     rng = random.Random(f"corpus:{seed}")
-    task_texts = {ex.texts[0] for split in builtin_splits(seed).values() for ex in split}
-    return [_corpus_line(rng, task_texts) for _ in range(n)]
-
-
-# ------------------------------------------------------------------------------- built-in tokenizer
-
-SPECIAL_TOKENS = ("<unk>", "<pad>", "</s>", "<mask>")  # ids 0-2 as OPTConfig's defaults: pad 1, bos = eos 2
+    avoid = {ex.texts[0] for split in builtin_splits(seed).values() for ex in split}
+    corpus = []
+    for _ in range(n):
+        polarity, turns = rng.randrange(2), rng.random() < CORPUS_TURN_SHARE
+        review = _review(rng, polarity, turns)
+        while review in avoid:
+            review = _review(rng, polarity, turns)
+        if rng.random() < REACTION_SHARE:
+            corpus.append(f"{review} . {rng.choice(_REACTIONS[polarity])}")
+        else:  # after a review that turns around, either word
+            corpus.append(f"{review} it was {_LABEL_WORDS[rng.randrange(2) if turns else polarity]}")
+    return corpus
 
 
 def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer over the corpus's words, shaped like OPT's: every sequence starts
     with "</s>" (OPT's bos = eos), none ends with it. Ids are fixed by word frequency, ties alphabetical."""
-    normalizer = normalizers.Lowercase()
-    pre_tokenizer = pre_tokenizers.Whitespace()
+    normalizer, pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
     counts = Counter(word for line in corpus
                      for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
     words = sorted(counts, key=lambda w: (-counts[w], w))
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(words))}
+    # ids 0-2 as OPTConfig's defaults: pad 1, bos = eos 2
+    vocab = {token: i for i, token in enumerate(("<unk>", "<pad>", "</s>", "<mask>") + tuple(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
@@ -860,59 +593,43 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
 
 
 # ------------------------------------------------------------------------------- the embedded model
-#
-# A tiny OPT pretrained here, once, on builtin_corpus(), and cached as an ordinary Hugging Face folder, so that
-# it loads through the same from_pretrained path as facebook/opt-125m. Peak learning rate 1e-3: at 3e-3 the
-# 800 steps on this corpus can end without the link from a review's polarity to the label words.
+# A tiny OPT pretrained once on builtin_corpus() and cached as a Hugging Face folder: it loads like facebook/opt-125m.
+# Peak learning rate 1e-3: at 3e-3 the 800 steps can end without the link from polarity to the label words.
 
 TINY = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=512,
             max_position_embeddings=64, pretrain_steps=800, pretrain_lr=1e-3, pretrain_batch=32, seed=0)
 
 
-def cache_root() -> Path:
-    """Where the embedded model is cached: $DIZO_CACHE, else ~/.cache/dizo."""
-    return Path(os.environ.get("DIZO_CACHE", Path.home() / ".cache" / "dizo"))
-
-
 def builtin_model_dir():
-    """Where the embedded model lives; the name changes whenever its recipe or corpus changes."""
+    """The embedded model's folder in $DIZO_CACHE (else ~/.cache/dizo), named after its recipe and corpus."""
     corpus = builtin_corpus(TINY["seed"])
     key = hashlib.sha256(json.dumps([TINY, corpus[:50], len(corpus)]).encode()).hexdigest()[:12]
-    return cache_root() / f"tiny-opt-{key}"
+    return Path(os.environ.get("DIZO_CACHE", Path.home() / ".cache" / "dizo")) / f"tiny-opt-{key}"
 
 
 def pretrain_tiny_opt():
-    """The tiny OPT pretrained with AdamW on the built-in corpus (next-token loss); (model, tokenizer, last loss).
-
-    On one thread: a matmul split over threads sums in another order, and over 800 steps those last-bit
-    differences grow into a different model, one on which ZO may no longer learn the task. On one thread the
-    embedded model is the same bit for bit on every machine with the same torch and CPU kernels.
-    """
+    """(model, tokenizer, last loss): the tiny OPT pretrained with AdamW on the built-in corpus, on one thread, bit
+    for bit the same with the same torch and CPU kernels (other summation orders can grow into an untunable model)."""
     from transformers import OPTConfig, OPTForCausalLM
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(TINY["seed"])
         corpus = builtin_corpus(TINY["seed"])
         tokenizer = build_tokenizer(corpus)
-        config = OPTConfig(vocab_size=len(tokenizer), hidden_size=TINY["hidden_size"],
-                           num_hidden_layers=TINY["num_hidden_layers"], ffn_dim=TINY["ffn_dim"],
-                           num_attention_heads=TINY["num_attention_heads"], word_embed_proj_dim=TINY["hidden_size"],
-                           max_position_embeddings=TINY["max_position_embeddings"], dropout=0.0,
-                           attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        model = OPTForCausalLM(config)
+        shape = ("hidden_size", "num_hidden_layers", "ffn_dim", "num_attention_heads", "max_position_embeddings")
+        model = OPTForCausalLM(OPTConfig(
+            vocab_size=len(tokenizer), word_embed_proj_dim=TINY["hidden_size"], dropout=0.0, attention_dropout=0.0,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, **{k: TINY[k] for k in shape}))
         opt = torch.optim.AdamW(model.parameters(), lr=TINY["pretrain_lr"], weight_decay=0.01)
-        steps = TINY["pretrain_steps"]
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=TINY["pretrain_lr"], total_steps=steps)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=TINY["pretrain_lr"], total_steps=TINY["pretrain_steps"])
         order = torch.Generator().manual_seed(TINY["seed"])
-        bar = tqdm(range(steps), desc="pretraining the embedded tiny OPT (once)", leave=False)
+        bar = tqdm(range(TINY["pretrain_steps"]), desc="pretraining the embedded tiny OPT (once)", leave=False)
         for _ in bar:
             idx = torch.randint(len(corpus), (TINY["pretrain_batch"],), generator=order).tolist()
             enc = tokenizer([corpus[i] for i in idx], return_tensors="pt", padding=True)
-            labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-            loss = model(**enc, labels=labels).loss
+            loss = model(**enc, labels=enc.input_ids.masked_fill(enc.attention_mask == 0, -100)).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -927,22 +644,59 @@ def builtin_model() -> str:
     """The embedded tiny OPT's folder, pretrained and saved (atomically) on first use."""
     folder = builtin_model_dir()
     if not (folder / "config.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
         model, tokenizer, loss = pretrain_tiny_opt()
-        write_atomically(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        save_model(model, tokenizer, folder)
         print(f"embedded tiny OPT: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"pretrained {TINY['pretrain_steps']} steps, final LM loss {loss:.3f}, saved to {folder}")
     return str(folder)
 
 
 # ------------------------------------------------------------------------------------- the run's folder
-#
-# results.json, checkpoints and saved models, every write atomic. The folder belongs to one run at a time (a lock),
-# and nothing in it that train.py did not write is ever replaced or removed: its results.json carries FORMAT, and
-# OUTPUTS are the only names it writes.
+# Every write atomic; the folder is one run's at a time (a lock), and nothing train.py did not write is replaced or
+# removed: its results.json carries FORMAT, and OUTPUTS are the only names it writes.
+
+FORMAT = "dizo-train/1"
+OUTPUTS = ("results.json", "curves.png", "divergence.png", "projection.png", "checkpoints", "model")
+
+
+def write_atomically(path, write) -> None:
+    """write(tmp) creates a file or a folder at a temporary name, then renamed to `path`: a kill leaves the old or
+    the new one whole (an old folder is first renamed aside, then removed; `checkpoint_dir` knows that name)."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    remove(tmp)
+    write(tmp)
+    if path.is_dir():
+        remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree, if there is one."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
 
 def write_json(path, obj):
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+def save_model(model, tokenizer, folder, state=None):
+    """A Hugging Face folder of the model and its tokenizer, and the trainer state if given, written atomically."""
+    def write(tmp):
+        model.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        if state is not None:
+            torch.save(state, tmp / "trainer_state.pt")
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(folder, write)
 
 
 def checkpoint_dir(out_dir, method):
@@ -952,20 +706,12 @@ def checkpoint_dir(out_dir, method):
 
 
 def save_checkpoint(out_dir, method, model, tokenizer, state):
-    """A complete model folder (loadable with from_pretrained) plus the trainer state to resume from."""
-    def write(tmp):
-        model.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        torch.save(state, tmp / "trainer_state.pt")
-
-    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / "checkpoints" / method, write)
+    save_model(model, tokenizer, out_dir / "checkpoints" / method, state)
 
 
 def load_checkpoint(out_dir, method, model):
     """Weights into `model` and the trainer state, from the method's last checkpoint; None if none was reached."""
     from safetensors.torch import load_file
-
     folder = checkpoint_dir(out_dir, method)
     if not (folder / "trainer_state.pt").exists():
         return None
@@ -991,44 +737,27 @@ def load_checkpoint(out_dir, method, model):
     return state
 
 
-FORMAT = "dizo-train/1"
-OUTPUTS = ("results.json", "curves.png", "divergence.png", "projection.png", "checkpoints", "model")
-
-
-def read_results(out_dir):
-    """The run saved in out_dir, or None; DataError if its results.json is not this tool's or is damaged."""
-    path = out_dir / "results.json"
-    if not path.exists():
-        return None
-    try:
-        results = json.loads(path.read_text())
-        ours = isinstance(results, dict) and results.get("format") == FORMAT
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise DataError(f"{path} was not written by train.py, or is damaged; choose another --out_dir")
-    return results
-
-
 def check_out_dir(out_dir, settings, resume, overwrite, inputs):
-    """What out_dir holds, checked against what a run with these settings would do to it (`inputs`: the paths it
-    reads, which must not be inside its outputs); returns the results so far. A settings["data_hash"] of None is
-    not compared (the data is not encoded yet)."""
-    out_dir = Path(out_dir)
-    saved = read_results(out_dir)
-    data_hash = settings.get("data_hash")
+    """The results so far in out_dir, checked against a run with these settings (a data_hash of None, the data not
+    yet encoded, is not compared) and its `inputs` (paths that must not be inside its outputs)."""
+    out_dir, path = Path(out_dir), Path(out_dir) / "results.json"
+    saved = None
+    if path.exists():
+        with contextlib.suppress(OSError, ValueError):
+            saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            raise DataError(f"{path} was not written by train.py, or is damaged; choose another --out_dir")
     if resume:
         if saved is None:
             raise DataError(f"--resume: no results.json in {out_dir}, nothing to resume")
         changed = [k for k in settings if k != "data_hash" and saved["config"].get(k) != settings[k]]
         if changed:
             raise DataError(f"--resume: flags differ from the saved run: {', '.join(changed)}")
-        if data_hash and saved["config"].get("data_hash") != data_hash:
+        if settings.get("data_hash") and saved["config"].get("data_hash") != settings["data_hash"]:
             raise DataError("--resume: the data differ from the saved run's (were the files changed?)")
         return saved
     if saved is not None and not overwrite:
-        raise DataError(f"{out_dir} already holds a run; pass --overwrite to replace it or --resume to "
-                         "continue it")
+        raise DataError(f"{out_dir} already holds a run; pass --overwrite to replace it or --resume to continue it")
     present = [out_dir / n for n in OUTPUTS if (out_dir / n).exists()]
     if saved is None and present:
         raise DataError(f"{present[0]} exists and was not written by train.py; choose another --out_dir")
@@ -1043,7 +772,6 @@ def claim_out_dir(out_dir, settings, resume, overwrite, inputs):
     """Create and lock out_dir for this run (another run into it fails at once), check it again under the lock
     (see check_out_dir), and unless resuming remove the old run's outputs. Returns (results so far, lock)."""
     import fcntl
-
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1063,19 +791,109 @@ def claim_out_dir(out_dir, settings, resume, overwrite, inputs):
     return results, lock                              # even if it is killed before its first evaluation
 
 
-def save_model(model, tokenizer, folder):
-    """A loadable Hugging Face folder of the model and its tokenizer, written atomically."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-
-
 def check_disk_space(out_dir, model, copies):
-    """Refuse to start without room for `copies` of the weights (+10%) where out_dir is, rather than fail at the
-    first checkpoint (a checkpoint needs two while it replaces the previous one)."""
+    """Refuse to start without room for `copies` of the weights (+10%) in out_dir, rather than fail at a checkpoint."""
     need = sum(p.numel() * p.element_size() for p in model.parameters()) * copies * 1.1
     out_dir = Path(out_dir).absolute()
-    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
     if free < need:
         raise DataError(f"--out_dir {out_dir}: {free / 2**20:,.0f} MB free, checkpoints of this model need about "
-                         f"{need / 2**20:,.0f} MB")
+                        f"{need / 2**20:,.0f} MB")
+
+
+# ----------------------------------------------------------------------------- the run's figures
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    """Write a figure atomically, then free it."""
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:]))
+    pyplot().close(fig)
+
+
+def plot_curves(results, path):
+    """Dev accuracy and training loss against steps, one line per method."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    for method, r in results["methods"].items():
+        for ax, key, marker in zip(axes, ("dev_acc", "loss"), (".", None)):
+            hist = [h for h in r["history"] if h[key] is not None]
+            ax.plot([h["step"] for h in hist], [h[key] for h in hist], marker=marker, label=method)
+    axes[0].set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
+    axes[1].set(xlabel="step", ylabel="training loss (mean since last eval)", title="training loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, path)
+
+
+def plot_divergence(results, path):
+    """One panel per method: ‖W_T - W_0‖ of Q, K, V, O per layer at the last evaluation, each divided by
+    √(entries), so that ZO's size-only movement (η|g|√n per step, DiZO §2.2) shows as flat lines."""
+    methods = [(m, r) for m, r in results["methods"].items() if "divergence" in r["history"][-1]]
+    fig, axes = pyplot().subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False, sharey=True)
+    for ax, (method, r) in zip(axes[0], methods):
+        last = r["history"][-1]
+        for role, dists in last["divergence"].items():
+            per_entry = [d / math.sqrt(n) for d, n in zip(dists, r["matrix_sizes"][role])]
+            ax.plot(range(len(dists)), per_entry, marker="o", label=role.upper())
+        ax.set(title=f"{method}, step {last['step']}", xlabel="layer", yscale="log", xticks=range(len(dists)))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(ncol=4, fontsize=8)
+    axes[0][0].set_ylabel("‖W - W0‖ / √entries")
+    save_figure(fig, path)
+
+
+def _short_name(name):
+    """'model.decoder.layers.2.self_attn.k_proj.weight' -> '2 k_proj': the layer and what follows its block."""
+    parts = name.replace(".weight", "").replace(".default", "").split(".")
+    layer = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return name if layer is None else f"{parts[layer]} {'.'.join(parts[layer + 2:])}"
+
+
+def plot_projection(results, path):
+    """DiZO's projection phases (§3) per method: the ratio r_l chosen for each projected matrix (rows) at each phase
+    (columns; 1 = left as it was), and the loss on the phase's first search batch before and after it."""
+    runs = [(m, r) for m, r in results["methods"].items() if r.get("projection")]
+    fig, axes = pyplot().subplots(len(runs), 2, figsize=(12, 0.5 + 3.5 * len(runs)), squeeze=False,
+                                  gridspec_kw={"width_ratios": (3, 2)})
+    for (method, r), (ax_r, ax_loss) in zip(runs, axes):
+        phases = r["projection"]
+        steps = [p["step"] for p in phases]
+        ratios = torch.tensor([p["ratios"] for p in phases]).T.tolist()  # [matrix][phase]
+        spread = max(max(abs(x - 1) for row in ratios for x in row), 1e-3)
+        image = ax_r.imshow(ratios, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=1 - spread,
+                            vmax=1 + spread)
+        names = [_short_name(n) for n in r["projected"]]
+        for set_ticks, labels, most, size in ((ax_r.set_yticks, names, 20, 6), (ax_r.set_xticks, steps, 12, 7)):
+            every = max(1, len(labels) // most)  # at most 20 matrix and 12 step labels
+            set_ticks(range(0, len(labels), every), labels[::every], fontsize=size)
+        ax_r.set(title=f"{method}: ratio r = γ/‖θ−θ0‖ chosen per matrix", xlabel="after step")
+        fig.colorbar(image, ax=ax_r)
+        change = [100 * (p["loss_after"] / p["loss_before"] - 1) for p in phases]
+        ax_loss.bar(steps, change, width=0.6 * (steps[1] - steps[0]) if len(steps) > 1 else 1.0,
+                    color=["tab:green" if c < 0 else "tab:red" for c in change])
+        ax_loss.axhline(0, color="gray", lw=0.8)
+        ax_loss.set(title=f"{method}: loss change on the phase's first batch", xlabel="step",
+                    ylabel="after / before − 1 (%)")
+        ax_loss.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_run(results, folder):
+    """Draws a train.py run's figures into `folder` (curves; divergence, projection if recorded); their names."""
+    methods = results["methods"]
+    figures = {"curves.png": plot_curves}
+    if any(r.get("history") and "divergence" in r["history"][-1] for r in methods.values()):
+        figures["divergence.png"] = plot_divergence
+    if any(r.get("projection") for r in methods.values()):
+        figures["projection.png"] = plot_projection
+    for name, plot in figures.items():
+        plot(results, folder / name)
+    return list(figures)

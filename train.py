@@ -9,6 +9,10 @@ model, one training loop, the outputs.
 """
 
 import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
 import math
 import os
 import signal
@@ -21,14 +25,13 @@ import torch
 import transformers
 from tqdm import tqdm
 
-import bench
 import data
-from data import RANKS
-from dizo import DiZO, ZOSGD, divergence, projected_params, projection_report
+from dizo import DiZO, ZOSGD, divergence, projected_params
 
 METHODS = ("fo", "zo", "dizo")
 BUILTIN = "builtin"  # --model value of the embedded tiny OPT
 ROLES = ("q", "k", "v", "o")  # attention matrices whose divergence --track_divergence logs
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class UsageError(Exception):
@@ -74,13 +77,15 @@ class Config:
     num_test: int | None = flag(None, "test examples (MeZO: 1000)", int)
     eval_every: int | None = flag(None, "steps between dev evaluations and checkpoints (builtin 100, real 500)", int)
     out_dir: str = flag("runs/default", "where results.json, plots, checkpoints and --save go")
-    dtype: str | None = flag(None, "fp32, bf16 or fp16 (GPU); default bf16 for real models on a GPU, else fp32", str)
+    dtype: str | None = flag(None, "fp32, or bf16 / fp16 (GPU): fp32 weights, the forward under torch.autocast; "
+                             "default bf16 for real models on a GPU, else fp32", str)
+    half_weights: bool = flag(False, "store the weights in --dtype and step them in place (MeZO, the released "
+                                     "--load_float16): 2 bytes per parameter, ZO steps round; FO keeps fp32")
     save: bool = flag(False, "save the final model(s) to out_dir/model/")
     template: str | None = flag(None, "prompt template with {sentence} and {mask}", str)
     label_words: str | None = flag(None, "comma-separated label words, one per class", str)
     direction: str = flag("gaussian", "ZO direction z: gaussian (MeZO, DiZO) or rademacher (±1, cheaper to draw)")
     queries: int = flag(1, "q: directions per ZO step, their estimates averaged (DiZO eq. (1)); 2q forward passes")
-    half_precision: str = flag("exact", "bf16/fp16 ZO weights: exact (via their fp32 value) or plain (drifts)")
     interval: int = flag(50, "DiZO κ: ZO steps between projections")
     proj_iters: int = flag(10, "DiZO M: γ-search iterations per projection")
     proj_eps: float = flag(0.1, "DiZO ε_γ")
@@ -105,7 +110,7 @@ class Config:
         for name in ("zo_params", "lr_schedule", "eval_every"):
             if getattr(self, name) is None:
                 setattr(self, name, defaults[name])
-        if self.dtype is None:  # bf16 stored, stepped exactly by the optimizer: 4 bytes per parameter in all
+        if self.dtype is None:  # fp32 weights, bf16 forward passes: 4 bytes per parameter, exact ZO steps
             self.dtype = "bf16" if not self.builtin and torch.cuda.is_available() else "fp32"
         self.task = self.task or ("toy" if self.builtin or self.data_dir is None else None)
 
@@ -128,8 +133,8 @@ class Config:
         return self.defaults["lr"][method] if self.lr is None else self.lr
 
     def storage_dtype(self, method):
-        """How the weights are held: in the compute dtype for ZO and DiZO; fp32 for FO, whose AdamW needs it."""
-        return "fp32" if method == "fo" else self.dtype
+        """How the weights are held: fp32, or with --half_weights in --dtype (not FO's: its AdamW needs fp32)."""
+        return self.dtype if self.half_weights and method != "fo" else "fp32"
 
     def run_flags(self):
         """The settings a resumed run must share with the saved one."""
@@ -139,7 +144,7 @@ class Config:
 
 
 # --recipe released: what the released DiZO code ran for OPT on SST-2 (its script, its logs' learning-rate
-# decay, MeZO's 1000/500/1000 sampling); fp16 where there is a GPU, as its --load_float16.
+# decay, MeZO's 1000/500/1000 sampling); fp16 weights where there is a GPU, as its --load_float16.
 RECIPES = {"released": dict(zo_params="no_embed", lr_schedule="linear", lr=1e-6, eps=1e-3, batch_size=16,
                             interval=50, proj_iters=10, proj_eps=0.1, proj_lr=2.0, tau=0.2, steps=20000,
                             eval_every=500, num_train=1000, num_dev=500, num_test=1000)}
@@ -149,33 +154,38 @@ def parse_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
-        if f.default is False:
-            p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        if f.default is False:  # --no-half_weights undoes the recipe's
+            action = argparse.BooleanOptionalAction if f.name == "half_weights" else "store_true"
+            p.add_argument(f"--{f.name}", action=action, default=False, help=f.metadata["help"])
         else:
             p.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"],
                            type=f.metadata["type"] or type(f.default))
-    recipe = p.parse_known_args(argv)[0].recipe
-    if recipe is not None:  # the recipe's values become defaults, so that explicit flags still win
-        settings = dict(RECIPES.get(recipe, {}))
-        if "--data_dir" not in (argv if argv is not None else sys.argv):
+    args = p.parse_args(argv)
+    if args.recipe is not None:  # the recipe's values become defaults, so that explicit flags still win
+        settings = dict(RECIPES.get(args.recipe, {}))
+        if args.data_dir is None:  # no recipe sets it: None means not given; the built-in splits are fixed
             settings = {k: v for k, v in settings.items() if k not in ("num_train", "num_dev", "num_test")}
         if torch.cuda.is_available():
-            settings["dtype"] = "fp16"
+            settings |= {"dtype": "fp16", "half_weights": True}
         p.set_defaults(**settings)
-        print(f"--recipe {recipe} sets " + ", ".join(f"--{k} {v}" for k, v in settings.items()))
-    return Config(**vars(p.parse_args(argv)))
+        print(f"--recipe {args.recipe} sets " + ", ".join(f"--{k}" if v is True else f"--{k} {v}"
+                                                         for k, v in settings.items()))
+        args = p.parse_args(argv)
+    return Config(**vars(args))
 
 
 def check_config(cfg):
     """Raise UsageError for a setting that cannot work, before anything is loaded or written."""
     choices = {"method": (*METHODS, "all"), "recipe": (None, *RECIPES), "zo_params": ("all", "no_embed"),
-               "lr_schedule": ("constant", "linear"), "dtype": tuple(bench.DTYPES)}
+               "lr_schedule": ("constant", "linear"), "dtype": tuple(DTYPES)}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             names = ", ".join(a for a in allowed if a is not None)
             raise UsageError(f"--{name} must be one of {names}; got {getattr(cfg, name)!r}")
     if cfg.dtype == "fp16" and not torch.cuda.is_available():
         raise UsageError("--dtype fp16 needs a GPU: fp16 matmuls on the CPU are slow or unsupported; use fp32 or bf16")
+    if cfg.half_weights and cfg.dtype == "fp32":
+        raise UsageError("--half_weights stores the weights in --dtype: give --dtype bf16 or fp16")
     for name, least in (("steps", 0), ("batch_size", 1), ("eval_every", 1), ("k", 1), ("num_train", 1),
                         ("num_dev", 1), ("num_test", 1), ("lora", 0), ("grad_accum", 1)):
         if getattr(cfg, name) is not None and getattr(cfg, name) < least:
@@ -188,6 +198,10 @@ def check_config(cfg):
                          "model: use one or the other")
     if not 0 <= cfg.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    try:
+        torch.empty(0, device=cfg.anchor_device)  # None: the default device
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--anchor_device must be a device this machine has, e.g. cpu ({data.first_line(e)})")
     for name in ("lr", "eps"):  # dizo.py accepts any finite value; for an LM, 1 or more is a typo (1e3 for 1e-3)
         if getattr(cfg, name) is not None and not getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be below 1 to fine-tune a language model, got {getattr(cfg, name)}")
@@ -222,32 +236,38 @@ def prepare(cfg):
     name = data.builtin_model() if cfg.builtin else cfg.model
     setup = data.Setup.load(name, task, raw, RANKS.device, cfg.trust_remote_code,
                             projected="dizo" in cfg.methods or cfg.track_divergence)
-    print(f"model {cfg.model} ({setup.kind} LM, {setup.model_type}) on {setup.device}, {cfg.dtype}; task {task.name}: "
+    precision = cfg.dtype if cfg.dtype == "fp32" else f"{cfg.dtype}, {cfg.storage_dtype('zo')} weights"
+    print(f"model {cfg.model} ({setup.kind} LM, {setup.model_type}) on {setup.device}, {precision}; task {task.name}: "
           f"{len(setup.splits['train'].labels)} train / {len(setup.splits['dev'].labels)} dev / "
           f"{len(setup.splits['test'].labels)} test")
     return setup
 
 
 def load_model(cfg, setup, method):
-    """The pretrained model, in the method's storage dtype; with --lora, in PEFT LoRA adapters."""
-    model = data.load_model(setup.name, setup.kind, bench.DTYPES[cfg.storage_dtype(method)], setup.device,
+    """The pretrained model, in the method's storage dtype; with --lora, in PEFT LoRA adapters. Frozen before
+    DistributedDataParallel sees it: with --zo_params no_embed, the released code's set, the token embedding
+    (and a head tied to it)."""
+    model = data.load_model(setup.name, setup.kind, DTYPES[cfg.storage_dtype(method)], setup.device,
                             cfg.trust_remote_code, cfg.device_map)
     setup.loss_fn.device = model.get_input_embeddings().weight.device  # where the inputs go (--device_map)
-    if not cfg.lora:
-        return model
-    torch.manual_seed(cfg.seed)  # LoRA's A is random
-    return data.add_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets.split(",") if cfg.lora_targets else None)
+    if cfg.lora:
+        torch.manual_seed(cfg.seed)  # LoRA's A is random
+        targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
+        model = data.add_lora(model, cfg.lora, cfg.lora_alpha, targets)
+    if cfg.zo_params == "no_embed":
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training: the optimizers, the one place where methods differ, and one loop for all of them.
+# Training: the optimizers, the one place where methods differ, torchrun's process group, and one loop for
+# all of them.
 
 def make_optimizer(method, params, pairs, cfg, lr, search_data=None, search_loss=None):
     """AdamW for fo, ZOSGD for zo, DiZO projecting `pairs` (attention K and V) for dizo."""
     if method == "fo":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    zo = dict(lr=lr, eps=cfg.eps, seed=cfg.seed, half_precision=cfg.half_precision, direction=cfg.direction,
-              queries=cfg.queries)
+    zo = dict(lr=lr, eps=cfg.eps, seed=cfg.seed, direction=cfg.direction, queries=cfg.queries)
     if method == "zo":
         return ZOSGD(params, **zo)
     return DiZO(params, pairs, **zo, interval=cfg.interval, proj_iters=cfg.proj_iters, proj_eps=cfg.proj_eps,
@@ -267,6 +287,93 @@ def take_step(method, opt, closure, step):
     return loss
 
 
+# torchrun's process group. Every rank draws the same global mini-batch (same seed) and evaluates its share,
+# idx[rank::world]; one all-reduce of (Σ loss, count) gives every rank the global mean, so ZO's ℓ± (and the γ
+# search's), g, z (from the shared seed) and the update are the same everywhere: a ZO step costs one all-reduce
+# of two scalars per forward pass, no gradient traffic. FO uses DistributedDataParallel.
+
+class Ranks:
+    """This process's place in the run (`world`, `rank`, `main`), its `device`, and the collectives: no-ops in
+    a process started without torchrun (a world of one)."""
+    device = torch.device("cpu")
+    # torchrun's environment (the env:// rendezvous) says where this process stands
+    world = property(lambda self: int(os.environ.get("WORLD_SIZE", 1)))
+    rank = property(lambda self: int(os.environ.get("RANK", 0)))
+    main = property(lambda self: self.rank == 0)
+
+    def start(self):
+        """Join the process group (NCCL between GPUs, one per process; gloo on CPUs) and set the device."""
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.world == 1:
+            return
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        # a rank that dies leaves the others waiting in an all-reduce: they give up after the timeout
+        torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=10))
+
+    def stop(self):
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+    def shard(self, idx):  # this process's share of a global mini-batch
+        return idx[self.rank::self.world]
+
+    def total(self, *values):
+        """Σ over ranks of each value (floats), identical on every rank."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return tuple(t.tolist())
+
+    def mean(self, loss, count):
+        """The global mean of per-rank mean losses over `count` examples each; a tensor alone is left as is."""
+        if self.world == 1:
+            return loss
+        total, n = self.total(float(loss) * count, count)
+        return total / n
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def agree(self, flag):
+        """True on every rank if it is true on any (a signal reaches the ranks at different steps)."""
+        return flag if self.world == 1 else self.total(float(flag))[0] > 0
+
+
+RANKS = Ranks()
+
+
+class TrainLoss:
+    """The loss of a training mini-batch (indices into `enc`) over this process's share of it, in `micro`
+    micro-batches, counting its calls (forward passes: every method's cost). With backward=True (FO) each
+    micro-batch's share of the loss is backpropagated as it is computed, so memory holds one micro-batch's
+    activations. `model` may be wrapped in DistributedDataParallel."""
+
+    def __init__(self, loss_fn, enc, model, micro=1, backward=False):
+        self.loss_fn, self.enc, self.model, self.micro, self.backward, self.calls = (loss_fn, enc, model, micro,
+                                                                                     backward, 0)
+
+    def __call__(self, idx):
+        self.calls += 1
+        mine = RANKS.shard(idx)
+        chunks = [mine[i::self.micro] for i in range(self.micro) if mine[i::self.micro]]
+        total = 0.0
+        for i, chunk in enumerate(chunks):
+            loss = self.loss_fn.loss(self.model, self.enc, chunk)
+            part = loss if len(chunks) == 1 else loss * (len(chunk) / len(mine))
+            if self.backward:
+                last = i == len(chunks) - 1  # DDP all-reduces the gradients once, at the last micro-batch
+                with self.model.no_sync() if RANKS.world > 1 and not last else contextlib.nullcontext():
+                    part.backward()
+                part = part.detach()
+            total = part if i == 0 else total + part
+        return RANKS.mean(total, len(mine))
+
+
 def evaluate(model, setup, split):
     """Accuracy on a split (each rank scores its share), in eval mode; the model's mode is put back after."""
     enc, was_training = setup.splits[split], model.training
@@ -281,13 +388,14 @@ def evaluate(model, setup, split):
 def train_method(method, model, setup, cfg, out_dir, saved, record):
     """Train one method: a step, and every eval_every steps an evaluation and a checkpoint (results recorded
     with it). Returns the result dict: early on a signal, with status "diverged" on a non-finite loss."""
-    peak = bench.PeakMemory(setup.device)
+    peak = PeakMemory(setup.device)
     peak.reset()
     ddp = method == "fo" and RANKS.world > 1  # FO under torchrun: gradients averaged across ranks
     forward = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    loss = data.TrainLoss(setup.loss_fn, setup.splits["train"], forward, cfg.grad_accum, backward=method == "fo")
+    loss = TrainLoss(setup.loss_fn, setup.splits["train"], forward, cfg.grad_accum, backward=method == "fo")
     storage, compute = cfg.storage_dtype(method), cfg.dtype
-    setup.loss_fn.autocast = bench.DTYPES[compute] if compute != storage else None  # FO's mixed precision
+    # fp32 weights and a half --dtype: every forward (training, γ search, evaluation) under torch.autocast
+    setup.loss_fn.autocast = DTYPES[compute] if compute != storage else None
     run = build_run(method, model, setup, cfg, loss)
     r = run.restore(saved) if saved is not None else start_result(method, model, setup, cfg, run)
     loss.calls = r["forward_passes"]
@@ -308,7 +416,7 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
             error = " ".join([str(e), *getattr(e, "__notes__", [])])  # dizo.py says how θ was put back
             return r | {"status": "diverged", "error": error, "forward_passes": loss.calls}
         run.schedule.step()
-        if method == "dizo" and run.opt.projection_due:
+        if method == "dizo" and run.opt.last_phase and run.opt.last_phase["step"] == r["steps"]:
             r["projection"].append(run.opt.last_phase)
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -338,18 +446,18 @@ class Run:
     fresh: data.Batches  # DiZO's γ-search batches
     anchor: dict | None  # pretrained attention matrices, with --track_divergence
 
+    def parts(self):
+        return {"optimizer": self.opt, "schedule": self.schedule, "batches": self.batches, "fresh": self.fresh}
+
     def state(self, r):
-        return {"optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
-                "batches": self.batches.state_dict(), "fresh": self.fresh.state_dict(), "result": r,
-                "anchor": self.anchor, "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        return {k: part.state_dict() for k, part in self.parts().items()} | {
+            "result": r, "anchor": self.anchor, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def restore(self, state):
         """Continue from `state`; returns the results so far."""
-        self.opt.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.batches.load_state_dict(state["batches"])
-        self.fresh.load_state_dict(state["fresh"])
+        for k, part in self.parts().items():
+            part.load_state_dict(state[k])
         self.anchor = state["anchor"]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None:
@@ -362,18 +470,16 @@ def build_run(method, model, setup, cfg, loss):
     torch.manual_seed(cfg.seed)  # FO dropout; ZO methods run in eval mode and own their generators
     n_train = len(setup.splits["train"].labels)
     batches, fresh = (data.Batches(n_train, cfg.batch_size, cfg.seed + i) for i in (0, 1))
-    if cfg.zo_params == "no_embed":  # the released code's set: the token embedding (and a head tied to it) frozen
-        model.get_input_embeddings().weight.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # see load_model
     # K and V, as the released code; with LoRA, every attention matrix that carries adapters (the released code
     # projects every LoRA factor, and its adapters sit on Q and V)
     roles = ROLES if cfg.lora else ("k", "v")
     pairs = projected_params(model, roles=roles) if method == "dizo" else None
     opt = make_optimizer(method, params, pairs, cfg, cfg.lr_for(method), fresh.next, loss)
     if pairs:
-        report = projection_report(pairs)
-        print(f"dizo: projecting {report['matrices']} matrices ({', '.join(roles).upper()}), "
-              f"{report['params']:,} parameters, anchor {report['anchor_bytes'] / 2**20:.1f} MB")
+        anchor_mb = sum(t.numel() * t.element_size() for _, t in pairs) / 2**20
+        print(f"dizo: projecting {len(pairs)} matrices ({', '.join(roles).upper()}), "
+              f"{sum(t.numel() for _, t in pairs):,} parameters, anchor {anchor_mb:.1f} MB")
     # linear: from η to η/2 over the run, as in the released logs; constant: η throughout
     decay = 0.5 if cfg.lr_schedule == "linear" else 0.0
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / max(1, cfg.steps_for(method)))
@@ -410,13 +516,47 @@ def history_entry(r, model, setup, losses, anchor, full):
 
 
 def finish_result(r, model, setup, peak):
-    devs = [h["dev_acc"] for h in r["history"] if h["dev_acc"] is not None]
-    r["best_dev_acc"] = max(devs)
+    r["best_dev_acc"] = max(h["dev_acc"] for h in r["history"] if h["dev_acc"] is not None)
     r["test_acc"] = evaluate(model, setup, "test")
     r["peak_mem_mb"] = peak.peak() / 2**20
     r["device"] = (torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else
                    f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     r["status"] = "done"
+
+
+def _rss_bytes(field):
+    """VmRSS (resident now) or VmHWM (its peak) of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+class PeakMemory:
+    """Peak memory of whatever runs after reset(): the CUDA allocator's peak, or the process's peak RSS (an
+    upper bound that includes what ran before, where Linux cannot reset it: hwm_reset False)."""
+
+    def __init__(self, device):
+        self.cuda, self.device, self.baseline, self.hwm_reset = device.type == "cuda", device, 0, True
+
+    def reset(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            return
+        with contextlib.suppress(OSError):  # freed heap back to the OS: no garbage of the build in the baseline
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.baseline = _rss_bytes("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM <- VmRSS (Linux >= 4.0)
+        except OSError:
+            self.hwm_reset = False
+
+    def peak(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _rss_bytes("VmHWM")
 
 
 class Stop:
@@ -472,7 +612,7 @@ def train_all(cfg, setup, out_dir, results, model):
                            else out_dir / "model")
             record(r)
             if method == cfg.methods[-1] or r["status"] != "done":  # the figures, once the run ends
-                bench.plot_run(results, out_dir)
+                data.plot_run(results, out_dir)
         model = None
         if r["status"] == "diverged":
             kept = data.checkpoint_dir(out_dir, method)
@@ -484,9 +624,21 @@ def train_all(cfg, setup, out_dir, results, model):
                   f"continue with the same flags and --resume", file=sys.stderr)
             return 128 + (Stop.signum or signal.SIGTERM)
     if RANKS.main:
-        bench.print_table(results)
+        print_table(results)
         print(f"results: {out_dir / 'results.json'}, plot: {out_dir / 'curves.png'}")
     return 0
+
+
+def print_table(results):
+    """The end-of-run summary, one row per method."""
+    cells = {"zero_shot_acc": "{:.3f}", "best_dev_acc": "{:.3f}", "test_acc": "{:.3f}", "steps": "{}",
+             "forward_passes": "{}", "wall_s": "{:.1f}", "peak_mem_mb": "{:.0f}"}
+    rows = [("method", "zero-shot", "best dev", "test", "steps", "fwd passes", "train s", "peak MB", "status")]
+    rows += [(method, *(f.format(r[k]) if r.get(k) is not None else "-" for k, f in cells.items()), r["status"])
+             for method, r in results["methods"].items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows[:1] + [["-" * w for w in widths]] + rows[1:]:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
 
 
 def main(argv=None):
