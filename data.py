@@ -172,6 +172,8 @@ def _read_lines(path: str) -> list[str]:
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     if not any(lines):
         raise DataError(f"{path}: empty file")
+    if (bad := next((n for n, line in enumerate(lines, start=1) if "\r" in line), None)) is not None:  # old Mac
+        raise DataError(f"{path}:{bad}: a carriage return inside a line; lines must end in \\n or \\r\\n")
     return lines
 
 
@@ -392,8 +394,7 @@ def model_kind(config):
 
 
 def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0]}" if str(err).strip() else type(err).__name__
 
 
 def load_config(name, trust_remote_code):

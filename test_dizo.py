@@ -1421,6 +1421,8 @@ def test_pair_task_reads_glue_rte_columns(tmp_path):
     ("sentence\tlabel\ngood film\t1\nbad film\n", r"train\.tsv:3: expected 2 tab-separated columns, got 1"),
     ("sentence\tlabel\ngood film\t7\n", r"train\.tsv:2: label '7' is not a label"),
     ("", r"train\.tsv: empty file"),
+    ("sentence\tlabel\rgood film\t1\rbad film\t0\r", r"train\.tsv:1: a carriage return inside a line"),
+    ("sentence\tlabel\ngood film\t1\r\nbad \rfilm\t0\n", r"train\.tsv:3: a carriage return inside a line"),
 ])
 def test_read_tsv_rejects_bad_files_with_file_and_line(tmp_path, content, message):
     (tmp_path / "train.tsv").write_text(content)
@@ -1523,6 +1525,7 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--task", "nosuch"], "unknown task 'nosuch'"),
     (["--dtype", "fp64"], "--dtype must be one of"),
     (["--dtype", "fp16"], "--dtype fp16 needs a GPU"),
+    (["--out_dir", ""], "--out_dir must name a folder"), (["--out_dir", " "], "--out_dir must name a folder"),
     (["--model", "no-such-org/no-such-model-xyz"], "offline?"),
     (["--model", "@no_config"], "no config.json"),
     (["--model", "@not_lm"], "neither a causal nor a masked language model"),

@@ -207,6 +207,8 @@ def check_config(cfg):
             raise UsageError(f"--{name} must be below 1 to fine-tune a language model, got {getattr(cfg, name)}")
     if cfg.lora and cfg.track_divergence:
         raise UsageError("--track_divergence follows the attention weights, which --lora leaves frozen")
+    if not cfg.out_dir.strip():  # "" would be the current folder, and a run would write beside the user's files
+        raise UsageError("--out_dir must name a folder, e.g. runs/default; it was empty")
     if cfg.task is None:
         raise UsageError("--task is required with --data_dir (e.g. sst-2, rte, or custom with --template)")
     sampling = [f"--{n}" for n in ("k", "num_train", "num_dev", "num_test") if getattr(cfg, n) is not None]
