@@ -218,7 +218,7 @@ def load_splits(data_dir: str, task: Task, *, k: int | None = None, num_train: i
     """train/dev/test from data_dir/{train,dev,test}.tsv, subsampled with `data_seed`, kept in file order:
     train: k per class (LM-BFF), or num_train at random (MeZO: 1000), else all.
     dev:   num_dev at random (MeZO: 500), else k per class when k is given (LM-BFF), else all.
-    test:  num_test at random (MeZO: 1000 of the original validation set), else all."""
+    test:  num_test at random (MeZO: 1000 of the original validation set), else all; a short split whole."""
     if k is not None and num_train is not None:
         raise DataError("give k (examples per class) or num_train, not both")
     if not os.path.isdir(data_dir):
@@ -226,11 +226,11 @@ def load_splits(data_dir: str, task: Task, *, k: int | None = None, num_train: i
     splits = {s: read_tsv(os.path.join(data_dir, f"{s}.tsv"), task) for s in ("train", "dev", "test")}
     sizes = {"train": num_train, "dev": num_dev, "test": num_test}
     for split, examples in splits.items():
-        # a stream per split, seeded by a string (random.Random hashes it with SHA-512, not with Python's hash seed)
-        seed, n, what = f"{split}:{data_seed}", sizes[split], f"{data_dir}/{split}.tsv"
+        seed, n, what = f"{split}:{data_seed}", sizes[split], f"{data_dir}/{split}.tsv"  # a str seed: SHA-512
         if n is not None:
-            if n > len(examples):
-                raise DataError(f"asked for {n} examples from {what}, it has {len(examples)}")
+            if n > len(examples):  # as MeZO: a split smaller than asked (GLUE SST-2's 872 for 1000) is used whole
+                print(f"{what}: {len(examples)} examples, fewer than the {n} asked for; using all of them")
+                continue
             chosen = random.Random(seed).sample(range(len(examples)), n)
         elif k is not None and split != "test":  # LM-BFF's k-shot sampling
             chosen = []

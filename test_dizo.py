@@ -1407,6 +1407,15 @@ def test_read_tsv_and_sample_k_per_class(tmp_path):
     assert sorted(e.label for e in a["train"]) == [0, 0, 0, 1, 1, 1]
 
 
+def test_a_sample_larger_than_its_split_takes_the_whole_split_and_says_so(tmp_path, capsys):
+    """As MeZO on GLUE SST-2 (872 validation sentences for its 1000): the whole split, in file order, and a line."""
+    folder = write_task(tmp_path / "d")
+    task = data.get_task("sst-2")
+    splits = data.load_splits(str(folder), task, num_train=5, num_test=1000)
+    assert splits["test"] == data.read_tsv(str(folder / "test.tsv"), task) and len(splits["train"]) == 5
+    assert "test.tsv: 20 examples, fewer than the 1000 asked for; using all of them" in capsys.readouterr().out
+
+
 def test_pair_task_reads_glue_rte_columns(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_text("index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA man rests.\tentailment\n")

@@ -77,14 +77,14 @@ class Config:
     num_test: int | None = flag(None, "test examples (MeZO: 1000)", int)
     eval_every: int | None = flag(None, "steps between dev evaluations and checkpoints (builtin 100, real 500)", int)
     out_dir: str = flag("runs/default", "where results.json, plots, checkpoints and --save go")
-    dtype: str | None = flag(None, "fp32, or bf16 / fp16 (GPU): fp32 weights, the forward under torch.autocast; "
+    dtype: str | None = flag(None, "fp32, or bf16 / fp16 (fp16: GPU only): fp32 weights, every forward under torch.autocast; "
                              "default bf16 for real models on a GPU, else fp32", str)
     half_weights: bool = flag(False, "store the weights in --dtype and step them in place (MeZO, the released "
                                      "--load_float16): 2 bytes per parameter, ZO steps round; FO keeps fp32")
     save: bool = flag(False, "save the final model(s) to out_dir/model/")
     template: str | None = flag(None, "prompt template with {sentence} and {mask}", str)
     label_words: str | None = flag(None, "comma-separated label words, one per class", str)
-    direction: str = flag("gaussian", "ZO direction z: gaussian (MeZO, DiZO) or rademacher (±1, cheaper to draw)")
+    direction: str = flag("gaussian", "ZO direction z: gaussian (MeZO, DiZO) or rademacher (±1, Spall's SPSA)")
     queries: int = flag(1, "q: directions per ZO step, their estimates averaged (DiZO eq. (1)); 2q forward passes")
     interval: int = flag(50, "DiZO κ: ZO steps between projections")
     proj_iters: int = flag(10, "DiZO M: γ-search iterations per projection")
@@ -97,7 +97,7 @@ class Config:
     lora: int = flag(0, "rank of PEFT LoRA adapters on the attention (0: fine-tune the weights themselves)")
     lora_alpha: float = flag(16.0, "LoRA scale alpha (the update is alpha/rank · BA)")
     lora_targets: str | None = flag(None, "comma-separated modules for LoRA (default PEFT's, e.g. q_proj,v_proj)", str)
-    grad_accum: int = flag(1, "micro-batches per mini-batch, their losses (FO: gradients) summed")
+    grad_accum: int = flag(1, "micro-batches per mini-batch, weighted to the whole batch's mean loss (FO: its gradient)")
     device_map: str | None = flag(None, "'auto': spread the model over the GPUs (and CPU) with accelerate", str)
     recipe: str | None = flag(None, "released: the settings of the released DiZO OPT runs (explicit flags win)", str)
     track_divergence: bool = flag(False, "log ‖W_t - W_0‖ of every attention Q, K, V, O matrix at each evaluation")
@@ -401,7 +401,7 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
     run = build_run(method, model, setup, cfg, loss)
     r = run.restore(saved) if saved is not None else start_result(method, model, setup, cfg, run)
     loss.calls = r["forward_passes"]
-    model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO needs it off (see dizo.py)
+    model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
     steps, losses, tic = cfg.steps_for(method), [], time.perf_counter()
     bar = tqdm(total=steps, initial=r["steps"], desc=method, dynamic_ncols=True, disable=not RANKS.main)
     while r["steps"] < steps:
