@@ -429,13 +429,17 @@ def model_class(kind):
 
 
 def load_model(name, kind, dtype, device, trust_remote_code, device_map=None):
-    """The model in eval mode on `device` (or placed by accelerate with a device_map, e.g. 'auto'); never from an
-    arbitrary pickle. Not quantised: ZO needs real-valued weights, and save_pretrained refuses most quantisations."""
+    """The model in eval mode on `device` (or placed by a device_map, e.g. 'auto'); never from a pickle; every
+    tensor from the checkpoint and finite; not quantised (ZO needs real weights, save_pretrained refuses most)."""
     try:
-        model = model_class(kind).from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                  device_map=device_map)
+        model, info = model_class(kind).from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                        device_map=device_map, output_loading_info=True)
     except Exception as e:  # corrupt or truncated weights, a blocked pickle, shapes that do not match the config
         raise DataError(f"--model {name}: cannot load its weights ({first_line(e)})") from None
+    if info["missing_keys"]:  # transformers would start them at random, said only in a log line
+        raise DataError(f"--model {name}: its checkpoint lacks {sorted(info['missing_keys'])[0]}")
+    if bad := next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None):
+        raise DataError(f"--model {name}: its weight {bad} holds NaN or inf; a damaged checkpoint")
     if getattr(model, "hf_quantizer", None) is not None:
         raise DataError(f"--model {name} is quantised ({model.hf_quantizer.quantization_config.quant_method}); "
                         "dequantise it to an ordinary float checkpoint first (see the SmolLM2 recipe in README)")
@@ -667,21 +671,16 @@ def write_atomically(path, write) -> None:
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     remove(tmp)
     write(tmp)
-    if path.is_dir():
+    if path.is_dir():  # a folder cannot be replaced in one step: aside first
         remove(old)
         os.replace(path, old)
-        os.replace(tmp, path)
-        remove(old)
-    else:
-        os.replace(tmp, path)
+    os.replace(tmp, path)
+    remove(old)
 
 
 def remove(path: Path) -> None:
     """Delete a file or a folder tree, if there is one."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def write_json(path, obj):

@@ -28,7 +28,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM, GPT2Config,
                           GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
@@ -1482,8 +1482,16 @@ def test_builtin_model_is_built_once_and_loads_like_any_hub_model(tmp_path, monk
 
 def bad_folder(tmp_path, what, assets):
     folder = tmp_path / what
-    if what in ("corrupt_weights", "broken_tokenizer", "size_mismatch", "pickle_weights"):
+    if what in ("corrupt_weights", "broken_tokenizer", "size_mismatch", "pickle_weights", "missing_tensor", "nan"):
         shutil.copytree(assets["causal"], folder)
+    if what in ("missing_tensor", "nan"):  # a tensor left out, or one NaN in a tensor
+        weights = load_file(str(folder / "model.safetensors"))
+        key = next(k for k in weights if k.endswith("k_proj.weight"))
+        if what == "nan":
+            weights[key][0, 0] = float("nan")
+        else:
+            del weights[key]
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if what == "corrupt_weights":  # truncated safetensors
         weights = folder / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
@@ -1537,6 +1545,8 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--out_dir", ""], "--out_dir must name a folder"), (["--out_dir", " "], "--out_dir must name a folder"),
     (["--model", "no-such-org/no-such-model-xyz"], "offline?"),
     (["--model", "@no_config"], "no config.json"),
+    (["--model", "@missing_tensor"], "its checkpoint lacks model.decoder.layers.0.self_attn.k_proj.weight"),
+    (["--model", "@nan"], "its weight model.decoder.layers.0.self_attn.k_proj.weight holds NaN or inf"),
     (["--model", "@not_lm"], "neither a causal nor a masked language model"),
     (["--model", "@remote_code"], "trust_remote_code"),
     (["--model", "@bloom", "--method", "dizo"], "must be OPT, Llama/Mistral/Qwen2, BERT/RoBERTa, GPT-2"),
