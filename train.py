@@ -132,6 +132,12 @@ class Config:
     def lr_for(self, method):
         return self.defaults["lr"][method] if self.lr is None else self.lr
 
+    @property
+    def roles(self):
+        """What DiZO projects: K and V, as the released code; with LoRA, every attention matrix that carries
+        adapters (the released code projects every LoRA factor, and its adapters sit on Q and V)."""
+        return ROLES if self.lora else ("k", "v")
+
     def storage_dtype(self, method):
         """How the weights are held: fp32, or with --half_weights in --dtype (not FO's: its AdamW needs fp32)."""
         return self.dtype if self.half_weights and method != "fo" else "fp32"
@@ -205,6 +211,8 @@ def check_config(cfg):
     for name in ("lr", "eps"):  # dizo.py accepts any finite value; for an LM, 1 or more is a typo (1e3 for 1e-3)
         if getattr(cfg, name) is not None and not getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be below 1 to fine-tune a language model, got {getattr(cfg, name)}")
+    if not 0 < cfg.lora_alpha < math.inf:
+        raise UsageError(f"--lora_alpha must be finite and > 0, got {cfg.lora_alpha}")
     if cfg.lora and cfg.track_divergence:
         raise UsageError("--track_divergence follows the attention weights, which --lora leaves frozen")
     if not cfg.out_dir.strip():  # "" would be the current folder, and a run would write beside the user's files
@@ -264,6 +272,22 @@ def load_model(cfg, setup, method):
 # ---------------------------------------------------------------------------------------------------------
 # Training: the optimizers, the one place where methods differ, torchrun's process group, and one loop for
 # all of them.
+
+def check_model(cfg, model):
+    """What the loaded model must allow, before anything is written: DiZO's matrices, and an ε that moves θ."""
+    if "dizo" in cfg.methods:
+        try:
+            projected_params(model, roles=cfg.roles)
+        except ValueError as e:
+            raise UsageError(f"--method dizo: {e}") from None
+    if cfg.methods != ("fo",):  # θ ± εz rounds back to θ where ε|z| is below half a unit in θ's last place
+        sample = [p.detach().flatten()[::max(1, p.numel() // 1024)] for p in model.parameters() if p.requires_grad]
+        dtype = cfg.storage_dtype("zo")
+        least = float(torch.cat(sample).abs().float().median()) * torch.finfo(DTYPES[dtype]).eps
+        if cfg.eps < least:
+            raise UsageError(f"--eps {cfg.eps:g} cannot move most {dtype} weights of this model (θ ± εz rounds "
+                             f"back to θ); the smallest that can is about {least:.1g}")
+
 
 def make_optimizer(method, params, pairs, cfg, lr, search_data=None, search_loss=None):
     """AdamW for fo, ZOSGD for zo, DiZO projecting `pairs` (attention K and V) for dizo."""
@@ -473,9 +497,7 @@ def build_run(method, model, setup, cfg, loss):
     n_train = len(setup.splits["train"].labels)
     batches, fresh = (data.Batches(n_train, cfg.batch_size, cfg.seed + i) for i in (0, 1))
     params = [p for p in model.parameters() if p.requires_grad]  # see load_model
-    # K and V, as the released code; with LoRA, every attention matrix that carries adapters (the released code
-    # projects every LoRA factor, and its adapters sit on Q and V)
-    roles = ROLES if cfg.lora else ("k", "v")
+    roles = cfg.roles
     pairs = projected_params(model, roles=roles) if method == "dizo" else None
     opt = make_optimizer(method, params, pairs, cfg, cfg.lr_for(method), fresh.next, loss)
     if pairs:
@@ -656,6 +678,7 @@ def main(argv=None):
         RANKS.start()
         setup = prepare(cfg)
         model = load_model(cfg, setup, cfg.methods[0])  # broken weights are found before anything is written
+        check_model(cfg, model)
         data.check_disk_space(out_dir, model, copies=2 + (len(cfg.methods) if cfg.save else 0))
         # rank 0 owns the output folder; the others read the results.json it holds once rank 0 has claimed it
         settings = cfg.run_flags() | {"data_hash": setup.data_hash}
