@@ -281,9 +281,10 @@ def check_model(cfg, model):
         except ValueError as e:
             raise UsageError(f"--method dizo: {e}") from None
     if cfg.methods != ("fo",):  # θ ± εz rounds back to θ where ε|z| is below half a unit in θ's last place
-        sample = [p.detach().flatten()[::max(1, p.numel() // 1024)] for p in model.parameters() if p.requires_grad]
+        sample = [p.detach().flatten()[::max(1, p.numel() // 1024)].float().cpu()  # the model may span devices
+                  for p in model.parameters() if p.requires_grad]
         dtype = cfg.storage_dtype("zo")
-        least = float(torch.cat(sample).abs().float().median()) * torch.finfo(DTYPES[dtype]).eps
+        least = float(torch.cat(sample).abs().median()) * torch.finfo(DTYPES[dtype]).eps
         if cfg.eps < least:
             raise UsageError(f"--eps {cfg.eps:g} cannot move most {dtype} weights of this model (θ ± εz rounds "
                              f"back to θ); the smallest that can is about {least:.1g}")
