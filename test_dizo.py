@@ -1503,6 +1503,10 @@ def bad_folder(tmp_path, what, assets):
     elif what == "size_mismatch":  # a config that does not match the weights
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps(config | {"hidden_size": 48, "ffn_dim": 96}))
+    elif what == "small_vocab":  # an embedding of 10 rows under the tests' tokenizer
+        tok = data.build_tokenizer([" ".join(WORDS), "it was . ?"])
+        tiny_model("opt", vocab_size=10).save_pretrained(folder)
+        tok.save_pretrained(folder)
     elif what == "no_config":
         folder.mkdir()
         (folder / "weights.bin").write_bytes(b"")
@@ -1549,6 +1553,7 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--out_dir", ""], "--out_dir must name a folder"), (["--out_dir", " "], "--out_dir must name a folder"),
     (["--model", "no-such-org/no-such-model-xyz"], "offline?"),
     (["--model", "@no_config"], "no config.json"),
+    (["--model", "@small_vocab"], "its embedding has 10 rows"),
     (["--model", "@missing_tensor"], "its checkpoint lacks model.decoder.layers.0.self_attn.k_proj.weight"),
     (["--model", "@nan"], "its weight model.decoder.layers.0.self_attn.k_proj.weight holds NaN or inf"),
     (["--model", "@not_lm"], "neither a causal nor a masked language model"),

@@ -273,8 +273,14 @@ def load_model(cfg, setup, method):
 # Training: the optimizers, the one place where methods differ, torchrun's process group, and one loop for
 # all of them.
 
-def check_model(cfg, model):
-    """What the loaded model must allow, before anything is written: DiZO's matrices, and an ε that moves θ."""
+def check_model(cfg, model, setup):
+    """What the loaded model must allow, before anything is written: the data's token ids, DiZO's matrices, an ε
+    that moves θ."""
+    loss_fn = setup.loss_fn  # an id past the embedding's rows would be an IndexError in the middle of a run
+    top = max([max(p) for enc in setup.splits.values() for p in enc.prompts] + [max(w) for w in loss_fn.words])
+    if max(top, loss_fn.pad or 0) >= (rows := model.get_input_embeddings().weight.shape[0]):
+        raise UsageError(f"--model {cfg.model}: the data's token ids reach {max(top, loss_fn.pad or 0)}, its embedding "
+                         f"has {rows} rows: a tokenizer and a model that do not belong together")
     if "dizo" in cfg.methods:
         try:
             projected_params(model, roles=cfg.roles)
@@ -679,7 +685,7 @@ def main(argv=None):
         RANKS.start()
         setup = prepare(cfg)
         model = load_model(cfg, setup, cfg.methods[0])  # broken weights are found before anything is written
-        check_model(cfg, model)
+        check_model(cfg, model, setup)
         data.check_disk_space(out_dir, model, copies=2 + (len(cfg.methods) if cfg.save else 0))
         # rank 0 owns the output folder; the others read the results.json it holds once rank 0 has claimed it
         settings = cfg.run_flags() | {"data_hash": setup.data_hash}
