@@ -1550,6 +1550,7 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--method", "dizo", "--eps", "1e-12"], "the smallest that can is about"),
     (["--lora", "4", "--lora_alpha", "nan"], "--lora_alpha must be finite and > 0"),
     (["--lora", "4", "--lora_targets", "fc1,fc2", "--method", "dizo"], "--method dizo: attention matrices q, k, v, o"),
+    (["--half_weights"], "--half_weights stores the weights in --dtype: give --dtype bf16 or fp16"),
     (["--out_dir", ""], "--out_dir must name a folder"), (["--out_dir", " "], "--out_dir must name a folder"),
     (["--model", "no-such-org/no-such-model-xyz"], "offline?"),
     (["--model", "@no_config"], "no config.json"),
@@ -1605,7 +1606,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as here: no hub; and no retries
     args = {"--model": assets["causal"], "--task": "sst-2", "--data_dir": assets["data"],
             "--out_dir": str(tmp_path / "out"), "--steps": "2"}
-    switches = [f for f in flags if f in ("--resume", "--track_divergence")]
+    switches = [f for f in flags if f in ("--resume", "--track_divergence", "--half_weights")]
     pairs = [f for f in flags if f not in switches]
     for key, value in zip(pairs[::2], pairs[1::2]):
         if value.startswith("@"):
@@ -1682,9 +1683,10 @@ def interrupt_at_call(monkeypatch, n):
     monkeypatch.setattr(data.PromptLoss, "loss", loss)
 
 
-@pytest.mark.parametrize("method", ["zo", "dizo", "fo"])
-def test_interrupted_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys, method, figures):
-    flags = ["--method", method, "--steps", "9", "--eval_every", "4", "--save"]
+@pytest.mark.parametrize("method, precision", [("zo", []), ("dizo", []), ("fo", []), ("dizo", ["--dtype", "bf16"]),
+                                               ("dizo", ["--dtype", "bf16", "--half_weights"])])
+def test_interrupted_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys, method, precision, figures):
+    flags = ["--method", method, "--steps", "9", "--eval_every", "4", "--save", *precision]
     assert run_train(assets, tmp_path / "full", *flags) == 0
     interrupt_at_call(monkeypatch, 6 if method == "fo" else 11)  # during step 6: FO 1 loss a step, ZO 2
     assert run_train(assets, tmp_path / "cut", *flags) == 128 + signal.SIGTERM
