@@ -11,14 +11,12 @@ import json
 import math
 import os
 import re
-import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import traceback
 import warnings
@@ -999,10 +997,10 @@ def test_search_data_is_drawn_once_per_iteration_and_reiterated_when_exhausted()
         return closure()
 
     expected = [0] + [b for b in [0, 1, 2, 0] for _ in "+-"] + [0, 1] + [b for b in [1, 2, 0, 1] for _ in "+-"] + [1]
-    for data in (DataLoader(torch.arange(3), batch_size=None), [0, 1, 2]):  # three batches: 0, 1, 2
+    for source in (DataLoader(torch.arange(3), batch_size=None), [0, 1, 2]):  # three batches: 0, 1, 2
         seen.clear()
         opt = DiZO(model.parameters(), projected_params(model), lr=1e-3, interval=2, proj_iters=4,
-                   search_data=data, search_loss=search_loss)
+                   search_data=source, search_loss=search_loss)
         for _ in range(4):
             opt.step(closure)
         # two phases of 4 batches, each twice; the first batch of a phase also before and after it
