@@ -484,54 +484,120 @@ def precision_tables(rows):
     return "\n".join(out)
 
 
-# ------------------------------------------------------------------------------------ convergence study
+# -------------------------------------------------------------------------------------------- paired study
 
 def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
         return "never"
     mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-    if std == 0:
+    if std <= 1e-12 * abs(mean):  # equal but for rounding
         return f"{mean:.4g} ± 0"
     digits = max(0, 1 - math.floor(math.log10(std)))  # both to the std's second significant digit
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
+# zo against dizo over seeds at equal forward passes (zo takes DiZO's passes / 2 steps, each method its own full
+# rate schedule) over a rate sweep: the same rate for both (the paper's protocol), and each at the rate that
+# gives it the lowest mean dev loss (the fair comparison). PAIRED[setting] = (train.py flags, DiZO steps, lr).
+PAIRED = {"full": ((), 1500, 1.5e-4),  # the quick start's model and rate: K and V of every layer projected
+          "lora-kv": (("--lora", "8", "--lora_targets", "k_proj,v_proj"), 600, 3e-3),  # all trained params projected
+          "lora-qv": (("--lora", "8"), 600, 3e-3)}  # the released code's LoRA placement (Q and V), all projected
+RATES = (1, 2, 4)  # times the setting's lr
 
-def study(folder, target, plot):
-    """Over train.py runs folder/<group>-s<seed>/: steps, forward passes and seconds to reach `target` dev
-    accuracy, and test accuracy, per group (mean ± std over seeds); the mean dev-accuracy curves, ±1 std."""
-    groups = {}
+
+def paired_runs(folder, seeds):
+    """{run folder: train.py command} of every run of the study (κ = 50, M = 10: a phase costs 22 passes)."""
+    runs = {}
+    for setting, (flags, steps, lr) in PAIRED.items():
+        for method, n in (("zo", steps + 11 * (steps // 50)), ("dizo", steps)):
+            for rate, seed in ((f"{lr * x:g}", seed) for x in RATES for seed in seeds):
+                runs[Path(folder) / f"{setting}-{method}-lr{rate}-s{seed}"] = [
+                    sys.executable, "train.py", "--method", method, "--steps", str(n), "--lr", rate, "--seed",
+                    str(seed), *flags, "--eval_every", "100", "--overwrite", "--out_dir"]
+    return runs
+
+
+def run_paired(folder, seeds, jobs):
+    """Every run of the study not yet done, `jobs` at a time (each with cores / jobs threads); a run that fails
+    is reported (its log kept in folder/logs/) and left out of the summary."""
+    import concurrent.futures
+    import subprocess
+    from tqdm import tqdm
+    todo = [(out, cmd) for out, cmd in paired_runs(folder, seeds).items() if not _paired_result(out)]
+    (Path(folder) / "logs").mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+
+    def one(out, cmd):
+        with open(Path(folder) / "logs" / f"{out.name}.log", "w") as log:
+            return out, subprocess.run(cmd + [str(out)], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for out, rc in tqdm(pool.map(lambda t: one(*t), todo), total=len(todo), desc="paired runs"):
+            if rc != 0:
+                print(f"{out.name}: exit {rc}, see {folder}/logs/{out.name}.log", file=sys.stderr)
+
+
+def _paired_result(out):
+    """The finished result of one study run, or None."""
+    try:
+        results = json.loads((Path(out) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    r = next(iter(results["methods"].values()), None)
+    return r if r and r.get("status") == "done" else None
+
+
+def paired_summary(folder, plot, seeds=None):
+    """Markdown tables over the study's finished runs (those of `seeds`, default all): per rate, dev loss and
+    test accuracy (mean ± std over seeds); per seed, dizo - zo at the same rate and at each one's best rate;
+    DiZO's phases on held-out dev examples. The figure: final dev loss against the rate, per setting."""
+    runs = {}  # setting -> method -> lr -> {seed: result}
     for path in sorted(Path(folder).glob("*/results.json")):
-        for r in json.loads(path.read_text())["methods"].values():
-            if r.get("status") == "done":
-                groups.setdefault(path.parent.name.rsplit("-s", 1)[0], []).append(r)
-    if not groups:
-        sys.exit(f"no finished runs in {folder}/*/results.json")
-    print(f"| run | seeds | zero-shot test | steps to dev ≥ {target} (reached) | forward passes | train s "
-          f"| final test acc | best dev acc |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    for group, runs in groups.items():
-        hits = ([h for h in r["history"] if h["dev_acc"] is not None and h["dev_acc"] >= target] for r in runs)
-        reached = [h[0] for h in hits if h]  # per seed, the first evaluation at or above the target
-        print(f"| {group} | {len(runs)} | {mean_std([r['zero_shot_acc'] for r in runs])} "
-              f"| {mean_std([h['step'] for h in reached])} ({len(reached)}/{len(runs)}) "
-              f"| {mean_std([h.get('forward_passes') for h in reached])} "
-              f"| {mean_std([h.get('wall_s') for h in reached])} "
-              f"| {mean_std([r['test_acc'] for r in runs])} | {mean_std([r['best_dev_acc'] for r in runs])} |")
-    fig, ax = data.pyplot().subplots(figsize=(7, 4))
-    for group, runs in groups.items():
-        steps = [h["step"] for h in runs[0]["history"] if h["dev_acc"] is not None]
-        curves = torch.tensor([[h["dev_acc"] for h in r["history"] if h["dev_acc"] is not None][:len(steps)]
-                               for r in runs])
-        many = len(runs) > 1  # the main comparison: thick, with its band; else a one-seed variant of the sweep
-        line, = ax.plot(steps, curves.mean(0), lw=2 if many else 0.8, ls="-" if many else "--",
-                        label=f"{group} ({len(runs)} seed{'s' if many else ''})")
-        if many:
-            ax.fill_between(steps, curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0), alpha=0.2,
-                            color=line.get_color())
-    ax.axhline(target, color="gray", lw=0.8, ls="--")
-    ax.set(xlabel="step", ylabel="dev accuracy", title="embedded task: mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        setting, method, lr, seed = path.parent.name.rsplit("-", 3)
+        if (r := _paired_result(path.parent)) and (seeds is None or int(seed[1:]) in seeds):
+            runs.setdefault(setting, {}).setdefault(method, {}).setdefault(float(lr[2:]), {})[int(seed[1:])] = r
+    if not runs:
+        sys.exit(f"no finished runs in {folder}/<setting>-<method>-lr<lr>-s<seed>/results.json")
+    fig, axes = data.pyplot().subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False)
+    for (setting, methods), ax in zip(runs.items(), axes[0]):
+        mean = {m: {lr: statistics.mean(r["dev_loss"] for r in by.values()) for lr, by in rates.items()}
+                for m, rates in methods.items()}
+        best = {m: min(means, key=means.get) for m, means in mean.items()}
+        print(f"\n#### {setting}\n\n| method | lr | seeds | fwd passes | final dev loss | test acc |\n"
+              f"|---|---:|---:|---:|---:|---:|")
+        for m, rates in sorted(methods.items(), reverse=True):  # zo, then dizo
+            for lr, by in sorted(rates.items()):
+                passes = sorted({r["forward_passes"] for r in by.values()})
+                print(f"| {m} | {lr:g}{' (best)' if lr == best[m] else ''} | {len(by)} | "
+                      f"{'/'.join(map(str, passes))} | {mean_std([r['dev_loss'] for r in by.values()])} | "
+                      f"{mean_std([r['test_acc'] for r in by.values()])} |")
+            ax.errorbar(sorted(rates), [mean[m][lr] for lr in sorted(rates)], marker="o", capsize=3, label=m,
+                        yerr=[statistics.stdev([r["dev_loss"] for r in rates[lr].values()] or [0, 0])
+                              if len(rates[lr]) > 1 else 0 for lr in sorted(rates)])
+        if set(methods) == {"zo", "dizo"}:
+            print("\n| dizo - zo, paired by seed | seeds | dev loss | dizo lower in | test acc |\n|---|---:|---:|---:|---:|")
+            same = min(set(methods["zo"]) & set(methods["dizo"]), default=None)
+            for name, lz, ld in (("same rate", same, same), ("each at its best rate", best["zo"], best["dizo"])):
+                common = sorted(set(methods["zo"].get(lz, {})) & set(methods["dizo"].get(ld, {})))
+                pairs = [(methods["zo"][lz][s], methods["dizo"][ld][s]) for s in common]
+                diff = {k: [d[k] - z[k] for z, d in pairs] for k in ("dev_loss", "test_acc")}
+                print(f"| {name} (zo {lz:g}, dizo {ld:g}) | {len(pairs)} | {mean_std(diff['dev_loss'])} | "
+                      f"{sum(x < 0 for x in diff['dev_loss'])}/{len(pairs)} | {mean_std(diff['test_acc'])} |")
+        phases = [p for by in methods.get("dizo", {}).values() for r in by.values() for p in r["projection"]]
+        held = [p["dev_loss_after"] / p["dev_loss_before"] - 1 for p in phases if "dev_loss_before" in p]
+        if held:
+            search = [p["loss_after"] / p["loss_before"] - 1 for p in phases if "dev_loss_before" in p]
+            try:
+                corr = f"{statistics.correlation(held, search):.2f}"
+            except statistics.StatisticsError:  # fewer than two phases, or one side constant
+                corr = "undefined"
+            print(f"\nDiZO's {len(held)} phases (all rates, seeds): held-out dev loss lower after "
+                  f"{sum(x < 0 for x in held)}, change {100 * min(held):+.2f}% to {100 * max(held):+.2f}% (median "
+                  f"{100 * statistics.median(held):+.3f}%); search batch lower after {sum(x < 0 for x in search)}, "
+                  f"median {100 * statistics.median(search):+.3f}%; correlation {corr}")
+        ax.set(xscale="log", yscale="log", xlabel="lr", ylabel="final dev loss (mean ± std over seeds)", title=setting)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
     data.save_figure(fig, Path(plot))
     print(f"\nwrote {plot}")
 
@@ -560,10 +626,12 @@ def parse_args(argv=None):
     p.add_argument("--drift-steps", type=int, default=20, help="--precision: ZO steps at lr 0 (T)")
     p.add_argument("--gpu-check", action="store_true", help="the GPU measurements in one run (not yet run on a GPU)")
     p.add_argument("--dry-run", action="store_true", help="--gpu-check on the CPU with the tiny shape")
-    p.add_argument("--study", metavar="DIR", default=None,
-                   help="instead of benchmarking, summarise train.py runs DIR/<run>-s<seed>/ (README)")
-    p.add_argument("--target", type=float, default=0.85, help="--study: dev accuracy to reach")
-    p.add_argument("--plot", default="runs/convergence.png", help="--study: the figure")
+    p.add_argument("--paired", metavar="DIR", default=None,
+                   help="instead of benchmarking, run the paired zo/dizo study's missing runs into DIR, then summarise")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="--paired: comma-separated seeds")
+    p.add_argument("--jobs", type=int, default=2, help="--paired: runs at a time")
+    p.add_argument("--summary-only", action="store_true", help="--paired: summarise the runs there, run nothing")
+    p.add_argument("--plot", default=None, help="--paired: the figure (default DIR/paired.png)")
     p.add_argument("--replot", metavar="DIR", default=None,
                    help="instead of benchmarking, redraw a train.py run's figures in DIR from its results.json")
     p.add_argument("--ablate", metavar="FOLDER", default=None,
@@ -681,8 +749,11 @@ def gpu_check(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.study is not None:
-        return study(args.study, args.target, args.plot)
+    if args.paired is not None:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        if not args.summary_only:
+            run_paired(args.paired, seeds, args.jobs)
+        return paired_summary(args.paired, args.plot or Path(args.paired) / "paired.png", seeds)
     if args.replot is not None:
         return replot(Path(args.replot))
     if args.gpu_check:
@@ -789,16 +860,9 @@ def measured_with(tensors, values, measure):
         _copy_all_(tensors, saved)
 
 
-@torch.no_grad()
-def split_metrics(model, loss_fn, enc, batch_size=data.EVAL_BATCH):
-    """The prompt loss (as PromptLoss.loss) and the accuracy on an encoded split, one forward per batch."""
-    total, correct = 0.0, 0
-    for start in range(0, len(enc.labels), batch_size):
-        idx = range(start, min(start + batch_size, len(enc.labels)))
-        scores = loss_fn.scores(model, [enc.prompts[i] for i in idx])
-        labels = torch.tensor([enc.labels[i] for i in idx], device=scores.device)
-        total += float(F.cross_entropy(scores, labels, reduction="sum"))
-        correct += int((scores.argmax(1) == labels).sum())
+def split_metrics(model, loss_fn, enc):
+    """The prompt loss (as PromptLoss.loss) and the accuracy on an encoded split."""
+    correct, total = loss_fn.score(model, enc, range(len(enc.labels)))
     return {"loss": total / len(enc.labels), "acc": correct / len(enc.labels)}
 
 

@@ -341,17 +341,16 @@ class PromptLoss:
         return torch.nn.functional.cross_entropy(self.scores(model, [enc.prompts[i] for i in idx]), labels)
 
     @torch.no_grad()
-    def correct(self, model, enc, idx=None, batch_size=EVAL_BATCH):
-        """How many examples (all, or those in idx) have the label as their highest-scoring candidate."""
-        idx = range(len(enc.labels)) if idx is None else idx
-        count = 0
+    def score(self, model, enc, idx, batch_size=EVAL_BATCH):
+        """Of examples idx of an encoded split: how many have the label as their highest-scoring candidate, and
+        the sum of their losses (the cross-entropy of `loss`)."""
+        count, total = 0, 0.0
         for chunk in (idx[start:start + batch_size] for start in range(0, len(idx), batch_size)):
-            pred = self.scores(model, [enc.prompts[i] for i in chunk]).argmax(1).cpu()
-            count += int((pred == torch.tensor([enc.labels[i] for i in chunk])).sum())
-        return count
-
-    def accuracy(self, model, enc):
-        return self.correct(model, enc) / len(enc.labels)
+            scores = self.scores(model, [enc.prompts[i] for i in chunk])
+            labels = torch.tensor([enc.labels[i] for i in chunk], device=scores.device)
+            count += int((scores.argmax(1) == labels).sum())
+            total += float(torch.nn.functional.cross_entropy(scores, labels, reduction="sum"))
+        return count, total
 
 
 class Batches:
@@ -819,14 +818,18 @@ def save_figure(fig, path):
 
 
 def plot_curves(results, path):
-    """Dev accuracy and training loss against steps, one line per method."""
-    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    """Dev loss and accuracy against forward passes (the fair axis: a DiZO phase costs 2M + 2 of them; FO's
+    also run backward), training loss against steps; one line per method."""
+    fig, axes = pyplot().subplots(1, 3, figsize=(14, 3.8))
     for method, r in results["methods"].items():
-        for ax, key, marker in zip(axes, ("dev_acc", "loss"), (".", None)):
-            hist = [h for h in r["history"] if h[key] is not None]
-            ax.plot([h["step"] for h in hist], [h[key] for h in hist], marker=marker, label=method)
-    axes[0].set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
-    axes[1].set(xlabel="step", ylabel="training loss (mean since last eval)", title="training loss")
+        for ax, (x, key) in zip(axes, (("forward_passes", "dev_loss"), ("forward_passes", "dev_acc"),
+                                       ("step", "loss"))):
+            hist = [h for h in r["history"] if h.get(key) is not None]
+            ax.plot([h.get(x, 0) for h in hist], [h[key] for h in hist], marker="." if x != "step" else None,
+                    label=method)
+    axes[0].set(xlabel="forward passes", ylabel="dev loss", title="dev loss", yscale="log")
+    axes[1].set(xlabel="forward passes", ylabel="dev accuracy", title="dev accuracy")
+    axes[2].set(xlabel="step", ylabel="training loss (mean since last eval)", title="training loss")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -859,7 +862,7 @@ def _short_name(name):
 
 def plot_projection(results, path):
     """DiZO's projection phases (§3) per method: the ratio r_l chosen for each projected matrix (rows) at each phase
-    (columns; 1 = left as it was), and the loss on the phase's first search batch before and after it."""
+    (columns; 1 = left as it was), and its loss change on the first search batch and on held-out dev examples."""
     runs = [(m, r) for m, r in results["methods"].items() if r.get("projection")]
     fig, axes = pyplot().subplots(len(runs), 2, figsize=(12, 0.5 + 3.5 * len(runs)), squeeze=False,
                                   gridspec_kw={"width_ratios": (3, 2)})
@@ -876,12 +879,15 @@ def plot_projection(results, path):
             set_ticks(range(0, len(labels), every), labels[::every], fontsize=size)
         ax_r.set(title=f"{method}: ratio r = γ/‖θ−θ0‖ chosen per matrix", xlabel="after step")
         fig.colorbar(image, ax=ax_r)
-        change = [100 * (p["loss_after"] / p["loss_before"] - 1) for p in phases]
-        ax_loss.bar(steps, change, width=0.6 * (steps[1] - steps[0]) if len(steps) > 1 else 1.0,
-                    color=["tab:green" if c < 0 else "tab:red" for c in change])
+        width = 0.4 * (steps[1] - steps[0]) if len(steps) > 1 else 1.0
+        for key, label, shift in (("loss", "first search batch (used by the search)", -0.5),
+                                  ("dev_loss", "held-out dev examples", 0.5)):
+            if all(f"{key}_before" in p for p in phases):
+                ax_loss.bar([s + shift * width for s in steps], [100 * (p[f"{key}_after"] / p[f"{key}_before"] - 1)
+                                                                   for p in phases], width=width, label=label)
         ax_loss.axhline(0, color="gray", lw=0.8)
-        ax_loss.set(title=f"{method}: loss change on the phase's first batch", xlabel="step",
-                    ylabel="after / before − 1 (%)")
+        ax_loss.set(title=f"{method}: loss change at each phase", xlabel="step", ylabel="after / before − 1 (%)")
+        ax_loss.legend(fontsize=7)
         ax_loss.grid(alpha=0.3)
     save_figure(fig, path)
 

@@ -646,6 +646,80 @@ def test_phase_telemetry_records_ratios_distances_and_the_losses_around_the_phas
     assert phase["loss_before"] != phase["loss_after"] and any(r != 1.0 for r in phase["ratios"])
 
 
+def test_held_out_phase_losses_are_measured_around_each_phase_and_leave_the_run_as_it_was(monkeypatch):
+    model, twin, plain = tiny_opt(), tiny_opt(), tiny_opt()
+    held_out = {m: lm_closure(m, seed=9) for m in (model, twin)}  # data the search never sees
+    kw = dict(lr=1e-2, interval=3, proj_iters=3, search_data=lambda: 0)
+    opt = train.HeldOutDiZO(model.parameters(), projected_params(model), **kw, held_out=lambda: float(
+        held_out[model]()), search_loss=lambda b: lm_closure(model, seed=5)())
+    base = DiZO(plain.parameters(), projected_params(plain), **kw, search_loss=lambda b: lm_closure(plain, seed=5)())
+    reference = ZOSGD(twin.parameters(), lr=1e-2)  # the same ZO steps, no phase: θ at the phase's start
+    for _ in range(3):
+        opt.step(lm_closure(model))
+        base.step(lm_closure(plain))
+        reference.step(lm_closure(twin))
+    phase = opt.last_phase
+    with torch.no_grad():
+        assert phase["dev_loss_before"] == float(held_out[twin]())  # L_held-out(θ_start)
+        assert phase["dev_loss_after"] == float(held_out[model]())  # L_held-out(θ0 + r Δ)
+    assert phase["dev_loss_before"] != phase["dev_loss_after"] and opt.held_out_s > 0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))  # the run is DiZO's
+    assert {k: v for k, v in phase.items() if not k.startswith("dev_")} == base.last_phase
+
+
+def test_curves_plot_dev_loss_and_accuracy_against_forward_passes(monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(data, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
+    history = [{"step": s, "loss": 0.5, "dev_acc": 0.5 + s / 100, "dev_loss": 0.7 - s / 100, "forward_passes": p}
+               for s, p in ((0, 0), (10, 20), (20, 44))]
+    data.plot_curves({"methods": {"dizo": {"history": history}}}, Path("curves.png"))
+    axes = drawn["fig"].axes
+    assert [(a.get_title(), a.get_xlabel()) for a in axes] == [
+        ("dev loss", "forward passes"), ("dev accuracy", "forward passes"), ("training loss", "step")]
+    assert axes[0].lines[0].get_xdata().tolist() == [0, 20, 44]
+    assert axes[0].lines[0].get_ydata().tolist() == [h["dev_loss"] for h in history]
+
+
+def fake_paired_run(folder, setting, method, lr, seed, dev_loss, test_acc):
+    out = folder / f"{setting}-{method}-lr{lr:g}-s{seed}"
+    out.mkdir(parents=True)
+    phases = [{"loss_before": 1.0, "loss_after": 0.9, "dev_loss_before": 1.0, "dev_loss_after": x} for x in (0.99, 1.02)]
+    r = {"status": "done", "dev_loss": dev_loss, "test_acc": test_acc, "forward_passes": 100,
+         "projection": phases if method == "dizo" else []}
+    (out / "results.json").write_text(json.dumps({"methods": {method: r}}))
+
+
+def test_paired_study_picks_each_rate_on_dev_and_pairs_the_seeds(tmp_path, capsys):
+    # zo: lr 1 mean dev loss 0.5, lr 2 mean 0.3 (best); dizo: lr 1 mean 0.4 (best), lr 2 mean 0.45
+    table = {("zo", 1): [0.5, 0.6, 0.4], ("zo", 2): [0.3, 0.35, 0.25], ("dizo", 1): [0.4, 0.5, 0.3],
+             ("dizo", 2): [0.45, 0.5, 0.4]}
+    for (method, lr), losses in table.items():
+        for seed, loss in enumerate(losses):
+            fake_paired_run(tmp_path, "full", method, lr, seed, loss, 1 - loss)
+    fake_paired_run(tmp_path, "full", "zo", 1, 7, 0.0, 1.0)  # a seed not asked for: left out
+    bench.paired_summary(tmp_path, tmp_path / "paired.png", seeds=[0, 1, 2])
+    out = capsys.readouterr().out
+    assert "| zo | 2 (best) | 3 | 100 | 0.300 ± 0.050 |" in out and "| dizo | 1 (best) |" in out
+    same = [d - z for d, z in zip(table["dizo", 1], table["zo", 1])]  # -0.1 in every seed
+    best = [d - z for d, z in zip(table["dizo", 1], table["zo", 2])]  # +0.1, +0.15, +0.05
+    assert f"| same rate (zo 1, dizo 1) | 3 | -0.1 ± 0 | 3/3 |" in out and bench.mean_std(same) == "-0.1 ± 0"
+    assert f"| each at its best rate (zo 2, dizo 1) | 3 | {bench.mean_std(best)} | 0/3 |" in out
+    assert "12 phases (all rates, seeds): held-out dev loss lower after 6, change -1.00% to +2.00%" in out
+    assert (tmp_path / "paired.png").stat().st_size > 1000
+
+
+def test_paired_runs_give_zo_the_forward_passes_of_dizo(assets, tmp_path):
+    commands = bench.paired_runs(tmp_path, [0]).values()
+    steps = {(c[c.index("--method") + 1], c[c.index("--steps") + 1]) for c in commands}
+    assert {("zo", "1830"), ("dizo", "1500"), ("zo", "732"), ("dizo", "600")} == steps
+    for method, n in (("zo", "122"), ("dizo", "100")):  # κ = 50, M = 10: 2·100 + 2·22 = 244 = 2·122
+        assert run_train(assets, tmp_path / method, "--method", method, "--steps", n, "--interval", "50",
+                         "--proj_iters", "10", "--phase_dev", "0", "--eval_every", n) == 0
+    passes = [json.loads((tmp_path / m / "results.json").read_text())["methods"][m]["forward_passes"]
+              for m in ("zo", "dizo")]
+    assert passes == [244, 244]
+
+
 @pytest.mark.parametrize("anchor_device", [None, "cpu"])
 def test_anchors_where_asked_give_the_same_run(anchor_device):
     """anchor_device="cpu" keeps θ0 (and the phase's copy) in host memory, copied to each matrix's device;
@@ -1333,9 +1407,10 @@ def test_train_runs_every_method_and_writes_results(assets, tmp_path, kind, figu
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["methods"]) == {"fo", "zo", "dizo"}
     for method, r in results["methods"].items():
-        for key in ("zero_shot_acc", "best_dev_acc", "test_acc", "steps", "forward_passes", "wall_s",
+        for key in ("zero_shot_acc", "best_dev_acc", "dev_loss", "test_acc", "steps", "forward_passes", "wall_s",
                     "peak_mem_mb", "device", "history"):
             assert key in r, (method, key)
+        assert all(h["dev_loss"] > 0 for h in r["history"]) and r["dev_loss"] == r["history"][-1]["dev_loss"]
         assert r["steps"] == 3 and r["status"] == "done"
         assert [h["step"] for h in r["history"]] == [0, 2, 3]
         assert all(0 <= r[k] <= 1 for k in ("zero_shot_acc", "best_dev_acc", "test_acc"))
@@ -1343,7 +1418,13 @@ def test_train_runs_every_method_and_writes_results(assets, tmp_path, kind, figu
     assert passes == {"fo": 3, "zo": 6, "dizo": 6 + 2 * 2 + 2}  # one projection phase (κ = 2) of M = 2, + 2
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
     cls = OPTForCausalLM if kind == "causal" else RobertaForMaskedLM
-    cls.from_pretrained(tmp_path / "out" / "model" / "dizo")  # --save wrote a loadable model
+    saved = cls.from_pretrained(tmp_path / "out" / "model" / "dizo").eval()  # --save wrote a loadable model
+    task = data.get_task("sst-2")  # the final dev loss: the training loss of the saved model on the whole split
+    loss_fn = data.PromptLoss(task, data.load_tokenizer(assets[kind], False), kind, torch.device("cpu"))
+    dev = loss_fn.encode(data.load_splits(assets["data"], task)["dev"])
+    with torch.no_grad():
+        reference = float(loss_fn.loss(saved, dev, list(range(len(dev.labels)))))
+    assert results["methods"]["dizo"]["dev_loss"] == pytest.approx(reference, rel=1e-5)
 
 
 def two_examples():
@@ -2200,7 +2281,9 @@ def test_split_metrics_are_the_prompt_loss_and_the_accuracy(ablation_pair):
     with torch.no_grad():
         reference = float(loss_fn.loss(ft, dev, list(range(len(dev.labels)))))  # one batch: the mean over all
     assert m["loss"] == pytest.approx(reference, rel=1e-6)
-    assert m["acc"] == loss_fn.accuracy(ft, dev)
+    with torch.no_grad():
+        scores = loss_fn.scores(ft, dev.prompts)
+    assert m["acc"] == float((scores.argmax(1) == torch.tensor(dev.labels)).double().mean())
 
 
 def test_reverting_every_group_gives_the_pretrained_model_and_leaves_the_model_as_it_was(ablation_pair):

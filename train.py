@@ -91,6 +91,8 @@ class Config:
     proj_eps: float = flag(0.1, "DiZO ε_γ")
     proj_lr: float = flag(2.0, "DiZO η_γ")
     tau: float = flag(0.2, "DiZO τ: ratio clipped to [1-τ, 1+τ]")
+    phase_dev: int = flag(256, "DiZO: dev examples whose loss is measured before and after each phase, as "
+                               "held-out telemetry (not training: not counted, not timed; 0: off)")
     anchor_device: str | None = flag(None, "DiZO: where θ0 lives, e.g. cpu to keep it off the GPU", str)
     zo_params: str | None = flag(None, "all, or no_embed (token embedding frozen); builtin no_embed, real all", str)
     lr_schedule: str | None = flag(None, "constant, or linear from lr to lr/2; builtin linear, real constant", str)
@@ -193,7 +195,7 @@ def check_config(cfg):
     if cfg.half_weights and cfg.dtype == "fp32":
         raise UsageError("--half_weights stores the weights in --dtype: give --dtype bf16 or fp16")
     for name, least in (("steps", 0), ("batch_size", 1), ("eval_every", 1), ("k", 1), ("num_train", 1),
-                        ("num_dev", 1), ("num_test", 1), ("lora", 0), ("grad_accum", 1)):
+                        ("num_dev", 1), ("num_test", 1), ("lora", 0), ("grad_accum", 1), ("phase_dev", 0)):
         if getattr(cfg, name) is not None and getattr(cfg, name) < least:
             raise UsageError(f"--{name} must be >= {least}, got {getattr(cfg, name)}")
     if cfg.batch_size < RANKS.world * cfg.grad_accum:
@@ -296,16 +298,41 @@ def check_model(cfg, model, setup):
                              f"back to θ); the smallest that can is about {least:.1g}")
 
 
-def make_optimizer(method, params, pairs, cfg, lr, search_data=None, search_loss=None):
-    """AdamW for fo, ZOSGD for zo, DiZO projecting `pairs` (attention K and V) for dizo."""
+class HeldOutDiZO(DiZO):
+    """DiZO that also measures each phase on held-out data: held_out() (the loss on the first --phase_dev dev
+    examples) before and after it, in last_phase as dev_loss_before/after. The search's own before/after is on
+    its first batch, which it used to choose r; these passes are not training (not counted; time in held_out_s)."""
+
+    def __init__(self, *args, held_out, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held_out, self.held_out_s = held_out, 0.0
+
+    def _timed_held_out(self):
+        tic = time.perf_counter()
+        loss = self.held_out()
+        self.held_out_s += time.perf_counter() - tic
+        return loss
+
+    @torch.no_grad()
+    def project(self, next_closure):
+        before = self._timed_held_out()
+        super().project(next_closure)
+        self.last_phase |= {"dev_loss_before": before, "dev_loss_after": self._timed_held_out()}
+
+
+def make_optimizer(method, params, pairs, cfg, lr, search_data=None, search_loss=None, held_out=None):
+    """AdamW for fo, ZOSGD for zo, DiZO projecting `pairs` (attention K and V) for dizo (with held_out(): each
+    phase also measured on held-out data)."""
     if method == "fo":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     zo = dict(lr=lr, eps=cfg.eps, seed=cfg.seed, direction=cfg.direction, queries=cfg.queries)
     if method == "zo":
         return ZOSGD(params, **zo)
-    return DiZO(params, pairs, **zo, interval=cfg.interval, proj_iters=cfg.proj_iters, proj_eps=cfg.proj_eps,
-                proj_lr=cfg.proj_lr, tau=cfg.tau, search_data=search_data, search_loss=search_loss,
-                anchor_device=cfg.anchor_device)
+    extra = dict(held_out=held_out) if held_out else {}
+    return (HeldOutDiZO if held_out else DiZO)(
+        params, pairs, **zo, interval=cfg.interval, proj_iters=cfg.proj_iters, proj_eps=cfg.proj_eps,
+        proj_lr=cfg.proj_lr, tau=cfg.tau, search_data=search_data, search_loss=search_loss,
+        anchor_device=cfg.anchor_device, **extra)
 
 
 def take_step(method, opt, closure, step):
@@ -407,15 +434,17 @@ class TrainLoss:
         return RANKS.mean(total, len(mine))
 
 
-def evaluate(model, setup, split):
-    """Accuracy on a split (each rank scores its share), in eval mode; the model's mode is put back after."""
+def evaluate(model, setup, split, count=None):
+    """(accuracy, mean loss) on a split, or on its first `count` examples (each rank scores its share), in eval
+    mode; the model's mode is put back after."""
     enc, was_training = setup.splits[split], model.training
+    n = len(enc.labels) if count is None else min(count, len(enc.labels))
     model.eval()
     try:
-        correct = setup.loss_fn.correct(model, enc, RANKS.shard(range(len(enc.labels))))
+        correct, total = RANKS.total(*setup.loss_fn.score(model, enc, RANKS.shard(range(n))))
     finally:
         model.train(was_training)
-    return RANKS.total(correct)[0] / len(enc.labels)
+    return correct / n, total / n
 
 
 def train_method(method, model, setup, cfg, out_dir, saved, record):
@@ -454,7 +483,9 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if at_eval or stopping:
-            r["wall_s"] += time.perf_counter() - tic  # training time only: evaluation is the same for all
+            # training time only: evaluation is the same for all; DiZO's held-out phase measurements excluded
+            r["wall_s"] += time.perf_counter() - tic - getattr(run.opt, "held_out_s", 0.0)
+            run.opt.held_out_s = 0.0
             r["forward_passes"] = loss.calls
             r["history"].append(history_entry(r, model, setup, losses, run.anchor, full=at_eval))
             losses = []
@@ -506,7 +537,8 @@ def build_run(method, model, setup, cfg, loss):
     params = [p for p in model.parameters() if p.requires_grad]  # see load_model
     roles = cfg.roles
     pairs = projected_params(model, roles=roles) if method == "dizo" else None
-    opt = make_optimizer(method, params, pairs, cfg, cfg.lr_for(method), fresh.next, loss)
+    held_out = (lambda: evaluate(model, setup, "dev", cfg.phase_dev)[1]) if cfg.phase_dev else None
+    opt = make_optimizer(method, params, pairs, cfg, cfg.lr_for(method), fresh.next, loss, held_out)
     if pairs:
         anchor_mb = sum(t.numel() * t.element_size() for _, t in pairs) / 2**20
         print(f"dizo: projecting {len(pairs)} matrices ({', '.join(roles).upper()}), "
@@ -529,18 +561,19 @@ def start_result(method, model, setup, cfg, run):
     if cfg.track_divergence:
         r["matrix_sizes"] = {role: [t.numel() for _, t in projected_params(model, roles=(role,))]
                              for role in ROLES}
-    r["zero_shot_acc"] = evaluate(model, setup, "test")
-    r["history"].append({"step": 0, "loss": None, "dev_acc": evaluate(model, setup, "dev")})
+    r["zero_shot_acc"] = evaluate(model, setup, "test")[0]
+    dev_acc, dev_loss = evaluate(model, setup, "dev")
+    r["history"].append({"step": 0, "loss": None, "dev_acc": dev_acc, "dev_loss": dev_loss, "forward_passes": 0})
     return r
 
 
 def history_entry(r, model, setup, losses, anchor, full):
-    """One evaluation: mean training loss since the last, dev accuracy (skipped when a signal cut the interval
-    short), cost so far, and the divergence of every attention matrix if tracked."""
-    entry = {"step": r["steps"], "loss": sum(losses) / len(losses), "dev_acc": None,
+    """One evaluation: mean training loss since the last, dev accuracy and loss (skipped when a signal cut the
+    interval short), cost so far, and the divergence of every attention matrix if tracked."""
+    entry = {"step": r["steps"], "loss": sum(losses) / len(losses), "dev_acc": None, "dev_loss": None,
              "forward_passes": r["forward_passes"], "wall_s": r["wall_s"]}
     if full:
-        entry["dev_acc"] = evaluate(model, setup, "dev")
+        entry["dev_acc"], entry["dev_loss"] = evaluate(model, setup, "dev")
     if anchor is not None:
         entry["divergence"] = divergence(model, anchor, ROLES)
     return entry
@@ -548,7 +581,8 @@ def history_entry(r, model, setup, losses, anchor, full):
 
 def finish_result(r, model, setup, peak):
     r["best_dev_acc"] = max(h["dev_acc"] for h in r["history"] if h["dev_acc"] is not None)
-    r["test_acc"] = evaluate(model, setup, "test")
+    r["dev_loss"] = r["history"][-1]["dev_loss"]
+    r["test_acc"] = evaluate(model, setup, "test")[0]
     r["peak_mem_mb"] = peak.peak() / 2**20
     r["device"] = (torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else
                    f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
@@ -662,9 +696,10 @@ def train_all(cfg, setup, out_dir, results, model):
 
 def print_table(results):
     """The end-of-run summary, one row per method."""
-    cells = {"zero_shot_acc": "{:.3f}", "best_dev_acc": "{:.3f}", "test_acc": "{:.3f}", "steps": "{}",
-             "forward_passes": "{}", "wall_s": "{:.1f}", "peak_mem_mb": "{:.0f}"}
-    rows = [("method", "zero-shot", "best dev", "test", "steps", "fwd passes", "train s", "peak MB", "status")]
+    cells = {"zero_shot_acc": "{:.3f}", "best_dev_acc": "{:.3f}", "dev_loss": "{:.4f}", "test_acc": "{:.3f}",
+             "steps": "{}", "forward_passes": "{}", "wall_s": "{:.1f}", "peak_mem_mb": "{:.0f}"}
+    rows = [("method", "zero-shot", "best dev", "dev loss", "test", "steps", "fwd passes", "train s", "peak MB",
+             "status")]
     rows += [(method, *(f.format(r[k]) if r.get(k) is not None else "-" for k, f in cells.items()), r["status"])
              for method, r in results["methods"].items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
