@@ -340,7 +340,26 @@ def replot(folder):
         results["methods"].items()
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SystemExit(f"error: {folder} holds no readable train.py results.json ({type(e).__name__}: {e})")
-    print(f"drew {', '.join(data.plot_run(results, folder))} in {folder}")
+    try:
+        drawn = data.plot_run(results, folder)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the figures in {folder} ({e.strerror or e})")
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise SystemExit(f"error: {folder}/results.json holds no history to draw ({type(e).__name__}: {e})")
+    print(f"drew {', '.join(drawn)} in {folder}")
+
+
+def check_output(path):
+    """Refuse, before any work, an output that would replace a train.py run's file or cannot be written."""
+    path = Path(path).absolute()
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if json.loads((p.parent / "results.json").read_text()).get("format") == data.FORMAT and (
+                    p.name in data.OUTPUTS):
+                sys.exit(f"error: {path} would replace a file of the train.py run in {p.parent}; choose another --out")
+    folder = next(p for p in path.parents if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        sys.exit(f"error: cannot write {path}; choose another --out")
 
 
 # ------------------------------------------------------------------------------------- precision study
@@ -660,6 +679,11 @@ def parse_args(argv=None):
                     "runs/precision.json" if args.precision else "runs/bench.json")
     if args.threads is None:
         args.threads = 1 if args.precision else 2
+    if args.replot is None and args.paired is None:  # the outputs of this command, checked before the work
+        for out in (args.out, Path(args.out).with_suffix(".png")) if args.ablate else (args.out,):
+            check_output(out)
+    if args.paired is not None and args.plot:
+        check_output(args.plot)
     return args
 
 

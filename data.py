@@ -161,6 +161,8 @@ _ALIASES = {"premise": ("premise", "sentence1"), "hypothesis": ("hypothesis", "s
 
 def _read_lines(path: str) -> list[str]:
     """The lines, split on "\n" or "\r\n" only (not on U+0085, U+2028 or form feeds, as in real sentences), no BOM."""
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):  # a FIFO would block
+        raise DataError(f"{path}: not a regular file")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
@@ -190,6 +192,9 @@ def read_tsv(path: str, task: Task) -> list[Example]:
     at = [next((names.index(a) for a in _ALIASES.get(c, (c,)) if a in names), None)
           for c in (*task.text_columns, "label")]
     headerless = None in at and header[-1].strip() in task.labels
+    if None in at and not headerless and header[-1].strip().lstrip("-").isdigit():  # a row, not a header
+        raise DataError(f"{path}:1: label {header[-1].strip()!r} is not a label of task {task.name} "
+                        f"(allowed: {', '.join(task.labels)})")
     if None in at:
         at = [*range(len(task.text_columns)), len(header) - 1]
     examples = []
@@ -298,6 +303,8 @@ class PromptLoss:
                                     f"would be read at the wrong place; remove it from the data: {text[:80]!r}")
                 if self.tok.mask_token_id not in p:
                     raise DataError("a prompt lost its mask token to truncation; shorten the texts or template")
+        if len(examples) > 1 and len({e.texts for e in examples}) == 1:
+            raise DataError(f"every example has the same text ({examples[0].texts[0][:60]!r}): nothing to tell apart")
         if len(prompts) > 1 and len({tuple(p) for p in prompts}) == 1:
             raise DataError(f"every prompt is the same after templating and truncation to {self.max_length} "
                             f"tokens ({texts[0][:80]!r}...): the template leaves no room for the text")
@@ -417,9 +424,13 @@ def load_config(name, trust_remote_code):
 def load_tokenizer(name, trust_remote_code):
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise DataError(f"--model {name}: cannot load its tokenizer ({first_line(e)})") from None
+    if len(tokenizer) < 3 or not tokenizer("a b")["input_ids"]:  # no tokenizer files: an empty vocabulary
+        raise DataError(f"--model {name}: its tokenizer has {len(tokenizer)} token(s); are its tokenizer files "
+                        "(tokenizer.json, or vocab and merges) missing?")
+    return tokenizer
 
 
 def model_class(kind):
@@ -669,7 +680,13 @@ def write_atomically(path, write) -> None:
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     remove(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException as e:
+        remove(tmp)
+        if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":  # torch.save's, safetensors'
+            raise OSError(f"cannot write {path} ({first_line(e)[:200]}): is the disk full?") from e
+        raise
     if path.is_dir():  # a folder cannot be replaced in one step: aside first
         remove(old)
         os.replace(path, old)
@@ -678,8 +695,8 @@ def write_atomically(path, write) -> None:
 
 
 def remove(path: Path) -> None:
-    """Delete a file or a folder tree, if there is one."""
-    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    """Delete a file or a folder tree, if there is one; a symbolic link is removed, not what it points to."""
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
 def write_json(path, obj):
@@ -720,7 +737,7 @@ def load_checkpoint(out_dir, method, model):
             weights |= load_file(str(path), device=str(next(model.parameters()).device))
         state = torch.load(folder / "trainer_state.pt", weights_only=True)
     except Exception as e:  # truncated or corrupt files
-        raise DataError(f"checkpoint {folder} is damaged ({first_line(e)}); start again without --resume")
+        raise DataError(f"checkpoint {folder} is damaged ({first_line(e)}); start the run again with --overwrite")
     if hasattr(model, "peft_config"):  # a LoRA checkpoint holds the adapters; the base comes from --model
         from peft import set_peft_model_state_dict
         unexpected, untied = set_peft_model_state_dict(model, weights).unexpected_keys, []
@@ -736,9 +753,14 @@ def load_checkpoint(out_dir, method, model):
     return state
 
 
+HASHES = {"data_hash": "the data differ from the saved run's (were the files changed?)",
+          "model_hash": "the model's weights differ from the saved run's (was --model changed or re-saved?)"}
+ASIDE = ".overwritten"  # --overwrite moves the old outputs here first, and deletes them once the new run is set
+
+
 def check_out_dir(out_dir, settings, resume, overwrite, inputs):
-    """The results so far in out_dir, checked against a run with these settings (a data_hash of None, the data not
-    yet encoded, is not compared) and its `inputs` (paths that must not be inside its outputs)."""
+    """The results so far in out_dir, checked against a run with these settings (a hash of None, not yet known,
+    is not compared) and its `inputs` (paths that must not be inside its outputs)."""
     out_dir, path = Path(out_dir), Path(out_dir) / "results.json"
     saved = None
     if path.exists():
@@ -749,15 +771,19 @@ def check_out_dir(out_dir, settings, resume, overwrite, inputs):
     if resume:
         if saved is None:
             raise DataError(f"--resume: no results.json in {out_dir}, nothing to resume")
-        changed = [k for k in settings if k != "data_hash" and saved["config"].get(k) != settings[k]]
+        if (out_dir / ASIDE).exists():
+            raise DataError(f"--resume: an --overwrite of {out_dir} was interrupted; run it again with --overwrite")
+        changed = [f"{k} (saved {saved['config'].get(k)!r}, now {v!r})" for k, v in settings.items()
+                   if k not in HASHES and saved["config"].get(k) != v]
         if changed:
             raise DataError(f"--resume: flags differ from the saved run: {', '.join(changed)}")
-        if settings.get("data_hash") and saved["config"].get("data_hash") != settings["data_hash"]:
-            raise DataError("--resume: the data differ from the saved run's (were the files changed?)")
+        for key, message in HASHES.items():
+            if settings.get(key) and saved["config"].get(key) != settings[key]:
+                raise DataError(f"--resume: {message}")
         return saved
     if saved is not None and not overwrite:
         raise DataError(f"{out_dir} already holds a run; pass --overwrite to replace it or --resume to continue it")
-    present = [out_dir / n for n in OUTPUTS if (out_dir / n).exists()]
+    present = [out_dir / n for n in OUTPUTS if os.path.lexists(out_dir / n)]
     if saved is None and present:
         raise DataError(f"{present[0]} exists and was not written by train.py; choose another --out_dir")
     for path in present:
@@ -769,7 +795,10 @@ def check_out_dir(out_dir, settings, resume, overwrite, inputs):
 
 def claim_out_dir(out_dir, settings, resume, overwrite, inputs):
     """Create and lock out_dir for this run (another run into it fails at once), check it again under the lock
-    (see check_out_dir), and unless resuming remove the old run's outputs. Returns (results so far, lock)."""
+    (see check_out_dir), and unless resuming replace the old run. Returns (results so far, lock). --overwrite
+    moves the old outputs into ASIDE (renames: a symbolic link moves as a link), then writes the new results.json,
+    then deletes ASIDE: interrupted at any point, the folder is the old run's or the new one's, and
+    --overwrite works again (--resume of an old run half moved aside is refused)."""
     import fcntl
     out_dir = Path(out_dir)
     try:
@@ -784,15 +813,20 @@ def claim_out_dir(out_dir, settings, resume, overwrite, inputs):
         raise DataError(f"another train.py is running in {out_dir}; wait for it or choose another --out_dir")
     results = check_out_dir(out_dir, settings, resume, overwrite, inputs)
     if not resume:
-        for name in OUTPUTS:
-            remove(out_dir / name)
+        aside = out_dir / ASIDE
+        aside.mkdir(exist_ok=True)
+        for name in OUTPUTS[1:]:
+            if os.path.lexists(out_dir / name):
+                remove(aside / name)  # left by an earlier interrupted --overwrite
+                os.replace(out_dir / name, aside / name)
         write_json(out_dir / "results.json", results)  # the folder is this run's from now on: --resume works
-    return results, lock                              # even if it is killed before its first evaluation
+        remove(aside)                                   # even if it is killed before its first evaluation
+    return results, lock
 
 
-def check_disk_space(out_dir, model, copies):
-    """Refuse to start without room for `copies` of the weights (+10%) in out_dir, rather than fail at a checkpoint."""
-    need = sum(p.numel() * p.element_size() for p in model.parameters()) * copies * 1.1
+def check_disk_space(out_dir, need):
+    """Refuse to start without `need` bytes (+10%) free in out_dir, rather than fail at a checkpoint."""
+    need *= 1.1
     out_dir = Path(out_dir).absolute()
     free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
     if free < need:

@@ -26,6 +26,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+import transformers
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM, GPT2Config,
@@ -702,7 +703,7 @@ def test_paired_study_picks_each_rate_on_dev_and_pairs_the_seeds(tmp_path, capsy
     assert "| zo | 2 (best) | 3 | 100 | 0.300 ± 0.050 |" in out and "| dizo | 1 (best) |" in out
     same = [d - z for d, z in zip(table["dizo", 1], table["zo", 1])]  # -0.1 in every seed
     best = [d - z for d, z in zip(table["dizo", 1], table["zo", 2])]  # +0.1, +0.15, +0.05
-    assert f"| same rate (zo 1, dizo 1) | 3 | -0.1 ± 0 | 3/3 |" in out and bench.mean_std(same) == "-0.1 ± 0"
+    assert "| same rate (zo 1, dizo 1) | 3 | -0.1 ± 0 | 3/3 |" in out and bench.mean_std(same) == "-0.1 ± 0"
     assert f"| each at its best rate (zo 2, dizo 1) | 3 | {bench.mean_std(best)} | 0/3 |" in out
     assert "12 phases (all rates, seeds): held-out dev loss lower after 6, change -1.00% to +2.00%" in out
     assert (tmp_path / "paired.png").stat().st_size > 1000
@@ -1561,7 +1562,7 @@ def test_builtin_model_is_built_once_and_loads_like_any_hub_model(tmp_path, monk
 
 def bad_folder(tmp_path, what, assets):
     folder = tmp_path / what
-    if what in ("corrupt_weights", "broken_tokenizer", "size_mismatch", "pickle_weights", "missing_tensor", "nan"):
+    if what in ("corrupt_weights", "broken_tokenizer", "no_tokenizer_files", "size_mismatch", "pickle_weights", "missing_tensor", "nan"):
         shutil.copytree(assets["causal"], folder)
     if what in ("missing_tensor", "nan"):  # a tensor left out, or one NaN in a tensor
         weights = load_file(str(folder / "model.safetensors"))
@@ -1579,6 +1580,9 @@ def bad_folder(tmp_path, what, assets):
         (folder / "pytorch_model.bin").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
     elif what == "broken_tokenizer":
         (folder / "tokenizer.json").write_text("{ not json")
+    elif what == "no_tokenizer_files":
+        for f in folder.glob("tokenizer*"):
+            f.unlink()
     elif what == "size_mismatch":  # a config that does not match the weights
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps(config | {"hidden_size": 48, "ffn_dim": 96}))
@@ -1615,6 +1619,13 @@ def data_variant(tmp_path, what):
     elif what == "train_is_a_folder":
         (folder / "train.tsv").unlink()
         (folder / "train.tsv").mkdir()
+    elif what == "same_text":  # every sentence the same: the template is not to blame
+        (folder / "train.tsv").write_text("sentence\tlabel\nfine\t1\nfine\t0\n")
+    elif what == "fifo":  # a named pipe would block the read forever
+        (folder / "dev.tsv").unlink()
+        os.mkfifo(folder / "dev.tsv")
+    elif what == "headerless_bad_first":  # LM-BFF style, no header, the first row's label invalid
+        (folder / "train.tsv").write_text("good film\t2\nbad film\t0\n")
     elif what == "mask_in_text":  # a literal mask token inside a sentence would be scored in its place
         (folder / "train.tsv").write_text("sentence\tlabel\ngood <mask> film\t1\nbad film\t0\n")
     return str(folder)
@@ -1672,6 +1683,10 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--model", "masked", "--data_dir", "#mask_in_text"], "contains the mask token"),
     # files that cannot be read, each one line
     (["--data_dir", "#train_is_a_folder"], "train.tsv: a folder, not a file"),
+    (["--data_dir", "#fifo"], "dev.tsv: not a regular file"),
+    (["--data_dir", "#same_text"], "every example has the same text ('fine')"),
+    (["--model", "@no_tokenizer_files"], "are its tokenizer files (tokenizer.json, or vocab and merges) missing?"),
+    (["--data_dir", "#headerless_bad_first"], "train.tsv:1: label '2' is not a label"),
     (["--model", "@corrupt_weights"], "cannot load its weights"),
     (["--model", "@pickle_weights"], "cannot load its weights"),
     (["--model", "@broken_tokenizer"], "cannot load its tokenizer"),
@@ -1779,6 +1794,8 @@ def test_interrupted_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch, caps
     a = json.loads((tmp_path / "full" / "results.json").read_text())["methods"][method]
     b = json.loads((tmp_path / "cut" / "results.json").read_text())["methods"][method]
     assert (a["test_acc"], a["forward_passes"], a["steps"]) == (b["test_acc"], b["forward_passes"], b["steps"])
+    same = ("step", "loss", "dev_acc", "dev_loss", "forward_passes")  # no entry of the interrupted window left
+    assert [[h[k] for k in same] for h in a["history"]] == [[h[k] for k in same] for h in b["history"]]
 
 
 def test_zero_steps_score_the_pretrained_model(assets, tmp_path):
@@ -1836,11 +1853,12 @@ def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp
         assert_same_weights(tmp_path / "full", tmp_path / run)
 
 
-def test_sigterm_from_outside_writes_results_and_checkpoint(assets, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # a scheduler; a closed terminal
+def test_a_signal_from_outside_writes_results_and_checkpoint(assets, tmp_path, signum):
     out = tmp_path / "out"
     flags = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", assets["data"], "--method", "zo",
              "--steps", "1000000", "--eval_every", "5", "--out_dir", str(out)]
-    assert signal_at_first_checkpoint(flags, out, "zo", signal.SIGTERM) == 128 + signal.SIGTERM
+    assert signal_at_first_checkpoint(flags, out, "zo", signum) == 128 + signum
     r = json.loads((out / "results.json").read_text())["methods"]["zo"]
     assert r["status"] == "interrupted" and r["steps"] >= 5
 
@@ -1971,16 +1989,22 @@ def test_masked_lm_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("checkpoint", "is damaged"),
+    ("checkpoint", "start the run again with --overwrite"),
     ("results", "not written by train.py, or is damaged"),
     ("data", "the data differ from the saved run's"),
+    ("model", "the model's weights differ from the saved run's"),  # e.g. the base of a LoRA run re-saved
+    ("world", "flags differ from the saved run: world_size (saved 2, now 1)"),  # 2 processes, resumed by 1
+    ("lora", "flags differ from the saved run: lora (saved 4, now 0)"),
 ])
 def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys, damage, message):
-    task = tmp_path / "task"
+    task, model = tmp_path / "task", tmp_path / "model"
     shutil.copytree(assets["data"], task)
+    shutil.copytree(assets["causal"], model)
     out = tmp_path / "o"
-    argv = ["--model", assets["causal"], "--task", "sst-2", "--data_dir", str(task), "--out_dir", str(out),
+    argv = ["--model", str(model), "--task", "sst-2", "--data_dir", str(task), "--out_dir", str(out),
             "--method", "zo", "--steps", "2", "--eval_every", "2", "--batch_size", "4", "--lr", "1e-3"]
+    if damage == "lora":
+        argv[-1:] = ["1e-2", "--lora", "4"]
     assert train.main(argv) == 0
     r = json.loads((out / "results.json").read_text())
     r["methods"]["zo"]["status"] = "interrupted"  # as if a signal had stopped it after its checkpoint
@@ -1991,13 +2015,131 @@ def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys,
     elif damage == "results":
         text = (out / "results.json").read_text()
         (out / "results.json").write_text(text[:len(text) // 2])
-    else:
+    elif damage == "data":
         rows = (task / "train.tsv").read_text().replace("a fine movie", "a fine film")
         (task / "train.tsv").write_text(rows)
+    elif damage == "model":
+        weights = load_file(str(model / "model.safetensors"))
+        weights[next(iter(weights))] *= 1.01
+        save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    elif damage == "world":
+        r["config"]["world_size"] = 2
+        (out / "results.json").write_text(json.dumps(r))
+    else:
+        argv = argv[:argv.index("--lora")]
     capsys.readouterr()
     assert train.main(argv + ["--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_resume_accepts_the_same_task_and_folder_spelled_differently(assets, tmp_path, monkeypatch, capsys):
+    flags = ["--method", "zo", "--steps", "4", "--eval_every", "2"]
+    interrupt_at_call(monkeypatch, 6)
+    assert run_train(assets, tmp_path / "o", *flags) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    argv = ["--model", assets["causal"], "--task", "SST-2", "--data_dir", assets["data"] + "/", "--out_dir",
+            str(tmp_path / "o"), "--batch_size", "4", "--interval", "2", "--proj_iters", "2", "--lr", "1e-3", *flags]
+    assert train.main(argv + ["--resume"]) == 0, capsys.readouterr().err
+
+
+def test_a_resume_after_fo_trains_each_method_in_its_own_dtype(assets, tmp_path, monkeypatch):
+    """fo keeps fp32 weights, zo and dizo with --half_weights bf16: a run interrupted in zo, resumed, saves the
+    models an uninterrupted run saves, and --save added at the resume saves the finished methods too."""
+    flags = ["--method", "all", "--steps", "3", "--eval_every", "2", "--dtype", "bf16", "--half_weights"]
+    assert run_train(assets, tmp_path / "full", *flags, "--save") == 0
+    interrupt_at_call(monkeypatch, 3 + 3)  # fo: 3 losses; then zo's 2nd step
+    assert run_train(assets, tmp_path / "cut", *flags) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert run_train(assets, tmp_path / "cut", *flags, "--save", "--resume") == 0
+    for method, dtype in (("fo", torch.float32), ("zo", torch.bfloat16), ("dizo", torch.bfloat16)):
+        a, b = (load_file(str(tmp_path / run / "model" / method / "model.safetensors")) for run in ("full", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == dtype for k in a), method
+
+
+@pytest.mark.parametrize("fault", ["symlinked_checkpoints", "interrupted_while_moving", "interrupted_deleting"])
+def test_overwrite_never_leaves_the_folder_unusable(assets, tmp_path, monkeypatch, capsys, fault):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    assert run_train(assets, out, "--method", "zo", "--steps", "2", "--save") == 0
+    if fault == "symlinked_checkpoints":  # the user keeps checkpoints on another disk
+        shutil.move(out / "checkpoints", elsewhere)
+        (out / "checkpoints").symlink_to(elsewhere)
+        (elsewhere / "theirs.txt").write_text("a file of the user's")
+    else:
+        calls = {"n": 0}
+        real_replace, real_remove = os.replace, data.remove
+
+        def replace(a, b):  # Ctrl-C in the middle of moving the old outputs aside
+            calls["n"] += 1
+            if calls["n"] == 2 and fault == "interrupted_while_moving":
+                raise KeyboardInterrupt
+            return real_replace(a, b)
+
+        def remove(path):  # Ctrl-C while deleting them
+            if path.name == data.ASIDE and fault == "interrupted_deleting":
+                raise KeyboardInterrupt
+            return real_remove(path)
+
+        monkeypatch.setattr(data.os, "replace", replace)
+        monkeypatch.setattr(data, "remove", remove)
+        assert run_train(assets, out, "--method", "fo", "--steps", "1", "--overwrite") == 128 + signal.SIGINT
+        monkeypatch.undo()
+        if fault == "interrupted_while_moving":  # the old run, partly moved aside: not resumable, replaceable
+            assert run_train(assets, out, "--method", "zo", "--steps", "2", "--save", "--resume") == 2
+            assert "--overwrite of" in capsys.readouterr().err
+    assert run_train(assets, out, "--method", "fo", "--steps", "1", "--overwrite") == 0
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"fo"}
+    assert not (out / data.ASIDE).exists() and not (out / "model").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["fo"] and not (out / "checkpoints").is_symlink()
+    if fault == "symlinked_checkpoints":  # the link went, not what it points to
+        assert (elsewhere / "theirs.txt").read_text() == "a file of the user's"
+
+
+@pytest.mark.parametrize("failing", ["weights", "trainer_state"])
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(assets, tmp_path, monkeypatch, capsys,
+                                                                         failing):
+    from safetensors import SafetensorError
+    out, calls = tmp_path / "out", {"n": 0}
+    real_save_pretrained, real_save = transformers.PreTrainedModel.save_pretrained, torch.save
+
+    def full_disk(write):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second checkpoint: a partial file, then the error the library raises
+                folder = Path(args[1]) if failing == "weights" else Path(args[1]).parent
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "partial").write_bytes(b"\0" * 100)
+                raise (SafetensorError("Error while serializing: IoError(No space left on device)")
+                       if failing == "weights" else RuntimeError("PytorchStreamWriter failed writing file"))
+            return write(*args, **kwargs)
+        return wrapper
+
+    if failing == "weights":
+        monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk(real_save_pretrained))
+    else:
+        monkeypatch.setattr(torch, "save", full_disk(real_save))
+    assert run_train(assets, out, "--method", "zo", "--steps", "4", "--eval_every", "2") == 1
+    [err] = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err.startswith("error: ")  # on a line of its own, after the progress bar
+    assert "is the disk full?" in err and "last complete checkpoint" in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["zo"]  # no zo.tmp left
+    assert torch.load(out / "checkpoints" / "zo" / "trainer_state.pt", weights_only=True)["result"]["steps"] == 2
+    monkeypatch.undo()
+    assert run_train(assets, out, "--method", "zo", "--steps", "4", "--eval_every", "2", "--resume") == 0
+
+
+@pytest.mark.parametrize("method", ["fo", "zo"])
+def test_the_disk_check_counts_what_a_checkpoint_holds(assets, tmp_path, method):
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--method", method, "--steps", "1") == 0
+    written = sum(f.stat().st_size for f in (out / "checkpoints" / method).iterdir())
+    cfg = train.Config(model=assets["causal"], method=method)
+    model = data.load_model(assets["causal"], "causal", torch.float32, "cpu", False)
+    if method == "fo":  # AdamW's two moments of every trained parameter: about three copies of the weights
+        assert written > 2.5 * sum(p.numel() * 4 for p in model.parameters())
+    # a checkpoint and its replacement exist together for a moment; each has tokenizer files (16 MB allowed)
+    tensors = sum(f.stat().st_size for f in (out / "checkpoints" / method).iterdir() if f.suffix in (".safetensors", ".pt"))
+    assert 2 * written <= train.disk_needed(cfg, model) <= 2 * 1.1 * tensors + 2 * 2**24
 
 
 def test_a_signal_after_the_last_step_keeps_the_saved_model(assets, tmp_path, monkeypatch):
@@ -2098,6 +2240,37 @@ def test_dizo_records_every_projection_phase_and_draws_them(assets, tmp_path, fi
         bench.main(["--replot", str(out)])
 
 
+@pytest.mark.parametrize("case, message", [
+    ("ablate_onto_results", "would replace a file of the train.py run"),
+    ("ablate_figure_onto_curves", "would replace a file of the train.py run"),
+    ("ablate_into_checkpoints", "would replace a file of the train.py run"),
+    ("out_under_a_file", "cannot write"),
+    ("replot_without_history", "holds no history to draw"),
+    ("replot_read_only", "cannot write the figures"),
+])
+def test_bench_never_overwrites_a_run_and_fails_before_its_work(assets, tmp_path, monkeypatch, case, message,
+                                                                  figures):
+    out = tmp_path / "run"
+    assert run_train(assets, out, "--method", "zo", "--steps", "1") == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    target = {"ablate_onto_results": out / "results.json", "ablate_figure_onto_curves": out / "curves.json",
+              "ablate_into_checkpoints": out / "checkpoints" / "a.json", "out_under_a_file": tmp_path / "a_file" / "x.json"}
+    (tmp_path / "a_file").write_text("")
+    if case.startswith("replot"):
+        if case == "replot_without_history":
+            (out / "results.json").write_text(json.dumps({"format": data.FORMAT, "methods": {"zo": {"status": "done"}}}))
+            before.pop(out / "results.json")
+        else:  # as a read-only folder does to root too
+            monkeypatch.setattr(data.os, "replace", lambda a, b: (_ for _ in ()).throw(PermissionError(13, "denied")))
+        argv = ["--replot", str(out)]
+    else:
+        argv = ["--ablate", "anything: the outputs are checked first", "--out", str(target[case])]
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
 # Beyond one process: micro-batches, data parallelism, a model placed by accelerate.
 
 @pytest.mark.parametrize("backward", [False, True])
@@ -2149,6 +2322,18 @@ def test_data_parallel_run_ends_where_one_process_ends(assets, tmp_path):
         moved = max(float((one[k] - base[k]).abs().max()) for k in base)
         differ = max(float((one[k] - two[k]).abs().max()) for k in one)
         assert moved > 1e-3 and differ < 1e-5, (method, moved, differ)
+
+
+def test_a_first_data_parallel_run_builds_the_embedded_model_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIZO_CACHE", str(tmp_path / "cache"))  # empty: the first run pretrains
+    monkeypatch.setitem(data.TINY, "pretrain_steps", 3)
+    err = tmp_path / "rank0.err"
+    pids = data_parallel(["--method", "zo", "--steps", "2", "--eval_every", "2", "--out_dir", str(tmp_path / "o")],
+                         stderr=str(err))
+    assert exit_codes(pids, 300) == [0, 0], err.read_text()[-2000:]
+    [folder] = (tmp_path / "cache").iterdir()
+    assert (folder / "config.json").exists() and not list((tmp_path / "cache").glob("*.tmp"))
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["methods"]["zo"]["status"] == "done"
 
 
 def test_a_model_placed_by_accelerate_trains_like_one_on_a_device(assets, tmp_path):

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import datetime
 import gc
+import hashlib
 import math
 import os
 import signal
@@ -115,6 +116,10 @@ class Config:
         if self.dtype is None:  # fp32 weights, bf16 forward passes: 4 bytes per parameter, exact ZO steps
             self.dtype = "bf16" if not self.builtin and torch.cuda.is_available() else "fp32"
         self.task = self.task or ("toy" if self.builtin or self.data_dir is None else None)
+        if self.task is not None and self.task.lower() in data.TASKS:  # sst-2 and SST-2 are the same task
+            self.task = self.task.lower()
+        if self.data_dir:  # data/SST-2/ and data/SST-2 are the same folder
+            self.data_dir = os.path.normpath(self.data_dir)
 
     @property
     def builtin(self):
@@ -148,7 +153,7 @@ class Config:
         """The settings a resumed run must share with the saved one."""
         skip = {"method", "out_dir", "save", "resume", "overwrite", "trust_remote_code"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip} | {
-            "methods": list(self.methods)}
+            "methods": list(self.methods), "world_size": RANKS.world}
 
 
 # --recipe released: what the released DiZO code ran for OPT on SST-2 (its script, its logs' learning-rate
@@ -245,6 +250,9 @@ def prepare(cfg):
     else:
         raw = data.load_splits(cfg.data_dir, task, k=cfg.k, num_train=cfg.num_train, num_dev=cfg.num_dev,
                                num_test=cfg.num_test, data_seed=cfg.data_seed)
+    if cfg.builtin and RANKS.main:  # pretrained once into the cache; under torchrun the other ranks wait for it
+        data.builtin_model()
+    RANKS.barrier()
     name = data.builtin_model() if cfg.builtin else cfg.model
     setup = data.Setup.load(name, task, raw, RANKS.device, cfg.trust_remote_code,
                             projected="dizo" in cfg.methods or cfg.track_divergence)
@@ -460,42 +468,44 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
     setup.loss_fn.autocast = DTYPES[compute] if compute != storage else None
     run = build_run(method, model, setup, cfg, loss)
     r = run.restore(saved) if saved is not None else start_result(method, model, setup, cfg, run)
-    loss.calls = r["forward_passes"]
+    loss.calls, losses = r["forward_passes"], []
+    if saved is not None and saved.get("window"):  # stopped between evaluations: that entry is not a real one
+        r["history"].pop()
+        losses = saved["window"]
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
-    steps, losses, tic = cfg.steps_for(method), [], time.perf_counter()
-    bar = tqdm(total=steps, initial=r["steps"], desc=method, dynamic_ncols=True, disable=not RANKS.main)
-    while r["steps"] < steps:
-        idx = run.batches.next()
-        try:
-            losses.append(float(take_step(method, run.opt, lambda: loss(idx), r["steps"] + 1)))
-            r["steps"] += 1
-            at_eval = r["steps"] % cfg.eval_every == 0 or r["steps"] == steps
-            stopping = RANKS.agree(Stop.signum is not None)
-            if (at_eval or stopping) and not weights_finite(model):  # never checkpoint those
-                raise FloatingPointError(f"non-finite weights after step {r['steps']}")
-        except FloatingPointError as e:
-            bar.close()
-            error = " ".join([str(e), *getattr(e, "__notes__", [])])  # dizo.py says how θ was put back
-            return r | {"status": "diverged", "error": error, "forward_passes": loss.calls}
-        run.schedule.step()
-        if method == "dizo" and run.opt.last_phase and run.opt.last_phase["step"] == r["steps"]:
-            r["projection"].append(run.opt.last_phase)
-        bar.update()
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if at_eval or stopping:
-            # training time only: evaluation is the same for all; DiZO's held-out phase measurements excluded
-            r["wall_s"] += time.perf_counter() - tic - getattr(run.opt, "held_out_s", 0.0)
-            run.opt.held_out_s = 0.0
-            r["forward_passes"] = loss.calls
-            r["history"].append(history_entry(r, model, setup, losses, run.anchor, full=at_eval))
-            losses = []
-            if RANKS.main:
-                data.save_checkpoint(out_dir, method, model, setup.tokenizer, run.state(r))
-                record(r)  # after the checkpoint: results.json never names a step the checkpoint has not reached
-            if stopping:
-                break
-            tic = time.perf_counter()
-    bar.close()
+    steps, tic = cfg.steps_for(method), time.perf_counter()
+    # closed however the loop ends (an error then starts on a line of its own)
+    with tqdm(total=steps, initial=r["steps"], desc=method, dynamic_ncols=True, disable=not RANKS.main) as bar:
+        while r["steps"] < steps:
+            idx = run.batches.next()
+            try:
+                losses.append(float(take_step(method, run.opt, lambda: loss(idx), r["steps"] + 1)))
+                r["steps"] += 1
+                at_eval = r["steps"] % cfg.eval_every == 0 or r["steps"] == steps
+                stopping = RANKS.agree(Stop.signum is not None)
+                if (at_eval or stopping) and not weights_finite(model):  # never checkpoint those
+                    raise FloatingPointError(f"non-finite weights after step {r['steps']}")
+            except FloatingPointError as e:
+                error = " ".join([str(e), *getattr(e, "__notes__", [])])  # dizo.py says how θ was put back
+                return r | {"status": "diverged", "error": error, "forward_passes": loss.calls}
+            run.schedule.step()
+            if method == "dizo" and run.opt.last_phase and run.opt.last_phase["step"] == r["steps"]:
+                r["projection"].append(run.opt.last_phase)
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if at_eval or stopping:
+                # training time only: evaluation is the same for all; DiZO's held-out phase measurements excluded
+                r["wall_s"] += time.perf_counter() - tic - getattr(run.opt, "held_out_s", 0.0)
+                run.opt.held_out_s = 0.0
+                r["forward_passes"] = loss.calls
+                r["history"].append(history_entry(r, model, setup, losses, run.anchor, full=at_eval))
+                window, losses = ([] if at_eval else losses), []  # a resume goes on with a window a signal cut short
+                if RANKS.main:
+                    data.save_checkpoint(out_dir, method, model, setup.tokenizer, run.state(r) | {"window": window})
+                    record(r)  # after the checkpoint: results.json never names a step the checkpoint has not reached
+                if stopping:
+                    break
+                tic = time.perf_counter()
     if r["steps"] == steps:
         finish_result(r, model, setup, peak)
     return r
@@ -638,7 +648,7 @@ class Stop:
             cls.signum = signum
 
         cls.signum = None
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
@@ -648,6 +658,15 @@ def weights_finite(model):
 
 # ---------------------------------------------------------------------------------------------------------
 # Main: every method in turn on a freshly loaded model, then the outputs.
+
+def disk_needed(cfg, model):
+    """Bytes a run writes at most at once: a checkpoint and its replacement (weights, FO's two AdamW moments of
+    the trained parameters, up to 16 MB of tokenizer files), and with --save every method's model."""
+    weights = sum(p.numel() * 4 for p in model.parameters())  # fp32 at most
+    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    checkpoint = weights + (2 * trained if "fo" in cfg.methods else 0) + 2**24
+    return 2 * checkpoint + (len(cfg.methods) * weights if cfg.save else 0)
+
 
 def train_all(cfg, setup, out_dir, results, model):
     """Train each method (skipping those a resumed run finished), the first on `model`, each later one on a
@@ -659,8 +678,12 @@ def train_all(cfg, setup, out_dir, results, model):
                   "flags", file=sys.stderr)
             return 1
         if previous is not None and previous["status"] == "done":
+            if cfg.save and RANKS.main and not saved_model_dir(cfg, out_dir, method).exists():  # added on resume
+                save_from_checkpoint(cfg, setup, out_dir, method)
+            model = None
             continue
-        model = load_model(cfg, setup, method) if model is None else model
+        # the model main() loaded is the first method's; a later one (e.g. after a resume) loads its own dtype
+        model = model if model is not None and method == cfg.methods[0] else load_model(cfg, setup, method)
         # a checkpoint is written before results.json names it: a run killed in between resumes from it
         saved = data.load_checkpoint(out_dir, method, model) if cfg.resume else None
 
@@ -673,8 +696,7 @@ def train_all(cfg, setup, out_dir, results, model):
             r["status"] = "interrupted"
         if RANKS.main:
             if r["status"] == "done" and cfg.save:  # before results.json says done, and before a signal is obeyed
-                data.save_model(model, setup.tokenizer, out_dir / "model" / method if len(cfg.methods) > 1
-                           else out_dir / "model")
+                data.save_model(model, setup.tokenizer, saved_model_dir(cfg, out_dir, method))
             record(r)
             if method == cfg.methods[-1] or r["status"] != "done":  # the figures, once the run ends
                 data.plot_run(results, out_dir)
@@ -692,6 +714,29 @@ def train_all(cfg, setup, out_dir, results, model):
         print_table(results)
         print(f"results: {out_dir / 'results.json'}, plot: {out_dir / 'curves.png'}")
     return 0
+
+
+def saved_model_dir(cfg, out_dir, method):
+    return out_dir / "model" / method if len(cfg.methods) > 1 else out_dir / "model"
+
+
+def save_from_checkpoint(cfg, setup, out_dir, method):
+    """--save given when resuming a run whose `method` had finished: its model from its final checkpoint."""
+    model = load_model(cfg, setup, method)
+    if data.load_checkpoint(out_dir, method, model) is None:
+        raise data.DataError(f"--save: {method} finished without a checkpoint to save it from; run it again")
+    data.save_model(model, setup.tokenizer, saved_model_dir(cfg, out_dir, method))
+
+
+def model_hash(model):
+    """A fingerprint of the pretrained weights (LoRA adapters left out): names, shapes and up to 4096 entries of
+    each tensor, so that a resume from a different base model is refused."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            sample = p.detach().flatten()[::max(1, p.numel() // 4096)].float().cpu()
+            h.update(f"{name}{tuple(p.shape)}".encode() + sample.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def print_table(results):
@@ -716,14 +761,14 @@ def main(argv=None):
         check_config(cfg)
         out_dir = Path(cfg.out_dir)
         folder = dict(out_dir=out_dir, resume=cfg.resume, overwrite=cfg.overwrite, inputs=(cfg.model, cfg.data_dir))
-        data.check_out_dir(settings=cfg.run_flags() | {"data_hash": None}, **folder)  # fail fast, before loading
+        data.check_out_dir(settings=cfg.run_flags(), **folder)  # fail fast, before loading
         RANKS.start()
         setup = prepare(cfg)
         model = load_model(cfg, setup, cfg.methods[0])  # broken weights are found before anything is written
         check_model(cfg, model, setup)
-        data.check_disk_space(out_dir, model, copies=2 + (len(cfg.methods) if cfg.save else 0))
+        data.check_disk_space(out_dir, disk_needed(cfg, model))
         # rank 0 owns the output folder; the others read the results.json it holds once rank 0 has claimed it
-        settings = cfg.run_flags() | {"data_hash": setup.data_hash}
+        settings = cfg.run_flags() | {"data_hash": setup.data_hash, "model_hash": model_hash(model)}
         results, lock = data.claim_out_dir(settings=settings, **folder) if RANKS.main else (None, None)
         RANKS.barrier()
         results = results if RANKS.main else data.check_out_dir(settings=settings, **folder | {"resume": True})
