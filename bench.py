@@ -5,20 +5,20 @@
     python bench.py --precision                # ZO with fp32 / bf16 weights / bf16 autocast: ~30 s on 1 core
     python bench.py --gpu-check                # the GPU measurements in one run (--dry-run: tiny shape, CPU)
 
-Models are randomly initialised from a config; the loss is next-token (OPT) or masked-LM (RoBERTa, 15% of
-positions) cross-entropy on a random batch. Time: median s/step over --repeats rounds in which every method takes
-one step on one model in one process (CUDA synchronised around each step); DiZO: median ordinary step + one timed
-projection phase (2M + 2 forward passes) / κ. Memory: a fresh process per method; CPU: peak RSS (VmHWM) reset
-after building the model and one forward, extra = peak - RSS then, tracked = peak of the method's own tensors;
-CUDA: max_memory_allocated. --precision (fp32; bf16, and fp16 on CUDA, "plain": weights stored, stepped in place
-and computed in it; "autocast": fp32 weights, forward under torch.autocast; weight std 0.02 and 0.05): drift of T
-ZO steps at lr 0 on the tiny OPT, their g against fp32's, and one step with g = 10 on 1.05M parameters: the
-change applied (fp64) against -ηgz at lr 1e-7, 1e-6, 1e-5, the perturbation (θ+ - θ-)/2 against εz.
-"""
+Models are randomly initialised from a config; the loss is next-token (OPT) or masked-LM (RoBERTa, 15% of positions)
+cross-entropy on a random batch. Time: median s/step over --repeats rounds in which every method takes one step on one
+model in one process (CUDA synchronised around each step); DiZO: median ordinary step + one timed projection phase
+(2M + 2 forward passes) / κ. Memory: a fresh process per method; CPU: peak RSS (VmHWM) reset after building the model
+and one forward, extra = peak - RSS then, tracked = peak of the method's own tensors; CUDA: max_memory_allocated.
+--precision (fp32; bf16, and fp16 on CUDA, "plain": weights stored, stepped in place and computed in it; "autocast":
+fp32 weights, forward under torch.autocast; weight std 0.02 and 0.05): drift of T ZO steps at lr 0 on the tiny OPT,
+their g against fp32's; one step with g = 10: the change applied against -ηgz, (θ+ - θ-)/2 against εz."""
 
 import argparse
+import collections
 import contextlib
 import copy
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -31,7 +31,7 @@ import time
 import traceback
 import warnings
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -44,17 +44,20 @@ import train
 from dizo import DiZO, ZOSGD, projected_params
 
 # Random-init model shapes: OPTConfig's defaults are facebook/opt-125m's; roberta-base's differ from RobertaConfig's
-SHAPES = {
-    "tiny": ("opt", dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=512,
-                         vocab_size=600, word_embed_proj_dim=128, max_position_embeddings=512)),
-    "opt-125m": ("opt", dict()),
-    "roberta-base": ("roberta", dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
-                                     layer_norm_eps=1e-5)),
-    "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
-                             word_embed_proj_dim=2048)),
-}
+SHAPES = {"tiny": ("opt", dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=512,
+                               vocab_size=600, word_embed_proj_dim=128, max_position_embeddings=512)),
+          "opt-125m": ("opt", dict()),
+          "roberta-base": ("roberta", dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                                           layer_norm_eps=1e-5)),
+          "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                                   word_embed_proj_dim=2048))}
 METHODS = ("inference", "mezo", "zosgd", "rademacher", "dizo", "dizo-host", "fo")
+LABELS = {"inference": "inference (one forward)", "mezo": "MeZO-style", "zosgd": "ZOSGD (Gaussian z)",
+          "rademacher": "ZOSGD (Rademacher z)", "dizo": "DiZO (amortised)",
+          "dizo-host": "DiZO, anchors on the host (amortised)", "fo": "FO (AdamW)"}
 DIZO = ("dizo", "dizo-host")  # anchors beside the matrices; in host memory (anchor_device="cpu")
+GPU_METHODS = ("inference", "mezo", "zosgd", "rademacher", "dizo", "dizo-host")  # --gpu-check: timed
+GPU_MEMORY = ("inference", "mezo", "zosgd", "dizo", "dizo-host", "fo")  # --gpu-check: memory, in bf16
 AUTOCAST = {"bf16-autocast": torch.bfloat16}  # fp32 weights, the forward under torch.autocast(dtype)
 LR_ZO, EPS_ZO, LR_FO = 1e-6, 1e-3, 1e-5  # MeZO's OPT defaults; the values do not change the cost
 MASK_FRACTION = 0.15  # masked-LM loss: share of positions masked (BERT's choice)
@@ -62,18 +65,6 @@ HALF_WARNING = r".*weights are stepped in place"  # ZOSGD's warning: measured on
 
 
 # ---------------------------------------------------------------------------------------------- model, data
-
-def build_model(shape, device, dtype):
-    from transformers import OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM
-
-    family, overrides = SHAPES[shape]
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise on the device: a 1.3B fp32 init on the CPU takes minutes
-        model = (OPTForCausalLM(OPTConfig(**overrides)) if family == "opt"
-                 else RobertaForMaskedLM(RobertaConfig(**overrides)))
-    return model.to(dtype).eval().requires_grad_(True)  # eval: no dropout, as MeZO's and DiZO's code
-
-
 def make_batch(model, batch, seq, gen):
     """Random tokens and the labels of the model's own objective (-100 = position not scored)."""
     cfg = model.config
@@ -90,10 +81,30 @@ def make_batch(model, batch, seq, gen):
     return {"input_ids": ids.to(model.device), "labels": labels.to(model.device)}
 
 
-def loss_fn(model, batch):
-    """Cross-entropy of the logits against the labels; flatten is a view, the upcast a no-op in fp32."""
-    logits = model(input_ids=batch["input_ids"]).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+def loss_fn(model, batch, autocast=None):
+    """Cross-entropy of the logits against the labels, under torch.autocast(autocast) unless None; flatten is a
+    view, the upcast a no-op in fp32."""
+    with torch.autocast(model.device.type, dtype=autocast, enabled=autocast is not None):
+        logits = model(input_ids=batch["input_ids"]).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+
+
+def setup(shape, args):
+    """Device, model, batch and M search batches, after one forward (its thread pools and caches serve every method)."""
+    from transformers import OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=HALF_WARNING)
+    device, (family, overrides) = torch.device(args.device), SHAPES[shape]
+    torch.manual_seed(0)
+    config, lm = (OPTConfig, OPTForCausalLM) if family == "opt" else (RobertaConfig, RobertaForMaskedLM)
+    with device:  # initialise on the device: a 1.3B fp32 init on the CPU takes minutes
+        model = lm(config(**overrides)).to(train.DTYPES.get(args.dtype, torch.float32))
+    model.eval().requires_grad_(True)  # eval: no dropout, as MeZO's and DiZO's code
+    gen = torch.Generator().manual_seed(1)  # the batch, then DiZO's M search batches
+    batch, *fresh = [make_batch(model, args.batch, args.seq, gen) for _ in range(args.proj_iters + 1)]
+    with torch.no_grad():
+        float(loss_fn(model, batch))
+    return device, model, batch, fresh
 
 
 class MeZOStyle:
@@ -156,7 +167,6 @@ class TrackedTensors(TorchDispatchMode):
 
 
 # ------------------------------------------------------------------------------------------------- timing
-
 def time_steps(step, warmup, repeats, device):
     """Seconds of each of `repeats` calls of step(), after `warmup` untimed calls (CUDA synchronised)."""
     sync, times = torch.cuda.synchronize if device.type == "cuda" else lambda: None, []
@@ -172,11 +182,7 @@ def time_steps(step, warmup, repeats, device):
 
 def make_step(method, model, batch, fresh, args):
     """(step function, optimizer): one forward for "inference", else one training step (DiZO's without a phase)."""
-    def loss(b):
-        dtype = AUTOCAST.get(args.dtype)
-        with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
-            return loss_fn(model, b)
-
+    loss = functools.partial(loss_fn, model, autocast=AUTOCAST.get(args.dtype))  # loss(batch)
     if method == "inference":
         return torch.no_grad()(lambda: float(loss(batch))), None
     if method == "fo":
@@ -208,26 +214,12 @@ def dizo_phase(opt, device):
             "largest_matrix_bytes": max(sizes)}
 
 
-def setup(shape, args):
-    """Model, batch and M search batches, after one forward (its thread pools and caches serve every method)."""
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=HALF_WARNING)
-    model = build_model(shape, torch.device(args.device), train.DTYPES.get(args.dtype, torch.float32))
-    gen = torch.Generator().manual_seed(1)
-    batch = make_batch(model, args.batch, args.seq, gen)
-    fresh = [make_batch(model, args.batch, args.seq, gen) for _ in range(args.proj_iters)]
-    with torch.no_grad():
-        float(loss_fn(model, batch))
-    return model, batch, fresh
-
-
 def timing_worker(shape, methods, args):
     """Every method's step on one model in one process, in rounds of one step each (after --warmup rounds):
     load on the machine hits every method alike, so their ratios hold. DiZO's phase is timed after the rounds."""
     if args.repeats is None:
         args = argparse.Namespace(**{**vars(args), "repeats": 10 if args.device == "cuda" or shape == "tiny" else 3})
-    device = torch.device(args.device)
-    model, batch, fresh = setup(shape, args)
+    device, model, batch, fresh = setup(shape, args)
     # MeZO-style reallocates every parameter: on its own copy (on a shared model ZOSGD's step took 1.7x as long)
     steps = {m: make_step(m, copy.deepcopy(model) if m == "mezo" else model, batch, fresh, args) for m in methods}
     times = {m: [] for m in methods}
@@ -245,8 +237,7 @@ def timing_worker(shape, methods, args):
 def memory_worker(shape, method, args):
     """Peak memory of --warmup + 1 steps of one method (and a DiZO phase) from the peak's reset after setup."""
     args = argparse.Namespace(**{**vars(args), "repeats": 1})
-    device = torch.device(args.device)
-    model, batch, fresh = setup(shape, args)
+    device, model, batch, fresh = setup(shape, args)
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
     mem, tracked, info = train.PeakMemory(device), TrackedTensors(), {}
     mem.reset()
@@ -265,32 +256,8 @@ def memory_worker(shape, method, args):
 
 
 # ------------------------------------------------------------------------------------------------ report
-
 def _mb(n):
     return f"{n / 2**20:,.0f}"
-
-
-LABELS = {"inference": "inference (one forward)", "mezo": "MeZO-style", "zosgd": "ZOSGD (Gaussian z)",
-          "rademacher": "ZOSGD (Rademacher z)", "dizo": "DiZO (amortised)",
-          "dizo-host": "DiZO, anchors on the host (amortised)", "fo": "FO (AdamW)"}
-
-
-def table(timing, memory):
-    """One row per (shape, method): median s/step, its ratios to two forwards and to ZOSGD, and its memory."""
-    lines = ["| shape | dtype | method | median s/step | ÷ two forwards | ÷ ZOSGD | extra MB | tracked MB "
-             "| peak MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    mem = {(r["shape"], r["dtype"], r["method"]): r for r in memory}
-    for t in timing:
-        med = {m: t[m]["amortised_s"] if m in DIZO else s for m, s in t["median_s"].items()}
-        for m, s in med.items():
-            two = f"{s / (2 * med['inference']):.2f}" if "inference" in med else "-"
-            zo = f"{s / med['zosgd']:.2f}" if "zosgd" in med else "-"
-            r = mem.get((t["shape"], t["dtype"], m), {})
-            extra, tracked, peak = (_mb(r[k]) if k in r else "-"
-                                    for k in ("extra_bytes", "tracked_peak_bytes", "peak_bytes"))
-            lines.append(f"| {t['shape']} | {t['dtype']} | {LABELS[m]} | {s:.4g} | {two} | {zo} | {extra} "
-                         f"| {tracked} | {peak} |")
-    return "\n".join(lines)
 
 
 def ratios(t, memory):
@@ -328,8 +295,7 @@ def machine(args):
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    Path(path).write_text(json.dumps(obj, indent=1))
     print(f"\nwrote {path}")
 
 
@@ -363,19 +329,12 @@ def check_output(path):
 
 
 # ------------------------------------------------------------------------------------- precision study
-
 PRECISION_SCALES = (0.02, 0.05)  # typical std of an LLM's weight matrices
 PRECISION_LRS = (1e-7, 1e-6, 1e-5)  # around MeZO's ZO lr of 1e-6
 KNOWN_G = 10.0  # |g| typical of an LLM at the start of fine-tuning
 FIDELITY_SHAPES = ((512, 512),) * 4 + ((512,),) * 4  # one layer's worth: 4 matrices, 2 biases, 2 LayerNorm weights
-
-
-@dataclass(frozen=True)
-class Precision:
-    """ZOSGD steps the weights in `storage`; the forward runs under torch.autocast(`autocast`) unless None."""
-    name: str
-    storage: torch.dtype
-    autocast: torch.dtype | None = None
+# ZOSGD steps the weights in `storage`; the forward runs under torch.autocast(`autocast`) unless None
+Precision = collections.namedtuple("Precision", "name storage autocast", defaults=[None])
 
 
 def half_precisions(halves):
@@ -386,17 +345,6 @@ def half_precisions(halves):
     return modes
 
 
-def replayed_z(params, step_seed, dtype=None):
-    """z of one step as ZOSGD documents it: one torch.Generator per device, seeded with the step's seed, then
-    torch.randn per tensor in order, in `dtype` (None: the parameter's own)."""
-    gens, out = {}, []
-    for p in params:
-        if p.device not in gens:
-            gens[p.device] = torch.Generator(device=p.device).manual_seed(step_seed)
-        out.append(torch.randn(p.shape, generator=gens[p.device], device=p.device, dtype=dtype or p.dtype))
-    return out
-
-
 def flat64(tensors):
     return torch.cat([t.detach().double().flatten() for t in tensors])
 
@@ -404,8 +352,7 @@ def flat64(tensors):
 def ratio_cosine(actual, wanted):
     """‖actual‖ / ‖wanted‖ and the cosine between them (0 where `actual` is zero)."""
     norm = actual.norm() * wanted.norm()
-    return {"ratio": float(actual.norm() / wanted.norm()),
-            "cosine": float(actual @ wanted / norm) if norm > 0 else 0.0}
+    return {"ratio": float(actual.norm() / wanted.norm()), "cosine": float(actual @ wanted / norm) if norm > 0 else 0.0}
 
 
 def step_fidelity(prec, scale, lr, eps, device):
@@ -419,52 +366,38 @@ def step_fidelity(prec, scale, lr, eps, device):
     def closure():
         seen.append(flat64(params))
         return next(losses)
-
     ZOSGD(params, lr=lr, eps=eps, seed=0).step(closure)
-    first_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(0)))  # ZOSGD's
-    z = flat64(replayed_z(params, first_seed))
+    # z as ZOSGD documents it: its first step seed (drawn from seed 0) seeds a Generator, then torch.randn per tensor
+    step_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(0)))
+    z_gen = torch.Generator(device=params[0].device).manual_seed(step_seed)
+    z = flat64([torch.randn(p.shape, generator=z_gen, device=p.device, dtype=p.dtype) for p in params])
     return {"update": ratio_cosine(flat64(params) - before, -lr * KNOWN_G * z),
             "perturbation": ratio_cosine((seen[0] - seen[1]) / 2, eps * z)}
 
 
-def lr0_drift(runs, eps, steps, device):
-    """`steps` ZO steps at lr 0 per run = (precision, model, batch), the runs alternating: relative drift
-    ‖θ_T - θ_0‖/‖θ_0‖, max |θ_T - θ_0|, each step's g, the fastest step (load only ever adds time)."""
-    states = []
-    for prec, model, batch in runs:
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def closure(prec=prec, model=model, batch=batch):
-            with torch.autocast(device.type, dtype=prec.autocast, enabled=prec.autocast is not None):
-                return loss_fn(model, batch)
-        states.append(dict(opt=ZOSGD(params, lr=0.0, eps=eps, seed=0), params=params, weights0=flat64(params),
-                           grads=[], times=[], closure=closure))
-    for _ in range(steps):
-        for s in states:
-            s["times"] += time_steps(lambda: s["opt"].step(s["closure"]), 0, 1, device)
-            s["grads"].append(s["opt"].projected_grad)
-    out = []
-    for s in states:
-        moved = flat64(s["params"]) - s["weights0"]
-        out.append({"steps": steps, "drift": float(moved.norm() / s["weights0"].norm()),
-                    "max_abs": float(moved.abs().max()), "grads": s["grads"], "step_s": min(s["times"])})
-    return out
-
-
 def precision_study(precisions, args):
-    """Per (precision, scale): lr-0 drift and g on the tiny OPT, and fidelity per lr."""
-    device = torch.device(args.device)
+    """Per (precision, scale) on the tiny OPT: T = --drift-steps ZO steps at lr 0, the precisions alternating (relative
+    drift ‖θ_T - θ_0‖/‖θ_0‖, max |θ_T - θ_0|, each step's g, the fastest: load only adds time); step_fidelity per lr."""
+    device, steps = torch.device(args.device), args.drift_steps
     warnings.filterwarnings("ignore", message=HALF_WARNING)
     from transformers import OPTConfig, OPTForCausalLM
-
     rows = []
     for scale in PRECISION_SCALES:
         runs = []
         for prec in precisions:  # the tiny OPT initialised with weight std `scale` in fp32, then cast
             torch.manual_seed(0)
-            model = OPTForCausalLM(OPTConfig(**SHAPES["tiny"][1], init_std=scale)).to(device, prec.storage)
-            runs.append((prec, model.eval(), make_batch(model, 4, 32, torch.Generator().manual_seed(1))))
-        for prec, lr0 in zip(precisions, lr0_drift(runs, EPS_ZO, args.drift_steps, device)):
+            model = OPTForCausalLM(OPTConfig(**SHAPES["tiny"][1], init_std=scale)).to(device, prec.storage).eval()
+            batch, params = make_batch(model, 4, 32, torch.Generator().manual_seed(1)), list(model.parameters())
+            runs.append(dict(opt=ZOSGD(params, lr=0.0, eps=EPS_ZO, seed=0), params=params, weights0=flat64(params),
+                             grads=[], times=[], closure=functools.partial(loss_fn, model, batch, prec.autocast)))
+        for _ in range(steps):
+            for run in runs:
+                run["times"] += time_steps(lambda: run["opt"].step(run["closure"]), 0, 1, device)
+                run["grads"].append(run["opt"].projected_grad)
+        for prec, run in zip(precisions, runs):
+            moved = flat64(run["params"]) - run["weights0"]
+            lr0 = {"steps": steps, "drift": float(moved.norm() / run["weights0"].norm()),
+                   "max_abs": float(moved.abs().max()), "grads": run["grads"], "step_s": min(run["times"])}
             rows.append({"precision": prec.name, "scale": scale, "eps": EPS_ZO, "lr0": lr0,
                          "bytes_per_param": prec.storage.itemsize,
                          "fidelity": {lr: step_fidelity(prec, scale, lr, EPS_ZO, device) for lr in PRECISION_LRS}})
@@ -472,12 +405,10 @@ def precision_study(precisions, args):
     return rows
 
 
-def _ratio_cos(rc):
-    return (f"{rc['ratio']:.3f}×" if rc["ratio"] < 10 else f"{rc['ratio']:.1f}×") + f" ({rc['cosine']:.3f})"
-
-
 def precision_tables(rows):
     """Two markdown tables: lr-0 drift, g error, memory and time per (precision, scale); fidelity per lr."""
+    def ratio_cos(rc):
+        return (f"{rc['ratio']:.3f}×" if rc["ratio"] < 10 else f"{rc['ratio']:.1f}×") + f" ({rc['cosine']:.3f})"
     ref, steps = rows[0]["precision"], rows[0]["lr0"]["steps"]  # the first precision, fp32, is the reference
     refs = {r["scale"]: r["lr0"] for r in rows if r["precision"] == ref}
     out = [f"lr 0, T = {steps} ZO steps on the tiny OPT (ε {rows[0]['eps']:g}): drift = ‖θ_T - θ_0‖/‖θ_0‖; g error "
@@ -498,13 +429,12 @@ def precision_tables(rows):
             "|---|---:|---:|" + "---:|" * len(lrs)]
     for r in rows:
         f = list(r["fidelity"].values())
-        out.append(f"| {r['precision']} | {r['scale']:g} | {_ratio_cos(f[0]['perturbation'])} | "
-                   + " | ".join(_ratio_cos(x["update"]) for x in f) + " |")
+        out.append(f"| {r['precision']} | {r['scale']:g} | {ratio_cos(f[0]['perturbation'])} | "
+                   + " | ".join(ratio_cos(x["update"]) for x in f) + " |")
     return "\n".join(out)
 
 
 # -------------------------------------------------------------------------------------------- paired study
-
 def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -549,7 +479,6 @@ def run_paired(folder, seeds, jobs):
     def one(out, cmd):
         with open(Path(folder) / "logs" / f"{out.name}.log", "w") as log:
             return out, subprocess.run(cmd + [str(out)], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         for out, rc in tqdm(pool.map(lambda t: one(*t), todo), total=len(todo), desc="paired runs"):
             if rc != 0:
@@ -558,12 +487,10 @@ def run_paired(folder, seeds, jobs):
 
 def _paired_result(out):
     """The finished result of one study run, or None."""
-    try:
-        results = json.loads((Path(out) / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    r = next(iter(results["methods"].values()), None)
-    return r if r and r.get("status") == "done" else None
+    with contextlib.suppress(OSError, ValueError):
+        r = next(iter(json.loads((Path(out) / "results.json").read_text())["methods"].values()), None)
+        return r if r and r.get("status") == "done" else None
+    return None
 
 
 def paired_summary(folder, plot, seeds=None):
@@ -622,40 +549,37 @@ def paired_summary(folder, plot, seeds=None):
 
 
 # ------------------------------------------------------------------------------- command line, processes
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="tiny,opt-125m,roberta-base", help=f"comma-separated, from {', '.join(SHAPES)}")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--repeats", type=int,
                    help="timed rounds, one step of every method each (default: 10 for tiny and on CUDA, else 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="fp32", choices=tuple(train.DTYPES) + tuple(AUTOCAST),
-                   help="the weights' dtype (bf16, fp16: stepped in place); bf16-autocast: fp32 weights, forward "
-                        "passes under torch.autocast")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 2; --precision: 1)")
+    p.add_argument("--dtype", default="fp32", choices=tuple(train.DTYPES) + tuple(AUTOCAST), help="the weights' dtype "
+                   "(bf16, fp16: stepped in place); bf16-autocast: fp32 weights, forward passes under torch.autocast")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default 2; --precision: 1)")
     p.add_argument("--kappa", type=int, default=50, help="DiZO interval κ for the amortisation (released: 50)")
     p.add_argument("--proj-iters", type=int, default=10, help="DiZO M, inner iterations per phase (released: 10)")
-    p.add_argument("--out", default=None, help="JSON of every row (default runs/bench.json; runs/precision.json "
-                                               "with --precision, runs/ablation.json with --ablate)")
+    p.add_argument("--out", help="JSON of every row (default runs/bench.json; runs/precision.json with --precision, "
+                                 "runs/ablation.json with --ablate)")
     p.add_argument("--precision", action="store_true", help="instead of timing shapes, the precision study")
     p.add_argument("--drift-steps", type=int, default=20, help="--precision: ZO steps at lr 0 (T)")
     p.add_argument("--gpu-check", action="store_true", help="the GPU measurements in one run (not yet run on a GPU)")
     p.add_argument("--dry-run", action="store_true", help="--gpu-check on the CPU with the tiny shape")
-    p.add_argument("--paired", metavar="DIR", default=None,
+    p.add_argument("--paired", metavar="DIR",
                    help="instead of benchmarking, run the paired zo/dizo study's missing runs into DIR, then summarise")
     p.add_argument("--seeds", default="0,1,2,3,4", help="--paired: comma-separated seeds")
     p.add_argument("--jobs", type=int, default=2, help="--paired: runs at a time")
     p.add_argument("--summary-only", action="store_true", help="--paired: summarise the runs there, run nothing")
-    p.add_argument("--plot", default=None, help="--paired: the figure (default DIR/paired.png)")
-    p.add_argument("--replot", metavar="DIR", default=None,
+    p.add_argument("--plot", help="--paired: the figure (default DIR/paired.png)")
+    p.add_argument("--replot", metavar="DIR",
                    help="instead of benchmarking, redraw a train.py run's figures in DIR from its results.json")
-    p.add_argument("--ablate", metavar="FOLDER", default=None,
-                   help="instead of benchmarking, revert one parameter group at a time of this fine-tuned model "
-                        "folder (train.py --save) and report the dev loss and accuracy")
+    p.add_argument("--ablate", metavar="FOLDER", help="instead of benchmarking, revert one parameter group at a time "
+                   "of this fine-tuned model folder (train.py --save) and report the dev loss and accuracy")
     p.add_argument("--base", default=train.BUILTIN,
                    help="--ablate: the pretrained model it started from ('builtin' = the embedded tiny OPT)")
     for f in (f for f in fields(train.Config) if f.name in ABLATION_DATA_FLAGS):  # train.py's, same help
@@ -664,9 +588,8 @@ def parse_args(argv=None):
         p.add_argument(f"--{f.name}", help=f"--ablate: {f.metadata['help']}", **kind)
     args = p.parse_args(argv)
     for kind, given, known in (("shape", args.shapes, SHAPES), ("method", args.methods, METHODS)):
-        for x in given.split(","):
-            if x not in known:
-                p.error(f"unknown {kind} {x!r}; choose from {', '.join(known)}")
+        for x in (x for x in given.split(",") if x not in known):
+            p.error(f"unknown {kind} {x!r}; choose from {', '.join(known)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     for flag, value in (("--repeats", args.repeats or 1), ("--drift-steps", args.drift_steps)):
@@ -675,8 +598,7 @@ def parse_args(argv=None):
     if args.dry_run and not args.gpu_check:
         p.error("--dry-run goes with --gpu-check")
     if args.out is None:
-        args.out = ("runs/ablation.json" if args.ablate is not None else
-                    "runs/precision.json" if args.precision else "runs/bench.json")
+        args.out = f"runs/{'ablation' if args.ablate is not None else 'precision' if args.precision else 'bench'}.json"
     if args.threads is None:
         args.threads = 1 if args.precision else 2
     if args.replot is None and args.paired is None:  # the outputs of this command, checked before the work
@@ -714,8 +636,10 @@ def run_isolated(fn, *fn_args):
     return payload
 
 
-def benchmark(args, shapes, dtypes, methods, memory_methods):
-    """Per dtype and shape: one process that times every method in rounds, one per method for memory."""
+def benchmark(args, shapes, dtypes, methods, memory_methods, halves=()):
+    """Per dtype and shape: one process that times every method in rounds, and for the first dtype one per method for
+    memory; then the precision study with the `halves` dtypes, if any; then the report."""
+    started, load_before = time.perf_counter(), os.getloadavg()
     timing, memory = [], []
     for dtype in dtypes:
         settings = argparse.Namespace(**{**vars(args), "dtype": dtype})
@@ -723,24 +647,37 @@ def benchmark(args, shapes, dtypes, methods, memory_methods):
             t0 = time.perf_counter()
             timing.append(run_isolated(timing_worker, shape, methods, settings))
             print(f"  {shape} {dtype}: timed in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-            for method in memory_methods:
+            for method in memory_methods if dtype == dtypes[0] else ():
                 memory.append(run_isolated(memory_worker, shape, method, settings))
                 print(f"  {shape} {dtype} {method}: extra {_mb(memory[-1]['extra_bytes'])} MB", file=sys.stderr)
-    return timing, memory
+    precision_rows = run_isolated(precision_study, half_precisions(halves), args) if halves else None
+    report(args, timing, memory, started, load_before, precision_rows)
 
 
 def report(args, timing, memory, started, load_before, precision_rows=None):
-    """Print the table and the ratios, and write every number to args.out."""
+    """Print the table (per shape and method: median s/step, its ratios to two forwards and to ZOSGD, its memory) and
+    the ratios, and write every number to args.out."""
     load_after, info = os.getloadavg(), machine(args)
     lines = [line for t in timing for line in ratios(t, memory)]
-    peak = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS (VmHWM) of the worker process"
+    peak_of = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS (VmHWM) of the worker process"
     print(f"\nbatch {args.batch} x seq {args.seq}, {args.device}, torch {info['torch']}, {info['threads']} threads "
           f"on {info['cpu_count']} cores ({info.get('gpu', info['cpu'])}); load average {load_before[0]:.2f} "
           f"before, {load_after[0]:.2f} after; {time.perf_counter() - started:.0f} s in all; medians of "
-          f"{timing[0]['repeats']} rounds; peak MB = {peak}; extra MB = peak - memory before the first step\n")
-    print(table(timing, memory) + "\n")
-    for line in lines:
-        print("- " + line)
+          f"{timing[0]['repeats']} rounds; peak MB = {peak_of}; extra MB = peak - memory before the first step\n")
+    print("| shape | dtype | method | median s/step | ÷ two forwards | ÷ ZOSGD | extra MB | tracked MB | peak MB |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|")
+    by_run = {(r["shape"], r["dtype"], r["method"]): r for r in memory}
+    for t in timing:
+        med = {m: t[m]["amortised_s"] if m in DIZO else s for m, s in t["median_s"].items()}
+        for m, s in med.items():
+            two = f"{s / (2 * med['inference']):.2f}" if "inference" in med else "-"
+            zo = f"{s / med['zosgd']:.2f}" if "zosgd" in med else "-"
+            r = by_run.get((t["shape"], t["dtype"], m), {})
+            extra, tracked, peak = (_mb(r[k]) if k in r else "-"
+                                    for k in ("extra_bytes", "tracked_peak_bytes", "peak_bytes"))
+            print(f"| {t['shape']} | {t['dtype']} | {LABELS[m]} | {s:.4g} | {two} | {zo} | {extra} | {tracked} "
+                  f"| {peak} |")
+    print("".join(f"\n- {line}" for line in lines))  # a blank line, then one bullet per ratio
     if precision_rows:
         print("\n" + precision_tables(precision_rows))
     write_json(args.out, {"args": vars(args), "machine": info, "load_average_before": load_before,
@@ -748,27 +685,16 @@ def report(args, timing, memory, started, load_before, precision_rows=None):
                           "precision": precision_rows})
 
 
-GPU_METHODS = ("inference", "mezo", "zosgd", "rademacher", "dizo", "dizo-host")
-GPU_MEMORY = ("inference", "mezo", "zosgd", "dizo", "dizo-host", "fo")
-
-
 def gpu_check(args):
-    """The GPU measurements in one run, OPT-1.3B shape: step times with bf16, fp16 and fp32 weights and fp32
-    under bf16 autocast; peak memory in bf16; the precision study (fp32; bf16, fp16: plain and autocast).
-    --dry-run: the same on the CPU with the tiny shape, a short batch and few steps, to show that it runs."""
+    """The GPU measurements in one run, OPT-1.3B shape (--dry-run: on the CPU, the tiny shape, a short batch and few
+    steps, to show that it runs): step times in each dtype, memory in bf16, the precision study with fp16."""
     if args.dry_run:  # 1 thread: a second one waiting for a busy core slows a small step many times
-        args.device, args.repeats, args.drift_steps, args.threads = "cpu", args.repeats or 2, 2, 1
+        args.repeats, args.drift_steps, args.threads = args.repeats or 2, 2, 1
         args.batch, args.seq, args.proj_iters = 2, 16, 2
     elif not torch.cuda.is_available():
         sys.exit("--gpu-check needs a GPU (torch.cuda.is_available() is False); --dry-run runs it on the CPU")
-    else:
-        args.device = "cuda"
-    shape = "tiny" if args.dry_run else "opt-1.3b"
-    started, load_before = time.perf_counter(), os.getloadavg()
-    timing, memory = benchmark(args, [shape], ["bf16"], GPU_METHODS, GPU_MEMORY)
-    timing += benchmark(args, [shape], ["bf16-autocast", "fp16", "fp32"], GPU_METHODS, ())[0]
-    precision_rows = run_isolated(precision_study, half_precisions(("bf16", "fp16")), args)
-    report(args, timing, memory, started, load_before, precision_rows)
+    args.device, shape = ("cpu", "tiny") if args.dry_run else ("cuda", "opt-1.3b")
+    benchmark(args, [shape], ["bf16", "bf16-autocast", "fp16", "fp32"], GPU_METHODS, GPU_MEMORY, ("bf16", "fp16"))
 
 
 def main(argv=None):
@@ -793,10 +719,8 @@ def main(argv=None):
         return write_json(args.out, {"args": vars(args), "machine": info, "rows": rows})
     if args.device == "cpu":
         import transformers  # noqa: F401 -- imported once here, inherited by the forked workers
-    started, load_before = time.perf_counter(), os.getloadavg()
     methods = args.methods.split(",")
-    timing, memory = benchmark(args, args.shapes.split(","), [args.dtype], methods, methods)
-    report(args, timing, memory, started, load_before)
+    benchmark(args, args.shapes.split(","), [args.dtype], methods, methods)
 
 
 # ------------------------------------------------------------------------------------------------- ablation
@@ -817,8 +741,7 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.
         attention biases  the rest of each attention block (its smallest module holding Q and O)
         mlp               the rest of each transformer layer (a child of an nn.ModuleList holding Q)
         other             the rest of the model (learned positions, projections outside the layers)
-    Empty groups are left out. A fused Q|K|V weight is covered by its three views, not listed itself.
-    """
+    Empty groups are left out. A fused Q|K|V weight is covered by its three views, not listed itself."""
     names = {id(p): n for n, p in model.named_parameters()}
     groups, taken = {}, set()
 
@@ -868,20 +791,16 @@ def matched_groups(finetuned, pretrained) -> dict[str, tuple[list[torch.Tensor],
     return {g: ([t for _, t in ours[g]], [t for _, t in theirs[g]]) for g in ours}
 
 
-@torch.no_grad()
-def _copy_all_(tensors, values):
-    for t, v in zip(tensors, values):
-        t.copy_(v)
-
-
 def measured_with(tensors, values, measure):
     """measure() while `tensors` hold `values` (copied in); their own values are put back after, bit for bit."""
     saved = [t.detach().clone() for t in tensors]
     try:
-        _copy_all_(tensors, values)
+        for t, v in zip(tensors, values):
+            t.detach().copy_(v.detach())  # detached: into the same memory, a copy autograd does not record
         return measure()
     finally:
-        _copy_all_(tensors, saved)
+        for t, v in zip(tensors, saved):
+            t.detach().copy_(v)
 
 
 def split_metrics(model, loss_fn, enc):
@@ -890,36 +809,28 @@ def split_metrics(model, loss_fn, enc):
     return {"loss": total / len(enc.labels), "acc": correct / len(enc.labels)}
 
 
-def interpolated(starts, ends, r):
-    """θ0 + r (θ - θ0) per tensor, by torch.lerp as DiZO projects: r = 0 and r = 1 give θ0 and θ exactly."""
-    return [torch.lerp(a, b, r) for a, b in zip(starts, ends)]
-
-
-def gain_lost(loss, finetuned, pretrained):
-    """(loss - loss_ft) / (loss_pre - loss_ft): the share of the fine-tuning's gain given back; None if none."""
-    gain = pretrained - finetuned
-    return (loss - finetuned) / gain if gain > 0 else None
-
-
 def ablation(finetuned, pretrained, measure) -> dict:
     """measure(model) -> {"loss", "acc"} of both models, of the fine-tuned one with each group alone reverted,
     and along θ0 + r·Δ for K and V, together and apart; the fine-tuned model is left as it was."""
     pairs = matched_groups(finetuned, pretrained)
     ft, pre = measure(finetuned), measure(pretrained)
+
+    def share_lost(loss):  # (loss - loss_ft) / (loss_pre - loss_ft): the share of the gain given back; None if no gain
+        return (loss - ft["loss"]) / (pre["loss"] - ft["loss"]) if pre["loss"] > ft["loss"] else None
+
     groups = {}
     for name, (tensors, values) in pairs.items():
         m = measured_with(tensors, values, lambda: measure(finetuned))
-        groups[name] = m | {"params": sum(t.numel() for t in tensors),
-                            "share_lost": gain_lost(m["loss"], ft["loss"], pre["loss"])}
+        groups[name] = m | {"params": sum(t.numel() for t in tensors), "share_lost": share_lost(m["loss"])}
     lines = {}
-    for line, roles in ABLATION_LINES.items():
+    for line, roles in ABLATION_LINES.items():  # θ0 + r (θ - θ0) by torch.lerp as DiZO projects: exact at r = 0, 1
         tensors = [t for role in roles for t in pairs[role][0]]
         starts = [t for role in roles for t in pairs[role][1]]
-        lines[line] = [measured_with(tensors, interpolated(starts, tensors, r), lambda: measure(finetuned))
-                       for r in ABLATION_RATIOS]
+        lines[line] = [measured_with(tensors, [torch.lerp(a, b, r) for a, b in zip(starts, tensors)],
+                                     lambda: measure(finetuned)) for r in ABLATION_RATIOS]
     kv_reverted = lines["K+V"][ABLATION_RATIOS.index(0.0)]
     return {"finetuned": ft, "pretrained": pre, "groups": groups, "ratios": list(ABLATION_RATIOS),
-            "lines": lines, "kv_share_lost": gain_lost(kv_reverted["loss"], ft["loss"], pre["loss"])}
+            "lines": lines, "kv_share_lost": share_lost(kv_reverted["loss"])}
 
 
 def ablation_tables(result):
