@@ -318,10 +318,9 @@ def replot(folder):
 def check_output(path):
     """Refuse, before any work, an output that would replace a train.py run's file or cannot be written."""
     path = Path(path).absolute()
-    for p in (path, *path.parents):
+    for p in (p for p in (path, *path.parents) if p.name in data.OUTPUTS):  # a run's output, or inside one
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            if json.loads((p.parent / "results.json").read_text()).get("format") == data.FORMAT and (
-                    p.name in data.OUTPUTS):
+            if json.loads((p.parent / "results.json").read_text()).get("format") == data.FORMAT:
                 sys.exit(f"error: {path} would replace a file of the train.py run in {p.parent}; choose another --out")
     folder = next(p for p in path.parents if p.exists())
     if not folder.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -447,19 +446,20 @@ def mean_std(values):
 
 # zo against dizo over seeds at equal forward passes (zo takes DiZO's passes / 2 steps, each method its own full
 # rate schedule) over a rate sweep: the same rate for both (the paper's protocol), and each at the rate that
-# gives it the lowest mean dev loss (the fair comparison). PAIRED[setting] = (train.py flags, DiZO steps, lr).
-PAIRED = {"full": ((), 1500, 1.5e-4),  # the quick start's model and rate: K and V of every layer projected
-          "lora-kv": (("--lora", "8", "--lora_targets", "k_proj,v_proj"), 600, 3e-3),  # all trained params projected
-          "lora-qv": (("--lora", "8"), 600, 3e-3)}  # the released code's LoRA placement (Q and V), all projected
-RATES = (1, 2, 4)  # times the setting's lr
+# gives it the lowest mean dev loss (the fair comparison). PAIRED[setting] = (train.py flags, DiZO steps, lr, the
+# rates tried as multiples of lr: both sides of the best, finer near it).
+PAIRED = {"full": ((), 1500, 1.5e-4, (0.5, 1, 2 ** 0.5, 2, 4)),  # the quick start: K and V of every layer projected
+          "lora-kv": (("--lora", "8", "--lora_targets", "k_proj,v_proj"), 600, 3e-3,  # every trained param projected
+                      (1, 2 ** 0.5, 2, 2 ** 1.5, 4)),
+          "lora-qv": (("--lora", "8"), 600, 3e-3, (1, 2 ** 0.5, 2, 2 ** 1.5, 4))}  # the released LoRA placement
 
 
 def paired_runs(folder, seeds):
     """{run folder: train.py command} of every run of the study (κ = 50, M = 10: a phase costs 22 passes)."""
     runs = {}
-    for setting, (flags, steps, lr) in PAIRED.items():
+    for setting, (flags, steps, lr, rates) in PAIRED.items():
         for method, n in (("zo", steps + 11 * (steps // 50)), ("dizo", steps)):
-            for rate, seed in ((f"{lr * x:g}", seed) for x in RATES for seed in seeds):
+            for rate, seed in ((f"{lr * x:.3g}", seed) for x in rates for seed in seeds):
                 runs[Path(folder) / f"{setting}-{method}-lr{rate}-s{seed}"] = [
                     sys.executable, "train.py", "--method", method, "--steps", str(n), "--lr", rate, "--seed",
                     str(seed), *flags, "--eval_every", "100", "--overwrite", "--out_dir"]
@@ -487,16 +487,15 @@ def run_paired(folder, seeds, jobs):
 
 def _paired_result(out):
     """The finished result of one study run, or None."""
-    with contextlib.suppress(OSError, ValueError):
-        r = next(iter(json.loads((Path(out) / "results.json").read_text())["methods"].values()), None)
-        return r if r and r.get("status") == "done" else None
-    return None
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        r = next(iter(json.loads((Path(out) / "results.json").read_text())["methods"].values()))
+        return r if r.get("status") == "done" else None
 
 
 def paired_summary(folder, plot, seeds=None):
-    """Markdown tables over the study's finished runs (those of `seeds`, default all): per rate, dev loss and
-    test accuracy (mean ± std over seeds); per seed, dizo - zo at the same rate and at each one's best rate;
-    DiZO's phases on held-out dev examples. The figure: final dev loss against the rate, per setting."""
+    """Markdown tables over the study's finished runs of `seeds` (default all): per rate, dev loss and test accuracy
+    (mean ± std over seeds); per seed, dizo - zo at the same rate and at each one's best; DiZO's phases (ranges over
+    seeds; held-out: dev examples). The figure: final dev loss against the rate, per setting."""
     runs = {}  # setting -> method -> lr -> {seed: result}
     for path in sorted(Path(folder).glob("*/results.json")):
         setting, method, lr, seed = path.parent.name.rsplit("-", 3)
@@ -529,18 +528,23 @@ def paired_summary(folder, plot, seeds=None):
                 diff = {k: [d[k] - z[k] for z, d in pairs] for k in ("dev_loss", "test_acc")}
                 print(f"| {name} (zo {lz:g}, dizo {ld:g}) | {len(pairs)} | {mean_std(diff['dev_loss'])} | "
                       f"{sum(x < 0 for x in diff['dev_loss'])}/{len(pairs)} | {mean_std(diff['test_acc'])} |")
-        phases = [p for by in methods.get("dizo", {}).values() for r in by.values() for p in r["projection"]]
-        held = [p["dev_loss_after"] / p["dev_loss_before"] - 1 for p in phases if "dev_loss_before" in p]
-        if held:
-            search = [p["loss_after"] / p["loss_before"] - 1 for p in phases if "dev_loss_before" in p]
-            try:
-                corr = f"{statistics.correlation(held, search):.2f}"
-            except statistics.StatisticsError:  # fewer than two phases, or one side constant
-                corr = "undefined"
-            print(f"\nDiZO's {len(held)} phases (all rates, seeds): held-out dev loss lower after "
-                  f"{sum(x < 0 for x in held)}, change {100 * min(held):+.2f}% to {100 * max(held):+.2f}% (median "
-                  f"{100 * statistics.median(held):+.3f}%); search batch lower after {sum(x < 0 for x in search)}, "
-                  f"median {100 * statistics.median(search):+.3f}%; correlation {corr}")
+        dizo = {lr: [[p for p in r["projection"] if "dev_loss_before" in p] for r in by.values()]
+                for lr, by in methods.get("dizo", {}).items()}  # per rate, per seed: phases measured on dev
+        if any(ps for per in dizo.values() for ps in per):
+            print("\n| dizo's phases, lr | seeds | phases | held-out dev loss lower after | first search batch lower "
+                  "after | held-out change, median | correlation | max abs(r - 1), 2nd half |\n|---|---:|---:|---:|---:|"
+                  "---:|---:|---:|")
+            span = lambda xs, f="{}": "–".join(dict.fromkeys(f.format(x) for x in (min(xs), max(xs))))  # noqa: E731
+            for lr, per in sorted(dizo.items()):
+                held = [[p["dev_loss_after"] / p["dev_loss_before"] - 1 for p in ps] for ps in per]
+                search = [[p["loss_after"] / p["loss_before"] - 1 for p in ps] for ps in per]
+                with contextlib.suppress(statistics.StatisticsError):  # too few phases, or one side constant
+                    corr = "undefined"
+                    corr = f"{statistics.correlation(sum(held, []), sum(search, [])):.2f}"  # all phases of this rate
+                print(f"| {lr:g} | {len(per)} | {span([len(ps) for ps in per])} | "
+                      f"{span([sum(x < 0 for x in h) for h in held])} | {span([sum(x < 0 for x in s) for s in search])}"
+                      f" | {span([100 * statistics.median(h) for h in held], '{:+.2f}%')} | {corr} | "
+                      f"{span([max(abs(x - 1) for p in ps[len(ps) // 2:] for x in p['ratios']) for ps in per], '{:.2f}')} |")
         ax.set(xscale="log", yscale="log", xlabel="lr", ylabel="final dev loss (mean ± std over seeds)", title=setting)
         ax.grid(alpha=0.3, which="both")
         ax.legend()
@@ -572,7 +576,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="--gpu-check on the CPU with the tiny shape")
     p.add_argument("--paired", metavar="DIR",
                    help="instead of benchmarking, run the paired zo/dizo study's missing runs into DIR, then summarise")
-    p.add_argument("--seeds", default="0,1,2,3,4", help="--paired: comma-separated seeds")
+    p.add_argument("--seeds", default=[0, 1, 2, 3, 4], type=lambda s: [int(x) for x in s.split(",")],
+                   help="--paired: comma-separated seeds (default 0,1,2,3,4)")
     p.add_argument("--jobs", type=int, default=2, help="--paired: runs at a time")
     p.add_argument("--summary-only", action="store_true", help="--paired: summarise the runs there, run nothing")
     p.add_argument("--plot", help="--paired: the figure (default DIR/paired.png)")
@@ -597,15 +602,12 @@ def parse_args(argv=None):
             p.error(f"{flag} must be >= 1")
     if args.dry_run and not args.gpu_check:
         p.error("--dry-run goes with --gpu-check")
-    if args.out is None:
-        args.out = f"runs/{'ablation' if args.ablate is not None else 'precision' if args.precision else 'bench'}.json"
-    if args.threads is None:
-        args.threads = 1 if args.precision else 2
-    if args.replot is None and args.paired is None:  # the outputs of this command, checked before the work
-        for out in (args.out, Path(args.out).with_suffix(".png")) if args.ablate else (args.out,):
-            check_output(out)
-    if args.paired is not None and args.plot:
-        check_output(args.plot)
+    args.out = args.out or f"runs/{'ablation' if args.ablate else 'precision' if args.precision else 'bench'}.json"
+    args.threads = args.threads or (1 if args.precision else 2)
+    outs = ([args.plot] if args.plot else []) if args.paired else [] if args.replot else [args.out] + (
+        [Path(args.out).with_suffix(".png")] if args.ablate else [])
+    for out in outs:  # the outputs of this command, checked before the work
+        check_output(out)
     return args
 
 
@@ -700,10 +702,9 @@ def gpu_check(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.paired is not None:
-        seeds = [int(x) for x in args.seeds.split(",")]
         if not args.summary_only:
-            run_paired(args.paired, seeds, args.jobs)
-        return paired_summary(args.paired, args.plot or Path(args.paired) / "paired.png", seeds)
+            run_paired(args.paired, args.seeds, args.jobs)
+        return paired_summary(args.paired, args.plot or Path(args.paired) / "paired.png", args.seeds)
     if args.replot is not None:
         return replot(Path(args.replot))
     if args.gpu_check:

@@ -684,7 +684,8 @@ def test_curves_plot_dev_loss_and_accuracy_against_forward_passes(monkeypatch):
 def fake_paired_run(folder, setting, method, lr, seed, dev_loss, test_acc):
     out = folder / f"{setting}-{method}-lr{lr:g}-s{seed}"
     out.mkdir(parents=True)
-    phases = [{"loss_before": 1.0, "loss_after": 0.9, "dev_loss_before": 1.0, "dev_loss_after": x} for x in (0.99, 1.02)]
+    phases = [{"loss_before": 1.0, "loss_after": 0.9, "dev_loss_before": 1.0, "dev_loss_after": x, "ratios": [1.1, 0.95]}
+              for x in (0.99, 1.02)]
     r = {"status": "done", "dev_loss": dev_loss, "test_acc": test_acc, "forward_passes": 100,
          "projection": phases if method == "dizo" else []}
     (out / "results.json").write_text(json.dumps({"methods": {method: r}}))
@@ -705,7 +706,8 @@ def test_paired_study_picks_each_rate_on_dev_and_pairs_the_seeds(tmp_path, capsy
     best = [d - z for d, z in zip(table["dizo", 1], table["zo", 2])]  # +0.1, +0.15, +0.05
     assert "| same rate (zo 1, dizo 1) | 3 | -0.1 ± 0 | 3/3 |" in out and bench.mean_std(same) == "-0.1 ± 0"
     assert f"| each at its best rate (zo 2, dizo 1) | 3 | {bench.mean_std(best)} | 0/3 |" in out
-    assert "12 phases (all rates, seeds): held-out dev loss lower after 6, change -1.00% to +2.00%" in out
+    # per seed two phases measured on dev, one lower (-1%), one higher (+2%); the search batch lower in both
+    assert "| 1 | 3 | 2 | 1 | 2 | +0.50% | undefined | 0.10 |" in out
     assert (tmp_path / "paired.png").stat().st_size > 1000
 
 
@@ -713,6 +715,8 @@ def test_paired_runs_give_zo_the_forward_passes_of_dizo(assets, tmp_path):
     commands = bench.paired_runs(tmp_path, [0]).values()
     steps = {(c[c.index("--method") + 1], c[c.index("--steps") + 1]) for c in commands}
     assert {("zo", "1830"), ("dizo", "1500"), ("zo", "732"), ("dizo", "600")} == steps
+    rates = {c[c.index("--lr") + 1] for c in commands if "--lora" not in c}
+    assert rates == {"7.5e-05", "0.00015", "0.000212", "0.0003", "0.0006"}  # the names the study's runs have
     for method, n in (("zo", "122"), ("dizo", "100")):  # κ = 50, M = 10: 2·100 + 2·22 = 244 = 2·122
         assert run_train(assets, tmp_path / method, "--method", method, "--steps", n, "--interval", "50",
                          "--proj_iters", "10", "--phase_dev", "0", "--eval_every", n) == 0
