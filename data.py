@@ -197,6 +197,8 @@ def read_tsv(path: str, task: Task) -> list[Example]:
                         f"(allowed: {', '.join(task.labels)})")
     if None in at:
         at = [*range(len(task.text_columns)), len(header) - 1]
+        if not headerless:  # not silent: a header of other names, or a first row whose label is mistyped
+            print(f"{path}: first line read as a header {header}; columns by position, label last")
     examples = []
     for number, line in enumerate(lines, start=1):
         if (number == 1 and not headerless) or not line:  # a blank line (e.g. at the end) is not an example

@@ -1491,6 +1491,15 @@ def test_read_tsv_and_sample_k_per_class(tmp_path):
     assert sorted(e.label for e in a["train"]) == [0, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.parametrize("first, header", [("text\tclass", True), ("fine\tpositive", True), ("fine\t1", False)])
+def test_a_first_line_without_known_names_is_a_header_only_when_said_so(tmp_path, capsys, first, header):
+    (tmp_path / "t.tsv").write_text(f"{first}\ndull\t0\n")
+    rows = data.read_tsv(str(tmp_path / "t.tsv"), data.get_task("sst-2"))
+    assert len(rows) == (1 if header else 2) and rows[-1] == data.Example(("dull",), 0)
+    out = capsys.readouterr().out
+    assert ("first line read as a header" in out) == header, out
+
+
 def test_a_sample_larger_than_its_split_takes_the_whole_split_and_says_so(tmp_path, capsys):
     """As MeZO on GLUE SST-2 (872 validation sentences for its 1000): the whole split, in file order, and a line."""
     folder = write_task(tmp_path / "d")
