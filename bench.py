@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -435,9 +436,7 @@ def precision_tables(rows):
 
 # -------------------------------------------------------------------------------------------- paired study
 def mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "never"
+    """'mean ± std' of a non-empty list, both to the std's second significant digit."""
     mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
     if std <= 1e-12 * abs(mean):  # equal but for rounding
         return f"{mean:.4g} ± 0"
@@ -497,10 +496,10 @@ def paired_summary(folder, plot, seeds=None):
     (mean ± std over seeds); per seed, dizo - zo at the same rate and at each one's best; DiZO's phases (ranges over
     seeds; held-out: dev examples). The figure: final dev loss against the rate, per setting."""
     runs = {}  # setting -> method -> lr -> {seed: result}
-    for path in sorted(Path(folder).glob("*/results.json")):
-        setting, method, lr, seed = path.parent.name.rsplit("-", 3)
-        if (r := _paired_result(path.parent)) and (seeds is None or int(seed[1:]) in seeds):
-            runs.setdefault(setting, {}).setdefault(method, {}).setdefault(float(lr[2:]), {})[int(seed[1:])] = r
+    for path in sorted(Path(folder).glob("*/results.json")):  # <setting>-<method>-lr<lr>-s<seed>; lr may be 7.5e-05
+        name = re.fullmatch(r"(.+)-(fo|zo|dizo)-lr(.+?)-s(\d+)", path.parent.name)
+        if name and (r := _paired_result(path.parent)) and (seeds is None or int(name[4]) in seeds):
+            runs.setdefault(name[1], {}).setdefault(name[2], {}).setdefault(float(name[3]), {})[int(name[4])] = r
     if not runs:
         sys.exit(f"no finished runs in {folder}/<setting>-<method>-lr<lr>-s<seed>/results.json")
     fig, axes = data.pyplot().subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False)

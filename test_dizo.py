@@ -699,9 +699,11 @@ def test_paired_study_picks_each_rate_on_dev_and_pairs_the_seeds(tmp_path, capsy
         for seed, loss in enumerate(losses):
             fake_paired_run(tmp_path, "full", method, lr, seed, loss, 1 - loss)
     fake_paired_run(tmp_path, "full", "zo", 1, 7, 0.0, 1.0)  # a seed not asked for: left out
+    fake_paired_run(tmp_path, "full", "zo", 7.5e-5, 0, 0.9, 0.5)  # an lr with an exponent in the folder's name
     bench.paired_summary(tmp_path, tmp_path / "paired.png", seeds=[0, 1, 2])
     out = capsys.readouterr().out
     assert "| zo | 2 (best) | 3 | 100 | 0.300 ± 0.050 |" in out and "| dizo | 1 (best) |" in out
+    assert "| zo | 7.5e-05 | 1 | 100 | 0.9 ± 0 | 0.5 ± 0 |" in out
     same = [d - z for d, z in zip(table["dizo", 1], table["zo", 1])]  # -0.1 in every seed
     best = [d - z for d, z in zip(table["dizo", 1], table["zo", 2])]  # +0.1, +0.15, +0.05
     assert "| same rate (zo 1, dizo 1) | 3 | -0.1 ± 0 | 3/3 |" in out and bench.mean_std(same) == "-0.1 ± 0"
