@@ -520,8 +520,8 @@ def paired_summary(folder, plot, seeds=None):
                               if len(rates[lr]) > 1 else 0 for lr in sorted(rates)])
         if set(methods) == {"zo", "dizo"}:
             print("\n| dizo - zo, paired by seed | seeds | dev loss | dizo lower in | test acc |\n|---|---:|---:|---:|---:|")
-            same = min(set(methods["zo"]) & set(methods["dizo"]), default=None)
-            for name, lz, ld in (("same rate", same, same), ("each at its best rate", best["zo"], best["dizo"])):
+            same = [("same rate", lr, lr) for lr in sorted(set(methods["zo"]) & set(methods["dizo"]))]
+            for name, lz, ld in same + [("each at its best rate", best["zo"], best["dizo"])]:
                 common = sorted(set(methods["zo"].get(lz, {})) & set(methods["dizo"].get(ld, {})))
                 pairs = [(methods["zo"][lz][s], methods["dizo"][ld][s]) for s in common]
                 diff = {k: [d[k] - z[k] for z, d in pairs] for k in ("dev_loss", "test_acc")}

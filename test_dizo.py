@@ -707,6 +707,7 @@ def test_paired_study_picks_each_rate_on_dev_and_pairs_the_seeds(tmp_path, capsy
     same = [d - z for d, z in zip(table["dizo", 1], table["zo", 1])]  # -0.1 in every seed
     best = [d - z for d, z in zip(table["dizo", 1], table["zo", 2])]  # +0.1, +0.15, +0.05
     assert "| same rate (zo 1, dizo 1) | 3 | -0.1 ± 0 | 3/3 |" in out and bench.mean_std(same) == "-0.1 ± 0"
+    assert "| same rate (zo 2, dizo 2) | 3 | 0.15 ± 0 | 0/3 |" in out  # every rate both ran
     assert f"| each at its best rate (zo 2, dizo 1) | 3 | {bench.mean_std(best)} | 0/3 |" in out
     # per seed two phases measured on dev, one lower (-1%), one higher (+2%); the search batch lower in both
     assert "| 1 | 3 | 2 | 1 | 2 | +0.50% | undefined | 0.10 |" in out
