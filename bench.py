@@ -303,16 +303,12 @@ def write_json(path, obj):
 def replot(folder):
     """Draw the figures train.py draws for the run in `folder` (data.plot_run), from its results.json alone."""
     try:
-        results = json.loads((folder / "results.json").read_text())
-        results["methods"].items()
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SystemExit(f"error: {folder} holds no readable train.py results.json ({type(e).__name__}: {e})")
-    try:
-        drawn = data.plot_run(results, folder)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the figures in {folder} ({e.strerror or e})")
-    except (KeyError, TypeError, IndexError, ValueError) as e:
-        raise SystemExit(f"error: {folder}/results.json holds no history to draw ({type(e).__name__}: {e})")
+        drawn = data.plot_run(json.loads((folder / "results.json").read_text()), folder)
+    except OSError as e:  # no results.json, or a folder where the figures cannot be written
+        raise SystemExit(f"error: cannot read or write in {folder} ({e.strerror or e}: {e.filename})")
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise SystemExit(f"error: {folder} holds no readable train.py results.json with a history to draw "
+                         f"({type(e).__name__}: {e})")
     print(f"drew {', '.join(drawn)} in {folder}")
 
 
@@ -500,7 +496,7 @@ def paired_summary(folder, plot, seeds=None):
         name = re.fullmatch(r"(.+)-(fo|zo|dizo)-lr(.+?)-s(\d+)", path.parent.name)
         if name and (r := _paired_result(path.parent)) and (seeds is None or int(name[4]) in seeds):
             runs.setdefault(name[1], {}).setdefault(name[2], {}).setdefault(float(name[3]), {})[int(name[4])] = r
-    if not runs:
+    if not runs:  # e.g. a folder of other runs
         sys.exit(f"no finished runs in {folder}/<setting>-<method>-lr<lr>-s<seed>/results.json")
     fig, axes = data.pyplot().subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False)
     for (setting, methods), ax in zip(runs.items(), axes[0]):
@@ -516,8 +512,9 @@ def paired_summary(folder, plot, seeds=None):
                       f"{'/'.join(map(str, passes))} | {mean_std([r['dev_loss'] for r in by.values()])} | "
                       f"{mean_std([r['test_acc'] for r in by.values()])} |")
             ax.errorbar(sorted(rates), [mean[m][lr] for lr in sorted(rates)], marker="o", capsize=3, label=m,
-                        yerr=[statistics.stdev([r["dev_loss"] for r in rates[lr].values()] or [0, 0])
-                              if len(rates[lr]) > 1 else 0 for lr in sorted(rates)])
+                        color={"zo": "tab:orange", "dizo": "tab:green"}.get(m),  # as in curves.png
+                        yerr=[statistics.stdev(v) if len(v := [r["dev_loss"] for r in rates[lr].values()]) > 1 else 0
+                              for lr in sorted(rates)])
         if set(methods) == {"zo", "dizo"}:
             print("\n| dizo - zo, paired by seed | seeds | dev loss | dizo lower in | test acc |\n|---|---:|---:|---:|---:|")
             same = [("same rate", lr, lr) for lr in sorted(set(methods["zo"]) & set(methods["dizo"]))]
@@ -544,7 +541,11 @@ def paired_summary(folder, plot, seeds=None):
                       f"{span([sum(x < 0 for x in h) for h in held])} | {span([sum(x < 0 for x in s) for s in search])}"
                       f" | {span([100 * statistics.median(h) for h in held], '{:+.2f}%')} | {corr} | "
                       f"{span([max(abs(x - 1) for p in ps[len(ps) // 2:] for x in p['ratios']) for ps in per], '{:.2f}')} |")
-        ax.set(xscale="log", yscale="log", xlabel="lr", ylabel="final dev loss (mean ± std over seeds)", title=setting)
+        lrs = sorted({lr for rates in methods.values() for lr in rates})  # labelled: the rates tried, no others
+        ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="final dev loss (mean ± std over seeds)",
+               title=f"{setting}: equal forward passes", xticks=lrs, xticklabels=[f"{x:.3g}" for x in lrs])
+        ax.xaxis.set_minor_formatter("")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     data.save_figure(fig, Path(plot))

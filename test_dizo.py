@@ -2261,8 +2261,8 @@ def test_dizo_records_every_projection_phase_and_draws_them(assets, tmp_path, fi
     ("ablate_figure_onto_curves", "would replace a file of the train.py run"),
     ("ablate_into_checkpoints", "would replace a file of the train.py run"),
     ("out_under_a_file", "cannot write"),
-    ("replot_without_history", "holds no history to draw"),
-    ("replot_read_only", "cannot write the figures"),
+    ("replot_without_history", "results.json with a history to draw"),
+    ("replot_read_only", "cannot read or write in"),
 ])
 def test_bench_never_overwrites_a_run_and_fails_before_its_work(assets, tmp_path, monkeypatch, case, message,
                                                                   figures):
