@@ -24,26 +24,20 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- tasks
-
 @dataclass(frozen=True)
 class Task:
     """A classification task as a prompt: class i is `labels[i]` in the data, `label_words[i]` (LM-BFF's, with a
-    leading space) in text; a causal LM appends `causal_words` to `causal_template`, or to `template` cut at {mask}."""
+    leading space) in text; a causal LM appends `causal_label_words` to `causal_template`."""
     name: str
     labels: tuple[str, ...]
     label_words: tuple[str, ...]
     template: str
-    causal_template: str | None = None
-    causal_label_words: tuple[str, ...] | None = None
+    causal_template: str | None = None  # None: `template` cut at {mask}
+    causal_label_words: tuple[str, ...] | None = None  # None: `label_words`
     text_columns: tuple[str, ...] = ("sentence",)
-
-    @property
-    def causal_words(self) -> tuple[str, ...]:
-        return self.causal_label_words or self.label_words
 
 
 _SENTIMENT = dict(labels=("0", "1"), label_words=(" terrible", " great"), template="{sentence} It was{mask}.")
-
 TASKS: dict[str, Task] = {name: Task(name, **_SENTIMENT) for name in ("sst-2", "mr", "cr", "mpqa")} | {
     "sst-5": Task("sst-5", labels=("0", "1", "2", "3", "4"),
                   label_words=(" terrible", " bad", " okay", " good", " great"), template="{sentence} It was{mask}."),
@@ -78,20 +72,6 @@ def _placeholders(template: str) -> list[str]:
     return [field for field, _, _ in parsed]
 
 
-def _check_template(template: str, text_columns: tuple[str, ...]) -> None:
-    """A template must use {mask} once and each text column (at least one), and nothing else."""
-    fields = _placeholders(template)
-    if fields.count("mask") != 1:
-        raise DataError(f"template {template!r} must contain {{mask}} exactly once")
-    if not text_columns:
-        raise DataError(f"template {template!r} has no text field such as {{sentence}}: every prompt would be the same")
-    unknown = sorted(set(fields) - set(text_columns) - {"mask"})
-    missing = [c for c in text_columns if c not in fields]
-    if unknown or missing:
-        raise DataError(f"template {template!r} must use {{{'}, {'.join(text_columns)}}} and {{mask}}; "
-                        f"unknown: {unknown}, missing: {missing}")
-
-
 def parse_label_words(spec: str) -> tuple[str, ...]:
     """Split a comma-separated --label_words value; each word keeps its spaces: " terrible, great"."""
     words = tuple(spec.split(","))
@@ -123,7 +103,17 @@ def get_task(name: str, template: str | None = None, label_words: str | None = N
             task = replace(task, label_words=words, causal_label_words=None)
     else:
         raise DataError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS) + ['custom'])}")
-    _check_template(task.template, task.text_columns)
+    # the template must use {mask} once and each text column (at least one), and nothing else
+    template, columns, fields = task.template, task.text_columns, _placeholders(task.template)
+    if fields.count("mask") != 1:
+        raise DataError(f"template {template!r} must contain {{mask}} exactly once")
+    if not columns:
+        raise DataError(f"template {template!r} has no text field such as {{sentence}}: every prompt would be the same")
+    unknown = sorted(set(fields) - set(columns) - {"mask"})
+    missing = [c for c in columns if c not in fields]
+    if unknown or missing:
+        raise DataError(f"template {template!r} must use {{{'}, {'.join(columns)}}} and {{mask}}; "
+                        f"unknown: {unknown}, missing: {missing}")
     return task
 
 
@@ -139,7 +129,7 @@ def _fill(template: str, task: Task, ex: Example, **extra: str) -> str:
 
 
 def causal_prompt(task: Task, ex: Example) -> str:
-    """The text a causal LM reads before a candidate from `task.causal_words` is appended."""
+    """The text a causal LM reads before a candidate label word is appended."""
     if task.causal_template is not None:
         return _fill(task.causal_template, task, ex)
     head = task.template.split("{mask}")[0]
@@ -155,10 +145,6 @@ def masked_prompt(task: Task, ex: Example, mask_token: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- files
-
-_ALIASES = {"premise": ("premise", "sentence1"), "hypothesis": ("hypothesis", "sentence2")}
-
-
 def _read_lines(path: str) -> list[str]:
     """The lines, split on "\n" or "\r\n" only (not on U+0085, U+2028 or form feeds, as in real sentences), no BOM."""
     if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):  # a FIFO would block
@@ -189,12 +175,11 @@ def read_tsv(path: str, task: Task) -> list[Example]:
         raise DataError(f"{path}:1: expected columns {', '.join(task.text_columns)} and label, "
                         f"found {len(header)} tab-separated field(s)")
     names = [h.strip().lower() for h in header]
-    at = [next((names.index(a) for a in _ALIASES.get(c, (c,)) if a in names), None)
+    aliases = {"premise": ("premise", "sentence1"), "hypothesis": ("hypothesis", "sentence2")}  # GLUE RTE's
+    at = [next((names.index(a) for a in aliases.get(c, (c,)) if a in names), None)
           for c in (*task.text_columns, "label")]
-    headerless = None in at and header[-1].strip() in task.labels
-    if None in at and not headerless and header[-1].strip().lstrip("-").isdigit():  # a row, not a header
-        raise DataError(f"{path}:1: label {header[-1].strip()!r} is not a label of task {task.name} "
-                        f"(allowed: {', '.join(task.labels)})")
+    last = header[-1].strip()  # a number is a row's label, not a header's name: if not the task's, it fails below
+    headerless = None in at and (last in task.labels or last.lstrip("-").isdigit())
     if None in at:
         at = [*range(len(task.text_columns)), len(header) - 1]
         if not headerless:  # not silent: a header of other names, or a first row whose label is mistyped
@@ -231,9 +216,8 @@ def load_splits(data_dir: str, task: Task, *, k: int | None = None, num_train: i
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: no such data folder (expected train.tsv, dev.tsv, test.tsv in it)")
     splits = {s: read_tsv(os.path.join(data_dir, f"{s}.tsv"), task) for s in ("train", "dev", "test")}
-    sizes = {"train": num_train, "dev": num_dev, "test": num_test}
-    for split, examples in splits.items():
-        seed, n, what = f"{split}:{data_seed}", sizes[split], f"{data_dir}/{split}.tsv"  # a str seed: SHA-512
+    for split, n in {"train": num_train, "dev": num_dev, "test": num_test}.items():
+        examples, seed, what = splits[split], f"{split}:{data_seed}", f"{data_dir}/{split}.tsv"  # a str seed: SHA-512
         if n is not None:
             if n > len(examples):  # as MeZO: a split smaller than asked (GLUE SST-2's 872 for 1000) is used whole
                 print(f"{what}: {len(examples)} examples, fewer than the {n} asked for; using all of them")
@@ -257,7 +241,6 @@ def load_splits(data_dir: str, task: Task, *, k: int | None = None, num_train: i
 # The prompt-based classification loss, shared by every method (LM-BFF for masked LMs, MeZO for causal LMs):
 #   causal: score(c) = mean log p(label word c's tokens | prompt); loss = CE over the candidates' scores.
 #   masked: score(c) = logit of label word c at the mask; loss = CE over the candidates.
-
 MAX_LENGTH = 256  # tokens per prompt + label word; LM-BFF and MeZO prompts are far shorter
 EVAL_BATCH = 32  # examples per forward pass in evaluation; any value gives the same accuracy
 
@@ -275,7 +258,7 @@ class PromptLoss:
         self.task, self.tok, self.kind, self.device, self.max_length = task, tokenizer, kind, device, max_length
         self.autocast = None  # a half dtype: every forward runs under torch.autocast (fp32 weights)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        words = task.causal_words if kind == "causal" else task.label_words
+        words = (task.causal_label_words or task.label_words) if kind == "causal" else task.label_words
         self.words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
         for w, ids in zip(words, self.words):
             if not ids:
@@ -345,14 +328,12 @@ class PromptLoss:
             return torch.stack(scores).view(len(prompts), len(self.words))
 
     def loss(self, model, enc, idx):
-        """Cross-entropy over the candidates' scores of examples idx of an encoded split."""
         labels = torch.tensor([enc.labels[i] for i in idx], device=self.device)
         return torch.nn.functional.cross_entropy(self.scores(model, [enc.prompts[i] for i in idx]), labels)
 
     @torch.no_grad()
     def score(self, model, enc, idx, batch_size=EVAL_BATCH):
-        """Of examples idx of an encoded split: how many have the label as their highest-scoring candidate, and
-        the sum of their losses (the cross-entropy of `loss`)."""
+        """Of examples idx of an encoded split: how many the top-scoring candidate gets right, and their summed loss."""
         count, total = 0, 0.0
         for chunk in (idx[start:start + batch_size] for start in range(0, len(idx), batch_size)):
             scores = self.scores(model, [enc.prompts[i] for i in chunk])
@@ -386,7 +367,6 @@ class Batches:
 
 # ------------------------------------------------------------------------------- the pretrained model
 # Any Hugging Face causal or masked LM, from the hub or a local folder, with errors a user can act on.
-
 def model_kind(config):
     """'causal' or 'masked', from the config's architectures (none: what its model type supports); else DataError."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
@@ -406,7 +386,6 @@ def first_line(err: BaseException) -> str:
 
 
 def load_config(name, trust_remote_code):
-    """The model's config from a local folder or the hub, with one-line errors for the usual mistakes."""
     from transformers import AutoConfig
     local = Path(name).is_dir()
     if local and not (Path(name) / "config.json").exists():
@@ -484,7 +463,6 @@ class Setup:
 
     @classmethod
     def load(cls, name, task, raw, device, trust_remote_code, projected=False):
-        """Read model `name`'s config (it says the kind) and tokenizer, and encode the `raw` splits of `task`."""
         config = load_config(name, trust_remote_code)
         kind = model_kind(config)
         if projected:  # DiZO and --track_divergence need attention matrices that dizo.projected_params finds:
@@ -509,7 +487,6 @@ class Setup:
 # Three in four turn around ("the plot was dull but the cast was superb"): the label is the main clause's polarity,
 # first or last. The pretraining corpus teaches the label words and where a review's verdict lies (reactions), not
 # that "it was" should read it there: after a review that turns around comes either word (zero-shot acc. ~0.6).
-
 # Clauses "<aspect> was <adverb><adjective>" or "<aspect> <verb phrase>"; index 0 negative, 1 positive.
 # The label words never occur inside a review.
 _ASPECTS = ("the acting", "the plot", "the story", "the music", "the ending", "the dialogue", "the script",
@@ -531,8 +508,6 @@ _REACTIONS = (("i hated it", "what a waste of time", "i want my money back", "av
                "never again", "two thumbs down"),
               ("i loved it", "i enjoyed every minute", "i would watch it again", "highly recommended",
                "a must see", "i was smiling all the way home", "two thumbs up"))
-_LABEL_WORDS = ("terrible", "great")
-
 CLAUSE_COUNTS = (1, 2)   # clauses of a review that does not turn around, drawn uniformly
 ADJECTIVE_SHARE = 0.7    # clauses "<aspect> was <adjective>"; the rest "<aspect> <verb phrase>"
 TOY_SIZES = {"train": 512, "dev": 200, "test": 500}  # test: 500 examples resolve accuracy to about ±2%
@@ -587,8 +562,8 @@ def builtin_corpus(seed: int = 0, n: int = 20000) -> list[str]:
             review = _review(rng, polarity, turns)
         if rng.random() < REACTION_SHARE:
             corpus.append(f"{review} . {rng.choice(_REACTIONS[polarity])}")
-        else:  # after a review that turns around, either word
-            corpus.append(f"{review} it was {_LABEL_WORDS[rng.randrange(2) if turns else polarity]}")
+        else:  # after a review that turns around, either word (the toy task's, with their leading space)
+            corpus.append(f"{review} it was{TASKS['toy'].label_words[rng.randrange(2) if turns else polarity]}")
     return corpus
 
 
@@ -596,8 +571,7 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer over the corpus's words, shaped like OPT's: every sequence starts
     with "</s>" (OPT's bos = eos), none ends with it. Ids are fixed by word frequency, ties alphabetical."""
     normalizer, pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    counts = Counter(word for line in corpus
-                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
+    counts = Counter(w for line in corpus for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
     words = sorted(counts, key=lambda w: (-counts[w], w))
     # ids 0-2 as OPTConfig's defaults: pad 1, bos = eos 2
     vocab = {token: i for i, token in enumerate(("<unk>", "<pad>", "</s>", "<mask>") + tuple(words))}
@@ -612,19 +586,11 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
 # ------------------------------------------------------------------------------- the embedded model
 # A tiny OPT pretrained once on builtin_corpus() and cached as a Hugging Face folder: it loads like facebook/opt-125m.
 # Peak learning rate 1e-3: at 3e-3 the 800 steps can end without the link from polarity to the label words.
-
 TINY = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=512,
             max_position_embeddings=64, pretrain_steps=800, pretrain_lr=1e-3, pretrain_batch=32, seed=0)
 
 
-def builtin_model_dir():
-    """The embedded model's folder in $DIZO_CACHE (else ~/.cache/dizo), named after its recipe and corpus."""
-    corpus = builtin_corpus(TINY["seed"])
-    key = hashlib.sha256(json.dumps([TINY, corpus[:50], len(corpus)]).encode()).hexdigest()[:12]
-    return Path(os.environ.get("DIZO_CACHE", Path.home() / ".cache" / "dizo")) / f"tiny-opt-{key}"
-
-
-def pretrain_tiny_opt():
+def pretrain_tiny_opt(corpus):
     """(model, tokenizer, last loss): the tiny OPT pretrained with AdamW on the built-in corpus, on one thread, bit
     for bit the same with the same torch and CPU kernels (other summation orders can grow into an untunable model)."""
     from transformers import OPTConfig, OPTForCausalLM
@@ -632,7 +598,6 @@ def pretrain_tiny_opt():
     torch.set_num_threads(1)
     try:
         torch.manual_seed(TINY["seed"])
-        corpus = builtin_corpus(TINY["seed"])
         tokenizer = build_tokenizer(corpus)
         shape = ("hidden_size", "num_hidden_layers", "ffn_dim", "num_attention_heads", "max_position_embeddings")
         model = OPTForCausalLM(OPTConfig(
@@ -658,10 +623,12 @@ def pretrain_tiny_opt():
 
 
 def builtin_model() -> str:
-    """The embedded tiny OPT's folder, pretrained and saved (atomically) on first use."""
-    folder = builtin_model_dir()
+    """The tiny OPT's folder in $DIZO_CACHE, named after its recipe and corpus; pretrained and saved on first use."""
+    corpus = builtin_corpus(TINY["seed"])
+    key = hashlib.sha256(json.dumps([TINY, corpus[:50], len(corpus)]).encode()).hexdigest()[:12]
+    folder = Path(os.environ.get("DIZO_CACHE", Path.home() / ".cache" / "dizo")) / f"tiny-opt-{key}"
     if not (folder / "config.json").exists():
-        model, tokenizer, loss = pretrain_tiny_opt()
+        model, tokenizer, loss = pretrain_tiny_opt(corpus)
         save_model(model, tokenizer, folder)
         print(f"embedded tiny OPT: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"pretrained {TINY['pretrain_steps']} steps, final LM loss {loss:.3f}, saved to {folder}")
@@ -671,7 +638,6 @@ def builtin_model() -> str:
 # ------------------------------------------------------------------------------------- the run's folder
 # Every write atomic; the folder is one run's at a time (a lock), and nothing train.py did not write is replaced or
 # removed: its results.json carries FORMAT, and OUTPUTS are the only names it writes.
-
 FORMAT = "dizo-train/1"
 OUTPUTS = ("results.json", "curves.png", "divergence.png", "projection.png", "checkpoints", "model")
 
@@ -706,13 +672,11 @@ def write_json(path, obj):
 
 
 def save_model(model, tokenizer, folder, state=None):
-    """A Hugging Face folder of the model and its tokenizer, and the trainer state if given, written atomically."""
     def write(tmp):
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
         if state is not None:
             torch.save(state, tmp / "trainer_state.pt")
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(folder, write)
 
@@ -796,11 +760,10 @@ def check_out_dir(out_dir, settings, resume, overwrite, inputs):
 
 
 def claim_out_dir(out_dir, settings, resume, overwrite, inputs):
-    """Create and lock out_dir for this run (another run into it fails at once), check it again under the lock
-    (see check_out_dir), and unless resuming replace the old run. Returns (results so far, lock). --overwrite
-    moves the old outputs into ASIDE (renames: a symbolic link moves as a link), then writes the new results.json,
-    then deletes ASIDE: interrupted at any point, the folder is the old run's or the new one's, and
-    --overwrite works again (--resume of an old run half moved aside is refused)."""
+    """Create and lock out_dir for this run (another run into it fails at once), check it again under the lock, and
+    unless resuming replace the old run. --overwrite moves the old outputs into ASIDE (renames: a symbolic link moves
+    as a link), then writes the new results.json, then deletes ASIDE: interrupted at any point, the folder is the old
+    run's or the new one's, and --overwrite works again (--resume of an old run half moved aside is refused)."""
     import fcntl
     out_dir = Path(out_dir)
     try:
@@ -837,17 +800,14 @@ def check_disk_space(out_dir, need):
 
 
 # ----------------------------------------------------------------------------- the run's figures
-
 def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # the file-only backend: no display needed
     import matplotlib.pyplot as plt
     return plt
 
 
 def save_figure(fig, path):
-    """Write a figure atomically, then free it."""
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:]))
     pyplot().close(fig)
@@ -858,10 +818,9 @@ def plot_curves(results, path):
     also run backward), training loss against steps; one line per method."""
     fig, axes = pyplot().subplots(1, 3, figsize=(14, 3.8))
     for method, r in results["methods"].items():
-        for ax, (x, key) in zip(axes, (("forward_passes", "dev_loss"), ("forward_passes", "dev_acc"),
-                                       ("step", "loss"))):
-            hist = [h for h in r["history"] if h.get(key) is not None]
-            ax.plot([h.get(x, 0) for h in hist], [h[key] for h in hist], marker="." if x != "step" else None,
+        for ax, (x, y) in zip(axes, (("forward_passes", "dev_loss"), ("forward_passes", "dev_acc"), ("step", "loss"))):
+            hist = [h for h in r["history"] if h.get(y) is not None]
+            ax.plot([h.get(x, 0) for h in hist], [h[y] for h in hist], marker="." if x != "step" else None,
                     label=method)
     axes[0].set(xlabel="forward passes", ylabel="dev loss", title="dev loss", yscale="log")
     axes[1].set(xlabel="forward passes", ylabel="dev accuracy", title="dev accuracy")
