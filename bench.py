@@ -597,15 +597,15 @@ def parse_args(argv=None):
             p.error(f"unknown {kind} {x!r}; choose from {', '.join(known)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
-    for flag, value in (("--repeats", args.repeats or 1), ("--drift-steps", args.drift_steps)):
+    for flag, value in (("--repeats", args.repeats or 1), ("--drift-steps", args.drift_steps), ("--jobs", args.jobs)):
         if value < 1:
             p.error(f"{flag} must be >= 1")
     if args.dry_run and not args.gpu_check:
         p.error("--dry-run goes with --gpu-check")
     args.out = args.out or f"runs/{'ablation' if args.ablate else 'precision' if args.precision else 'bench'}.json"
     args.threads = args.threads or (1 if args.precision else 2)
-    outs = ([args.plot] if args.plot else []) if args.paired else [] if args.replot else [args.out] + (
-        [Path(args.out).with_suffix(".png")] if args.ablate else [])
+    outs = [Path(args.paired) / "logs", *([args.plot] if args.plot else [])] if args.paired else [] if args.replot \
+        else [args.out] + ([Path(args.out).with_suffix(".png")] if args.ablate else [])
     for out in outs:  # the outputs of this command, checked before the work
         check_output(out)
     return args

@@ -1679,6 +1679,7 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--eps", "0"], "--eps must be finite and > 0"),
     (["--tau", "1.5"], "--tau must be in (0, 1)"),
     (["--interval", "0"], "--interval must be an int >= 1"),
+    (["--phase_dev", "-1"], "--phase_dev must be >= 0"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--resume"], "nothing to resume"),
@@ -2261,6 +2262,7 @@ def test_dizo_records_every_projection_phase_and_draws_them(assets, tmp_path, fi
     ("ablate_figure_onto_curves", "would replace a file of the train.py run"),
     ("ablate_into_checkpoints", "would replace a file of the train.py run"),
     ("out_under_a_file", "cannot write"),
+    ("paired_into_a_file", "cannot write"),
     ("replot_without_history", "results.json with a history to draw"),
     ("replot_read_only", "cannot read or write in"),
 ])
@@ -2279,6 +2281,8 @@ def test_bench_never_overwrites_a_run_and_fails_before_its_work(assets, tmp_path
         else:  # as a read-only folder does to root too
             monkeypatch.setattr(data.os, "replace", lambda a, b: (_ for _ in ()).throw(PermissionError(13, "denied")))
         argv = ["--replot", str(out)]
+    elif case == "paired_into_a_file":  # the study's folder is a file: refused before any run starts
+        argv = ["--paired", str(tmp_path / "a_file")]
     else:
         argv = ["--ablate", "anything: the outputs are checked first", "--out", str(target[case])]
     with pytest.raises(SystemExit) as e:
