@@ -41,6 +41,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import data
+import plots
+import runs
 import train
 from dizo import DiZO, ZOSGD, projected_params
 
@@ -240,7 +242,7 @@ def memory_worker(shape, method, args):
     args = argparse.Namespace(**{**vars(args), "repeats": 1})
     device, model, batch, fresh = setup(shape, args)
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
-    mem, tracked, info = train.PeakMemory(device), TrackedTensors(), {}
+    mem, tracked, info = runs.PeakMemory(device), TrackedTensors(), {}
     mem.reset()
     with tracked if device.type == "cpu" else contextlib.nullcontext():
         step, opt = make_step(method, model, batch, fresh, args)
@@ -301,9 +303,9 @@ def write_json(path, obj):
 
 
 def replot(folder):
-    """Draw the figures train.py draws for the run in `folder` (data.plot_run), from its results.json alone."""
+    """Draw the figures train.py draws for the run in `folder` (plots.plot_run), from its results.json alone."""
     try:
-        drawn = data.plot_run(json.loads((folder / "results.json").read_text()), folder)
+        drawn = plots.plot_run(json.loads((folder / "results.json").read_text()), folder)
     except OSError as e:  # no results.json, or a folder where the figures cannot be written
         raise SystemExit(f"error: cannot read or write in {folder} ({e.strerror or e}: {e.filename})")
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
@@ -315,9 +317,9 @@ def replot(folder):
 def check_output(path):
     """Refuse, before any work, an output that would replace a train.py run's file or cannot be written."""
     path = Path(path).absolute()
-    for p in (p for p in (path, *path.parents) if p.name in data.OUTPUTS):  # a run's output, or inside one
+    for p in (p for p in (path, *path.parents) if p.name in runs.OUTPUTS):  # a run's output, or inside one
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            if json.loads((p.parent / "results.json").read_text()).get("format") == data.FORMAT:
+            if json.loads((p.parent / "results.json").read_text()).get("format") == runs.FORMAT:
                 sys.exit(f"error: {path} would replace a file of the train.py run in {p.parent}; choose another --out")
     folder = next(p for p in path.parents if p.exists())
     if not folder.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -498,7 +500,7 @@ def paired_summary(folder, plot, seeds=None):
             runs.setdefault(name[1], {}).setdefault(name[2], {}).setdefault(float(name[3]), {})[int(name[4])] = r
     if not runs:  # e.g. a folder of other runs
         sys.exit(f"no finished runs in {folder}/<setting>-<method>-lr<lr>-s<seed>/results.json")
-    fig, axes = data.pyplot().subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False)
+    fig, axes = plots.pyplot().subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False)
     for (setting, methods), ax in zip(runs.items(), axes[0]):
         mean = {m: {lr: statistics.mean(r["dev_loss"] for r in by.values()) for lr, by in rates.items()}
                 for m, rates in methods.items()}
@@ -548,7 +550,7 @@ def paired_summary(folder, plot, seeds=None):
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-    data.save_figure(fig, Path(plot))
+    plots.save_figure(fig, Path(plot))
     print(f"\nwrote {plot}")
 
 
@@ -854,7 +856,7 @@ def ablation_tables(result):
 
 def plot_ablation(result, path):
     """Dev loss per reverted group against the fine-tuned and pretrained losses; dev loss along θ0 + r·Δ."""
-    fig, (ax_groups, ax_lines) = data.pyplot().subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax_groups, ax_lines) = plots.pyplot().subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     names = list(result["groups"])
     ax_groups.bar(names, [result["groups"][n]["loss"] for n in names], color="tab:blue")
     for key, label, style in (("finetuned", "fine-tuned", "-"), ("pretrained", "pretrained", "--")):
@@ -868,7 +870,7 @@ def plot_ablation(result, path):
     for ax in (ax_groups, ax_lines):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    data.save_figure(fig, Path(path))
+    plots.save_figure(fig, Path(path))
 
 
 def ablate_main(args):

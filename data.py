@@ -1,13 +1,11 @@
-"""What the model reads and the files a run writes: tasks, prompts (LM-BFF's for masked LMs, MeZO's for causal LMs),
-data files, the prompt-based loss, the batch order, the pretrained model, the embedded default (task "toy" and a tiny
-OPT pretrained once on its corpus and cached: all runs offline); results, checkpoints, models, figures, all atomic."""
+"""What the model reads and how it is scored: tasks, prompts (LM-BFF's for masked LMs, MeZO's for causal LMs), data
+files, the prompt-based loss, the batch order, the pretrained model and tokenizer, and the embedded default (task
+"toy" and a tiny OPT pretrained once on its corpus and cached: all runs offline)."""
 import contextlib
 import hashlib
 import json
-import math
 import os
 import random
-import shutil
 import string
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -17,6 +15,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
+
+from runs import first_line, save_model
 
 
 class DataError(ValueError):
@@ -381,10 +381,6 @@ def model_kind(config):
                     "masked language model")
 
 
-def first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {str(err).strip().splitlines()[0]}" if str(err).strip() else type(err).__name__
-
-
 def load_config(name, trust_remote_code):
     from transformers import AutoConfig
     local = Path(name).is_dir()
@@ -633,268 +629,3 @@ def builtin_model() -> str:
         print(f"embedded tiny OPT: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"pretrained {TINY['pretrain_steps']} steps, final LM loss {loss:.3f}, saved to {folder}")
     return str(folder)
-
-
-# ------------------------------------------------------------------------------------- the run's folder
-# Every write atomic; the folder is one run's at a time (a lock), and nothing train.py did not write is replaced or
-# removed: its results.json carries FORMAT, and OUTPUTS are the only names it writes.
-FORMAT = "dizo-train/1"
-OUTPUTS = ("results.json", "curves.png", "divergence.png", "projection.png", "checkpoints", "model")
-
-
-def write_atomically(path, write) -> None:
-    """write(tmp) creates a file or a folder at a temporary name, then renamed to `path`: a kill leaves the old or
-    the new one whole (an old folder is first renamed aside, then removed; `checkpoint_dir` knows that name)."""
-    path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    remove(tmp)
-    try:
-        write(tmp)
-    except BaseException as e:
-        remove(tmp)
-        if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":  # torch.save's, safetensors'
-            raise OSError(f"cannot write {path} ({first_line(e)[:200]}): is the disk full?") from e
-        raise
-    if path.is_dir():  # a folder cannot be replaced in one step: aside first
-        remove(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    remove(old)
-
-
-def remove(path: Path) -> None:
-    """Delete a file or a folder tree, if there is one; a symbolic link is removed, not what it points to."""
-    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
-
-
-def write_json(path, obj):
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
-
-
-def save_model(model, tokenizer, folder, state=None):
-    def write(tmp):
-        model.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        if state is not None:
-            torch.save(state, tmp / "trainer_state.pt")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder, write)
-
-
-def checkpoint_dir(out_dir, method):
-    folder = out_dir / "checkpoints" / method
-    old = folder.with_name(method + ".old")
-    return old if not folder.exists() and old.exists() else folder  # a kill between the two renames
-
-
-def save_checkpoint(out_dir, method, model, tokenizer, state):
-    save_model(model, tokenizer, out_dir / "checkpoints" / method, state)
-
-
-def load_checkpoint(out_dir, method, model):
-    """Weights into `model` and the trainer state, from the method's last checkpoint; None if none was reached."""
-    from safetensors.torch import load_file
-    folder = checkpoint_dir(out_dir, method)
-    if not (folder / "trainer_state.pt").exists():
-        return None
-    try:
-        weights = {}
-        for path in sorted(folder.glob("*.safetensors")):  # one file, or shards
-            weights |= load_file(str(path), device=str(next(model.parameters()).device))
-        state = torch.load(folder / "trainer_state.pt", weights_only=True)
-    except Exception as e:  # truncated or corrupt files
-        raise DataError(f"checkpoint {folder} is damaged ({first_line(e)}); start the run again with --overwrite")
-    if hasattr(model, "peft_config"):  # a LoRA checkpoint holds the adapters; the base comes from --model
-        from peft import set_peft_model_state_dict
-        unexpected, untied = set_peft_model_state_dict(model, weights).unexpected_keys, []
-    else:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        # save_pretrained stores a tied tensor once (OPT's lm_head, RoBERTa's decoder): a key may be missing
-        # only if it shares its storage with a key that is there.
-        tensors = model.state_dict()
-        present = {tensors[k].data_ptr() for k in weights if k in tensors}
-        untied = [k for k in missing if tensors[k].data_ptr() not in present]
-    if unexpected or untied:
-        raise DataError(f"checkpoint {folder} does not match the model: {untied[:3]} {unexpected[:3]}")
-    return state
-
-
-HASHES = {"data_hash": "the data differ from the saved run's (were the files changed?)",
-          "model_hash": "the model's weights differ from the saved run's (was --model changed or re-saved?)"}
-ASIDE = ".overwritten"  # --overwrite moves the old outputs here first, and deletes them once the new run is set
-
-
-def check_out_dir(out_dir, settings, resume, overwrite, inputs):
-    """The results so far in out_dir, checked against a run with these settings (a hash of None, not yet known,
-    is not compared) and its `inputs` (paths that must not be inside its outputs)."""
-    out_dir, path = Path(out_dir), Path(out_dir) / "results.json"
-    saved = None
-    if path.exists():
-        with contextlib.suppress(OSError, ValueError):
-            saved = json.loads(path.read_text())
-        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-            raise DataError(f"{path} was not written by train.py, or is damaged; choose another --out_dir")
-    if resume:
-        if saved is None:
-            raise DataError(f"--resume: no results.json in {out_dir}, nothing to resume")
-        if (out_dir / ASIDE).exists():
-            raise DataError(f"--resume: an --overwrite of {out_dir} was interrupted; run it again with --overwrite")
-        changed = [f"{k} (saved {saved['config'].get(k)!r}, now {v!r})" for k, v in settings.items()
-                   if k not in HASHES and saved["config"].get(k) != v]
-        if changed:
-            raise DataError(f"--resume: flags differ from the saved run: {', '.join(changed)}")
-        for key, message in HASHES.items():
-            if settings.get(key) and saved["config"].get(key) != settings[key]:
-                raise DataError(f"--resume: {message}")
-        return saved
-    if saved is not None and not overwrite:
-        raise DataError(f"{out_dir} already holds a run; pass --overwrite to replace it or --resume to continue it")
-    present = [out_dir / n for n in OUTPUTS if os.path.lexists(out_dir / n)]
-    if saved is None and present:
-        raise DataError(f"{present[0]} exists and was not written by train.py; choose another --out_dir")
-    for path in present:
-        for given in inputs:
-            if given and Path(given).resolve().is_relative_to(path.resolve()):
-                raise DataError(f"--overwrite would remove {path}, which holds {given}; choose another --out_dir")
-    return {"format": FORMAT, "config": settings, "methods": {}}
-
-
-def claim_out_dir(out_dir, settings, resume, overwrite, inputs):
-    """Create and lock out_dir for this run (another run into it fails at once), check it again under the lock, and
-    unless resuming replace the old run. --overwrite moves the old outputs into ASIDE (renames: a symbolic link moves
-    as a link), then writes the new results.json, then deletes ASIDE: interrupted at any point, the folder is the old
-    run's or the new one's, and --overwrite works again (--resume of an old run half moved aside is refused)."""
-    import fcntl
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / ".lock", "w")
-    except OSError as e:
-        raise DataError(f"--out_dir {out_dir}: cannot write there ({e.strerror})")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise DataError(f"another train.py is running in {out_dir}; wait for it or choose another --out_dir")
-    results = check_out_dir(out_dir, settings, resume, overwrite, inputs)
-    if not resume:
-        aside = out_dir / ASIDE
-        aside.mkdir(exist_ok=True)
-        for name in OUTPUTS[1:]:
-            if os.path.lexists(out_dir / name):
-                remove(aside / name)  # left by an earlier interrupted --overwrite
-                os.replace(out_dir / name, aside / name)
-        write_json(out_dir / "results.json", results)  # the folder is this run's from now on: --resume works
-        remove(aside)                                   # even if it is killed before its first evaluation
-    return results, lock
-
-
-def check_disk_space(out_dir, need):
-    """Refuse to start without `need` bytes (+10%) free in out_dir, rather than fail at a checkpoint."""
-    need *= 1.1
-    out_dir = Path(out_dir).absolute()
-    free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
-    if free < need:
-        raise DataError(f"--out_dir {out_dir}: {free / 2**20:,.0f} MB free, checkpoints of this model need about "
-                        f"{need / 2**20:,.0f} MB")
-
-
-# ----------------------------------------------------------------------------- the run's figures
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # the file-only backend: no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path):
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:]))
-    pyplot().close(fig)
-
-
-def plot_curves(results, path):
-    """Dev loss and accuracy against forward passes (the fair axis: a DiZO phase costs 2M + 2 of them; FO's
-    also run backward), training loss against steps; one line per method."""
-    fig, axes = pyplot().subplots(1, 3, figsize=(14, 3.8))
-    for method, r in results["methods"].items():
-        for ax, (x, y) in zip(axes, (("forward_passes", "dev_loss"), ("forward_passes", "dev_acc"), ("step", "loss"))):
-            hist = [h for h in r["history"] if h.get(y) is not None]
-            ax.plot([h.get(x, 0) for h in hist], [h[y] for h in hist], marker="." if x != "step" else None,
-                    label=method)
-    axes[0].set(xlabel="forward passes", ylabel="dev loss", title="dev loss", yscale="log")
-    axes[1].set(xlabel="forward passes", ylabel="dev accuracy", title="dev accuracy")
-    axes[2].set(xlabel="step", ylabel="training loss (mean since last eval)", title="training loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure(fig, path)
-
-
-def plot_divergence(results, path):
-    """One panel per method: ‖W_T - W_0‖ of Q, K, V, O per layer at the last evaluation, each divided by
-    √(entries), so that ZO's size-only movement (η|g|√n per step, DiZO §2.2) shows as flat lines."""
-    methods = [(m, r) for m, r in results["methods"].items() if "divergence" in r["history"][-1]]
-    fig, axes = pyplot().subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False, sharey=True)
-    for ax, (method, r) in zip(axes[0], methods):
-        last = r["history"][-1]
-        for role, dists in last["divergence"].items():
-            per_entry = [d / math.sqrt(n) for d, n in zip(dists, r["matrix_sizes"][role])]
-            ax.plot(range(len(dists)), per_entry, marker="o", label=role.upper())
-        ax.set(title=f"{method}, step {last['step']}", xlabel="layer", yscale="log", xticks=range(len(dists)))
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(ncol=4, fontsize=8)
-    axes[0][0].set_ylabel("‖W - W0‖ / √entries")
-    save_figure(fig, path)
-
-
-def _short_name(name):
-    """'model.decoder.layers.2.self_attn.k_proj.weight' -> '2 k_proj': the layer and what follows its block."""
-    parts = name.replace(".weight", "").replace(".default", "").split(".")
-    layer = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-    return name if layer is None else f"{parts[layer]} {'.'.join(parts[layer + 2:])}"
-
-
-def plot_projection(results, path):
-    """DiZO's projection phases (§3) per method: the ratio r_l chosen for each projected matrix (rows) at each phase
-    (columns; 1 = left as it was), and its loss change on the first search batch and on held-out dev examples."""
-    runs = [(m, r) for m, r in results["methods"].items() if r.get("projection")]
-    fig, axes = pyplot().subplots(len(runs), 2, figsize=(12, 0.5 + 3.5 * len(runs)), squeeze=False,
-                                  gridspec_kw={"width_ratios": (3, 2)})
-    for (method, r), (ax_r, ax_loss) in zip(runs, axes):
-        phases = r["projection"]
-        steps = [p["step"] for p in phases]
-        ratios = torch.tensor([p["ratios"] for p in phases]).T.tolist()  # [matrix][phase]
-        spread = max(max(abs(x - 1) for row in ratios for x in row), 1e-3)
-        image = ax_r.imshow(ratios, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=1 - spread,
-                            vmax=1 + spread)
-        names = [_short_name(n) for n in r["projected"]]
-        for set_ticks, labels, most, size in ((ax_r.set_yticks, names, 20, 6), (ax_r.set_xticks, steps, 12, 7)):
-            every = max(1, len(labels) // most)  # at most 20 matrix and 12 step labels
-            set_ticks(range(0, len(labels), every), labels[::every], fontsize=size)
-        ax_r.set(title=f"{method}: ratio r = γ/‖θ−θ0‖ chosen per matrix", xlabel="after step")
-        fig.colorbar(image, ax=ax_r)
-        width = 0.4 * (steps[1] - steps[0]) if len(steps) > 1 else 1.0
-        for key, label, shift in (("loss", "first search batch (used by the search)", -0.5),
-                                  ("dev_loss", "held-out dev examples", 0.5)):
-            if all(f"{key}_before" in p for p in phases):
-                ax_loss.bar([s + shift * width for s in steps], [100 * (p[f"{key}_after"] / p[f"{key}_before"] - 1)
-                                                                   for p in phases], width=width, label=label)
-        ax_loss.axhline(0, color="gray", lw=0.8)
-        ax_loss.set(title=f"{method}: loss change at each phase", xlabel="step", ylabel="after / before − 1 (%)")
-        ax_loss.legend(fontsize=7)
-        ax_loss.grid(alpha=0.3)
-    save_figure(fig, path)
-
-
-def plot_run(results, folder):
-    """Draws a train.py run's figures into `folder` (curves; divergence, projection if recorded); their names."""
-    methods = results["methods"]
-    figures = {"curves.png": plot_curves}
-    if any(r.get("history") and "divergence" in r["history"][-1] for r in methods.values()):
-        figures["divergence.png"] = plot_divergence
-    if any(r.get("projection") for r in methods.values()):
-        figures["projection.png"] = plot_projection
-    for name, plot in figures.items():
-        plot(results, folder / name)
-    return list(figures)

@@ -35,6 +35,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BloomConfig, Bloo
 
 import bench
 import data
+import plots
+import runs
 import train
 import dizo
 from dizo import DiZO, ZOSGD, divergence, projected_params
@@ -670,10 +672,10 @@ def test_held_out_phase_losses_are_measured_around_each_phase_and_leave_the_run_
 
 def test_curves_plot_dev_loss_and_accuracy_against_forward_passes(monkeypatch):
     drawn = {}
-    monkeypatch.setattr(data, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
     history = [{"step": s, "loss": 0.5, "dev_acc": 0.5 + s / 100, "dev_loss": 0.7 - s / 100, "forward_passes": p}
                for s, p in ((0, 0), (10, 20), (20, 44))]
-    data.plot_curves({"methods": {"dizo": {"history": history}}}, Path("curves.png"))
+    plots.plot_curves({"methods": {"dizo": {"history": history}}}, Path("curves.png"))
     axes = drawn["fig"].axes
     assert [(a.get_title(), a.get_xlabel()) for a in axes] == [
         ("dev loss", "forward passes"), ("dev accuracy", "forward passes"), ("training loss", "step")]
@@ -1326,9 +1328,9 @@ def figures():
 def _no_figures(request, monkeypatch):
     """train.py draws its figures when a run ends: about 0.9 s on 2 cores, most of a short test run's time. The
     tests that ask for `figures` draw them, and between them their runs end in every way (done, diverged,
-    interrupted); in the other tests data.plot_run does nothing."""
+    interrupted); in the other tests plots.plot_run does nothing."""
     if "figures" not in request.fixturenames:
-        monkeypatch.setattr(data, "plot_run", lambda results, folder: [])
+        monkeypatch.setattr(plots, "plot_run", lambda results, folder: [])
 
 
 def forked_train(argv, env=(), stderr=os.devnull, hold=None):
@@ -1859,7 +1861,7 @@ def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(assets, tmp
     saved = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert steps == 10 and saved["methods"]["dizo"]["steps"] == steps
     shutil.copytree(tmp_path / "cut", tmp_path / "unrecorded")
-    data.write_json(tmp_path / "unrecorded" / "results.json", saved | {"methods": {}})
+    runs.write_json(tmp_path / "unrecorded" / "results.json", saved | {"methods": {}})
     assert train.main(flags + ["--out_dir", str(tmp_path / "full")]) == 0
     take_step, taken = train.take_step, []
     monkeypatch.setattr(train, "take_step", lambda *args: taken.append(1) or take_step(*args))
@@ -1882,19 +1884,19 @@ def test_a_signal_from_outside_writes_results_and_checkpoint(assets, tmp_path, s
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    data.write_json(path, {"a": 1})
+    runs.write_json(path, {"a": 1})
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(json, "dumps", crash)  # killed while writing: the old file stays whole
     with pytest.raises(KeyboardInterrupt):
-        data.write_json(path, {"a": 2})
+        runs.write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
     monkeypatch.undo()
 
     folder = tmp_path / "model"
-    data.write_atomically(folder, lambda tmp: (tmp.mkdir(), (tmp / "w").write_text("old")))
+    runs.write_atomically(folder, lambda tmp: (tmp.mkdir(), (tmp / "w").write_text("old")))
 
     def half_write(tmp):
         tmp.mkdir()
@@ -1902,7 +1904,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        data.write_atomically(folder, half_write)
+        runs.write_atomically(folder, half_write)
     assert (folder / "w").read_text() == "old"
 
 
@@ -2084,7 +2086,7 @@ def test_overwrite_never_leaves_the_folder_unusable(assets, tmp_path, monkeypatc
         (elsewhere / "theirs.txt").write_text("a file of the user's")
     else:
         calls = {"n": 0}
-        real_replace, real_remove = os.replace, data.remove
+        real_replace, real_remove = os.replace, runs.remove
 
         def replace(a, b):  # Ctrl-C in the middle of moving the old outputs aside
             calls["n"] += 1
@@ -2093,12 +2095,12 @@ def test_overwrite_never_leaves_the_folder_unusable(assets, tmp_path, monkeypatc
             return real_replace(a, b)
 
         def remove(path):  # Ctrl-C while deleting them
-            if path.name == data.ASIDE and fault == "interrupted_deleting":
+            if path.name == runs.ASIDE and fault == "interrupted_deleting":
                 raise KeyboardInterrupt
             return real_remove(path)
 
-        monkeypatch.setattr(data.os, "replace", replace)
-        monkeypatch.setattr(data, "remove", remove)
+        monkeypatch.setattr(runs.os, "replace", replace)
+        monkeypatch.setattr(runs, "remove", remove)
         assert run_train(assets, out, "--method", "fo", "--steps", "1", "--overwrite") == 128 + signal.SIGINT
         monkeypatch.undo()
         if fault == "interrupted_while_moving":  # the old run, partly moved aside: not resumable, replaceable
@@ -2106,7 +2108,7 @@ def test_overwrite_never_leaves_the_folder_unusable(assets, tmp_path, monkeypatc
             assert "--overwrite of" in capsys.readouterr().err
     assert run_train(assets, out, "--method", "fo", "--steps", "1", "--overwrite") == 0
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"fo"}
-    assert not (out / data.ASIDE).exists() and not (out / "model").exists()
+    assert not (out / runs.ASIDE).exists() and not (out / "model").exists()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["fo"] and not (out / "checkpoints").is_symlink()
     if fault == "symlinked_checkpoints":  # the link went, not what it points to
         assert (elsewhere / "theirs.txt").read_text() == "a file of the user's"
@@ -2156,7 +2158,7 @@ def test_the_disk_check_counts_what_a_checkpoint_holds(assets, tmp_path, method)
         assert written > 2.5 * sum(p.numel() * 4 for p in model.parameters())
     # a checkpoint and its replacement exist together for a moment; each has tokenizer files (16 MB allowed)
     tensors = sum(f.stat().st_size for f in (out / "checkpoints" / method).iterdir() if f.suffix in (".safetensors", ".pt"))
-    assert 2 * written <= train.disk_needed(cfg, model) <= 2 * 1.1 * tensors + 2 * 2**24
+    assert 2 * written <= runs.disk_needed(cfg, model) <= 2 * 1.1 * tensors + 2 * 2**24
 
 
 def test_a_signal_after_the_last_step_keeps_the_saved_model(assets, tmp_path, monkeypatch):
@@ -2276,10 +2278,10 @@ def test_bench_never_overwrites_a_run_and_fails_before_its_work(assets, tmp_path
     (tmp_path / "a_file").write_text("")
     if case.startswith("replot"):
         if case == "replot_without_history":
-            (out / "results.json").write_text(json.dumps({"format": data.FORMAT, "methods": {"zo": {"status": "done"}}}))
+            (out / "results.json").write_text(json.dumps({"format": runs.FORMAT, "methods": {"zo": {"status": "done"}}}))
             before.pop(out / "results.json")
         else:  # as a read-only folder does to root too
-            monkeypatch.setattr(data.os, "replace", lambda a, b: (_ for _ in ()).throw(PermissionError(13, "denied")))
+            monkeypatch.setattr(runs.os, "replace", lambda a, b: (_ for _ in ()).throw(PermissionError(13, "denied")))
         argv = ["--replot", str(out)]
     elif case == "paired_into_a_file":  # the study's folder is a file: refused before any run starts
         argv = ["--paired", str(tmp_path / "a_file")]

@@ -10,10 +10,7 @@ model, one training loop, the outputs.
 
 import argparse
 import contextlib
-import ctypes
 import datetime
-import gc
-import hashlib
 import math
 import os
 import signal
@@ -27,6 +24,8 @@ import transformers
 from tqdm import tqdm
 
 import data
+import plots
+import runs
 from dizo import DiZO, ZOSGD, divergence, projected_params
 
 METHODS = ("fo", "zo", "dizo")
@@ -214,7 +213,7 @@ def check_config(cfg):
     try:
         torch.empty(0, device=cfg.anchor_device)  # None: the default device
     except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--anchor_device must be a device this machine has, e.g. cpu ({data.first_line(e)})")
+        raise UsageError(f"--anchor_device must be a device this machine has, e.g. cpu ({runs.first_line(e)})")
     for name in ("lr", "eps"):  # dizo.py accepts any finite value; for an LM, 1 or more is a typo (1e3 for 1e-3)
         if getattr(cfg, name) is not None and not getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be below 1 to fine-tune a language model, got {getattr(cfg, name)}")
@@ -458,7 +457,7 @@ def evaluate(model, setup, split, count=None):
 def train_method(method, model, setup, cfg, out_dir, saved, record):
     """Train one method: a step, and every eval_every steps an evaluation and a checkpoint (results recorded
     with it). Returns the result dict: early on a signal, with status "diverged" on a non-finite loss."""
-    peak = PeakMemory(setup.device)
+    peak = runs.PeakMemory(setup.device)
     peak.reset()
     ddp = method == "fo" and RANKS.world > 1  # FO under torchrun: gradients averaged across ranks
     forward = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
@@ -482,7 +481,7 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
                 losses.append(float(take_step(method, run.opt, lambda: loss(idx), r["steps"] + 1)))
                 r["steps"] += 1
                 at_eval = r["steps"] % cfg.eval_every == 0 or r["steps"] == steps
-                stopping = RANKS.agree(Stop.signum is not None)
+                stopping = RANKS.agree(runs.Stop.signum is not None)
                 if (at_eval or stopping) and not weights_finite(model):  # never checkpoint those
                     raise FloatingPointError(f"non-finite weights after step {r['steps']}")
             except FloatingPointError as e:
@@ -501,7 +500,7 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
                 r["history"].append(history_entry(r, model, setup, losses, run.anchor, full=at_eval))
                 window, losses = ([] if at_eval else losses), []  # a resume goes on with a window a signal cut short
                 if RANKS.main:
-                    data.save_checkpoint(out_dir, method, model, setup.tokenizer, run.state(r) | {"window": window})
+                    runs.save_checkpoint(out_dir, method, model, setup.tokenizer, run.state(r) | {"window": window})
                     record(r)  # after the checkpoint: results.json never names a step the checkpoint has not reached
                 if stopping:
                     break
@@ -509,34 +508,6 @@ def train_method(method, model, setup, cfg, out_dir, saved, record):
     if r["steps"] == steps:
         finish_result(r, model, setup, peak)
     return r
-
-
-@dataclass
-class Run:
-    """One method's training state besides the weights: what a checkpoint holds (`state`, `restore`)."""
-    opt: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    batches: data.Batches
-    fresh: data.Batches  # DiZO's γ-search batches
-    anchor: dict | None  # pretrained attention matrices, with --track_divergence
-
-    def parts(self):
-        return {"optimizer": self.opt, "schedule": self.schedule, "batches": self.batches, "fresh": self.fresh}
-
-    def state(self, r):
-        return {k: part.state_dict() for k, part in self.parts().items()} | {
-            "result": r, "anchor": self.anchor, "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-    def restore(self, state):
-        """Continue from `state`; returns the results so far."""
-        for k, part in self.parts().items():
-            part.load_state_dict(state[k])
-        self.anchor = state["anchor"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        return state["result"]
 
 
 def build_run(method, model, setup, cfg, loss):
@@ -557,7 +528,7 @@ def build_run(method, model, setup, cfg, loss):
     decay = 0.5 if cfg.lr_schedule == "linear" else 0.0
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / max(1, cfg.steps_for(method)))
     anchor = {n: t.detach().clone() for n, t in projected_params(model, roles=ROLES)} if cfg.track_divergence else None
-    return Run(opt, schedule, batches, fresh, anchor)
+    return runs.Run(opt, schedule, batches, fresh, anchor)
 
 
 def start_result(method, model, setup, cfg, run):
@@ -599,74 +570,12 @@ def finish_result(r, model, setup, peak):
     r["status"] = "done"
 
 
-def _rss_bytes(field):
-    """VmRSS (resident now) or VmHWM (its peak) of this process, in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-class PeakMemory:
-    """Peak memory of whatever runs after reset(): the CUDA allocator's peak, or the process's peak RSS (an
-    upper bound that includes what ran before, where Linux cannot reset it: hwm_reset False)."""
-
-    def __init__(self, device):
-        self.cuda, self.device, self.baseline, self.hwm_reset = device.type == "cuda", device, 0, True
-
-    def reset(self):
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-            return
-        with contextlib.suppress(OSError):  # freed heap back to the OS: no garbage of the build in the baseline
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self.baseline = _rss_bytes("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM <- VmRSS (Linux >= 4.0)
-        except OSError:
-            self.hwm_reset = False
-
-    def peak(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device)
-        return _rss_bytes("VmHWM")
-
-
-class Stop:
-    """SIGINT / SIGTERM set a flag; the loop finishes its step, checkpoints, and exits non-zero.
-    A second Ctrl-C interrupts at once."""
-    signum = None
-
-    @classmethod
-    def install(cls):
-        """Returns a function that puts the previous handlers back."""
-        def handler(signum, frame):
-            if cls.signum is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            cls.signum = signum
-
-        cls.signum = None
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        return lambda: [signal.signal(s, h) for s, h in previous.items()]
-
-
 def weights_finite(model):
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Main: every method in turn on a freshly loaded model, then the outputs.
-
-def disk_needed(cfg, model):
-    """Bytes a run writes at most at once: a checkpoint and its replacement (weights, FO's two AdamW moments of
-    the trained parameters, up to 16 MB of tokenizer files), and with --save every method's model."""
-    weights = sum(p.numel() * 4 for p in model.parameters())  # fp32 at most
-    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    checkpoint = weights + (2 * trained if "fo" in cfg.methods else 0) + 2**24
-    return 2 * checkpoint + (len(cfg.methods) * weights if cfg.save else 0)
-
 
 def train_all(cfg, setup, out_dir, results, model):
     """Train each method (skipping those a resumed run finished), the first on `model`, each later one on a
@@ -678,65 +587,50 @@ def train_all(cfg, setup, out_dir, results, model):
                   "flags", file=sys.stderr)
             return 1
         if previous is not None and previous["status"] == "done":
-            if cfg.save and RANKS.main and not saved_model_dir(cfg, out_dir, method).exists():  # added on resume
+            if cfg.save and RANKS.main and not runs.saved_model_dir(cfg, out_dir, method).exists():  # added on resume
                 save_from_checkpoint(cfg, setup, out_dir, method)
             model = None
             continue
         # the model main() loaded is the first method's; a later one (e.g. after a resume) loads its own dtype
         model = model if model is not None and method == cfg.methods[0] else load_model(cfg, setup, method)
         # a checkpoint is written before results.json names it: a run killed in between resumes from it
-        saved = data.load_checkpoint(out_dir, method, model) if cfg.resume else None
+        saved = runs.load_checkpoint(out_dir, method, model) if cfg.resume else None
 
         def record(r, method=method):
             results["methods"][method] = r | {"world_size": RANKS.world}
-            data.write_json(out_dir / "results.json", results)
+            runs.write_json(out_dir / "results.json", results)
 
         r = train_method(method, model, setup, cfg, out_dir, saved, record)
         if r["status"] == "running":  # stopped by a signal before its last step
             r["status"] = "interrupted"
         if RANKS.main:
             if r["status"] == "done" and cfg.save:  # before results.json says done, and before a signal is obeyed
-                data.save_model(model, setup.tokenizer, saved_model_dir(cfg, out_dir, method))
+                runs.save_model(model, setup.tokenizer, runs.saved_model_dir(cfg, out_dir, method))
             record(r)
             if method == cfg.methods[-1] or r["status"] != "done":  # the figures, once the run ends
-                data.plot_run(results, out_dir)
+                plots.plot_run(results, out_dir)
         model = None
         if r["status"] == "diverged":
-            kept = data.checkpoint_dir(out_dir, method)
+            kept = runs.checkpoint_dir(out_dir, method)
             where = f"the last good checkpoint is in {kept}" if kept.exists() else "no checkpoint was reached"
             print(f"error: {method} diverged: {r['error']}; {where}", file=sys.stderr)
             return 1
-        if r["status"] == "interrupted" or RANKS.agree(Stop.signum is not None):
+        if r["status"] == "interrupted" or RANKS.agree(runs.Stop.signum is not None):
             print(f"interrupted at {method} step {r['steps']}: results and a checkpoint are in {out_dir}; "
                   f"continue with the same flags and --resume", file=sys.stderr)
-            return 128 + (Stop.signum or signal.SIGTERM)
+            return 128 + (runs.Stop.signum or signal.SIGTERM)
     if RANKS.main:
         print_table(results)
         print(f"results: {out_dir / 'results.json'}, plot: {out_dir / 'curves.png'}")
     return 0
 
 
-def saved_model_dir(cfg, out_dir, method):
-    return out_dir / "model" / method if len(cfg.methods) > 1 else out_dir / "model"
-
-
 def save_from_checkpoint(cfg, setup, out_dir, method):
     """--save given when resuming a run whose `method` had finished: its model from its final checkpoint."""
     model = load_model(cfg, setup, method)
-    if data.load_checkpoint(out_dir, method, model) is None:
-        raise data.DataError(f"--save: {method} finished without a checkpoint to save it from; run it again")
-    data.save_model(model, setup.tokenizer, saved_model_dir(cfg, out_dir, method))
-
-
-def model_hash(model):
-    """A fingerprint of the pretrained weights (LoRA adapters left out): names, shapes and up to 4096 entries of
-    each tensor, so that a resume from a different base model is refused."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if "lora_" not in name:
-            sample = p.detach().flatten()[::max(1, p.numel() // 4096)].float().cpu()
-            h.update(f"{name}{tuple(p.shape)}".encode() + sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+    if runs.load_checkpoint(out_dir, method, model) is None:
+        raise runs.RunError(f"--save: {method} finished without a checkpoint to save it from; run it again")
+    runs.save_model(model, setup.tokenizer, runs.saved_model_dir(cfg, out_dir, method))
 
 
 def print_table(results):
@@ -761,26 +655,26 @@ def main(argv=None):
         check_config(cfg)
         out_dir = Path(cfg.out_dir)
         folder = dict(out_dir=out_dir, resume=cfg.resume, overwrite=cfg.overwrite, inputs=(cfg.model, cfg.data_dir))
-        data.check_out_dir(settings=cfg.run_flags(), **folder)  # fail fast, before loading
+        runs.check_out_dir(settings=cfg.run_flags(), **folder)  # fail fast, before loading
         RANKS.start()
         setup = prepare(cfg)
         model = load_model(cfg, setup, cfg.methods[0])  # broken weights are found before anything is written
         check_model(cfg, model, setup)
-        data.check_disk_space(out_dir, disk_needed(cfg, model))
+        runs.check_disk_space(out_dir, runs.disk_needed(cfg, model))
         # rank 0 owns the output folder; the others read the results.json it holds once rank 0 has claimed it
-        settings = cfg.run_flags() | {"data_hash": setup.data_hash, "model_hash": model_hash(model)}
-        results, lock = data.claim_out_dir(settings=settings, **folder) if RANKS.main else (None, None)
+        settings = cfg.run_flags() | {"data_hash": setup.data_hash, "model_hash": runs.model_hash(model)}
+        results, lock = runs.claim_out_dir(settings=settings, **folder) if RANKS.main else (None, None)
         RANKS.barrier()
-        results = results if RANKS.main else data.check_out_dir(settings=settings, **folder | {"resume": True})
+        results = results if RANKS.main else runs.check_out_dir(settings=settings, **folder | {"resume": True})
         RANKS.barrier()
-        restore_signals = Stop.install()
+        restore_signals = runs.Stop.install()
         try:
             return train_all(cfg, setup, out_dir, results, model)
         except RuntimeError as e:
             if RANKS.world == 1:
                 raise
             # under torchrun, a collective fails when another process of the run died
-            print(f"error: rank {RANKS.rank} lost the other processes ({data.first_line(e)[:120]}); the last "
+            print(f"error: rank {RANKS.rank} lost the other processes ({runs.first_line(e)[:120]}); the last "
                   "checkpoint is kept, continue with --resume", file=sys.stderr)
             return 1
         finally:
@@ -788,7 +682,7 @@ def main(argv=None):
             if lock is not None:
                 lock.close()
             RANKS.stop()
-    except (UsageError, data.DataError) as e:
+    except (UsageError, data.DataError, runs.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a folder removed under us: the last complete checkpoint stays
