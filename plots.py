@@ -1,5 +1,6 @@
-"""A run's figures, drawn from its results.json: dev loss and accuracy against forward passes (curves.png), the
-divergence of each attention matrix (divergence.png), DiZO's projection phases (projection.png)."""
+"""A run's report, drawn from its results.json: the end-of-run table, and the figures: dev loss and accuracy against
+forward passes (curves.png), the divergence of each attention matrix (divergence.png), DiZO's projection phases
+(projection.png)."""
 import math
 
 import torch
@@ -105,3 +106,16 @@ def plot_run(results, folder):
     for name, plot in figures.items():
         plot(results, folder / name)
     return list(figures)
+
+
+def print_table(results):
+    """The end-of-run summary, one row per method."""
+    cells = {"zero_shot_acc": "{:.3f}", "best_dev_acc": "{:.3f}", "dev_loss": "{:.4f}", "test_acc": "{:.3f}",
+             "steps": "{}", "forward_passes": "{}", "wall_s": "{:.1f}", "peak_mem_mb": "{:.0f}"}
+    rows = [("method", "zero-shot", "best dev", "dev loss", "test", "steps", "fwd passes", "train s", "peak MB",
+             "status")]
+    rows += [(method, *(f.format(r[k]) if r.get(k) is not None else "-" for k, f in cells.items()), r["status"])
+             for method, r in results["methods"].items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows[:1] + [["-" * w for w in widths]] + rows[1:]:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))

@@ -3,6 +3,7 @@ and never through a symbolic link; the folder is one run's at a time (a lock); n
 replaced or removed; a resume is refused when its flags, data, base model or world size differ; signals stop a run
 at the end of a step with a checkpoint."""
 import contextlib
+import datetime
 import ctypes
 import gc
 import hashlib
@@ -10,10 +11,11 @@ import json
 import os
 import shutil
 import signal
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 class RunError(ValueError):
@@ -212,35 +214,183 @@ def model_hash(model):
     return h.hexdigest()[:16]
 
 
-@dataclass
+class Folder:
+    """A claimed run folder: results.json's content, written whole after each change, and the lock that keeps
+    another train.py out (None on the ranks other than 0, which write nothing)."""
+
+    def __init__(self, out_dir, results, lock):
+        self.out_dir, self.results, self.lock = Path(out_dir), results, lock
+
+    def write(self, method, r):
+        self.results["methods"][method] = r | {"world_size": RANKS.world}
+        write_json(self.out_dir / "results.json", self.results)
+
+    def close(self):
+        if self.lock is not None:
+            self.lock.close()
+
+
+def open_folder(out_dir, settings, resume, overwrite, inputs):
+    """Rank 0 claims out_dir (claim_out_dir); the other ranks read the results.json it holds once it has."""
+    folder = dict(out_dir=out_dir, settings=settings, resume=resume, overwrite=overwrite, inputs=inputs)
+    results, lock = claim_out_dir(**folder) if RANKS.main else (None, None)
+    RANKS.barrier()
+    results = results if RANKS.main else check_out_dir(**folder | {"resume": True})
+    RANKS.barrier()
+    return Folder(out_dir, results, lock)
+
+
 class Run:
-    """One method's training state besides the weights: what a checkpoint holds (`state`, `restore`)."""
-    opt: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    batches: object  # data.Batches: the order of the training examples
-    fresh: object  # data.Batches of DiZO's γ-search
-    anchor: dict | None  # pretrained attention matrices, with --track_divergence
+    """One method's training as its folder records it: the result (its entry in results.json: history, cost,
+    DiZO's phases) and what a checkpoint holds besides the weights (`parts`: optimizer, schedule, data orders;
+    the RNG; the divergence anchor). The loop calls log() after each step, record() and checkpoint() at each
+    evaluation, and stop_requested() to end early."""
 
-    def parts(self):
-        return {"optimizer": self.opt, "schedule": self.schedule, "batches": self.batches, "fresh": self.fresh}
-
-    def state(self, r):
-        return {k: part.state_dict() for k, part in self.parts().items()} | {
-            "result": r, "anchor": self.anchor, "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    def __init__(self, folder, method, model, tokenizer, parts, passes, result, anchor=None, track=None):
+        self.folder, self.method, self.model, self.tokenizer = folder, method, model, tokenizer
+        self.parts, self.passes, self.r, self.anchor, self.track = parts, passes, result, anchor, track
+        self.window, self.bar, self.tic = [], None, time.perf_counter()
 
     def restore(self, state):
-        """Continue from `state`; returns the results so far."""
-        for k, part in self.parts().items():
+        """Continue from a checkpoint's `state`: the results so far, and the losses of an interval a signal cut."""
+        for k, part in self.parts.items():
             part.load_state_dict(state[k])
-        self.anchor = state["anchor"]
+        self.anchor, self.r = state["anchor"], state["result"]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        return state["result"]
+        self.passes.calls = self.r["forward_passes"]
+        if state.get("window"):  # stopped between evaluations: that history entry is not a real one
+            self.r["history"].pop()
+            self.window = state["window"]
+
+    def state(self, window):
+        return {k: part.state_dict() for k, part in self.parts.items()} | {
+            "result": self.r, "anchor": self.anchor, "window": window, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    @property
+    def step(self):
+        return self.r["steps"]
+
+    def begin(self, zero_shot_acc, dev):
+        """The untrained model's test accuracy, and its dev accuracy and loss as the history's step 0."""
+        self.r["zero_shot_acc"] = zero_shot_acc
+        self.r["history"].append({"step": 0, "loss": None, "dev_acc": dev[0], "dev_loss": dev[1],
+                                  "forward_passes": 0})
+
+    def steps(self, total):
+        """The steps still to take, 1-based, under a progress bar (rank 0)."""
+        with tqdm(total=total, initial=self.step, desc=self.method, dynamic_ncols=True, disable=not RANKS.main) as bar:
+            self.bar, self.tic = bar, time.perf_counter()
+            yield from range(self.step + 1, total + 1)
+
+    def log(self, loss, opt):
+        """After a step: its training loss, the forward passes and training time so far (DiZO's held-out
+        measurements left out), DiZO's phase if one ran."""
+        now, held_out_s = time.perf_counter(), getattr(opt, "held_out_s", 0.0)
+        self.r["wall_s"] += now - self.tic - held_out_s
+        self.tic, opt.held_out_s = now, 0.0
+        self.window.append(float(loss))
+        self.r["steps"] += 1
+        self.r["forward_passes"] = self.passes.calls
+        phase = getattr(opt, "last_phase", None)
+        if phase and phase["step"] == self.step:
+            self.r["projection"].append(phase)
+        self.bar.update()
+        self.bar.set_postfix(loss=f"{self.window[-1]:.4f}")
+
+    def stop_requested(self):
+        """Ctrl-C, SIGTERM or SIGHUP reached this process, or another rank (every rank stops at the same step)."""
+        return RANKS.agree(Stop.signum is not None)
+
+    def record(self, dev):
+        """An evaluation's entry in the history: the mean training loss since the last, dev accuracy and loss
+        ((None, None) when a signal cut the interval short), the cost so far and the tracked divergence.
+        Non-finite weights are never recorded nor checkpointed."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise FloatingPointError(f"non-finite weights after step {self.step}")
+        entry = {"step": self.step, "loss": sum(self.window) / len(self.window), "dev_acc": dev[0],
+                 "dev_loss": dev[1], "forward_passes": self.r["forward_passes"], "wall_s": self.r["wall_s"]}
+        if self.track is not None:
+            entry["divergence"] = self.track(self.anchor)
+        self.r["history"].append(entry)
+
+    def checkpoint(self, complete):
+        """Rank 0 writes the weights and state, then results.json (never naming a step the checkpoint has not
+        reached); an incomplete interval's losses go with the checkpoint, for a resume to go on with them."""
+        window, self.window = ([] if complete else self.window), []
+        if RANKS.main:
+            save_checkpoint(self.folder.out_dir, self.method, self.model, self.tokenizer, self.state(window))
+            self.folder.write(self.method, self.r)
+        self.tic = time.perf_counter()
+
+    def diverged(self, error):
+        note = " ".join([str(error), *getattr(error, "__notes__", [])])  # dizo.py says how θ was put back
+        return self.r | {"status": "diverged", "error": note, "forward_passes": self.passes.calls}
 
 
-# ------------------------------------------------------------------------------- signals, memory
+# ------------------------------------------------------------------------------- processes, signals, memory
+# torchrun's process group. Every rank draws the same global mini-batch (same seed) and evaluates its share,
+# idx[rank::world]; one all-reduce of (Σ loss, count) gives every rank the global mean, so ZO's ℓ± (and the γ
+# search's), g, z (from the shared seed) and the update are the same everywhere: a ZO step costs one all-reduce
+# of two scalars per forward pass, no gradient traffic. FO uses DistributedDataParallel.
+
+class Ranks:
+    """This process's place in the run (`world`, `rank`, `main`), its `device`, and the collectives: no-ops in
+    a process started without torchrun (a world of one)."""
+    device = torch.device("cpu")
+    # torchrun's environment (the env:// rendezvous) says where this process stands
+    world = property(lambda self: int(os.environ.get("WORLD_SIZE", 1)))
+    rank = property(lambda self: int(os.environ.get("RANK", 0)))
+    main = property(lambda self: self.rank == 0)
+
+    def start(self):
+        """Join the process group (NCCL between GPUs, one per process; gloo on CPUs) and set the device."""
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.world == 1:
+            return
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        # a rank that dies leaves the others waiting in an all-reduce: they give up after the timeout
+        torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=10))
+
+    def stop(self):
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+    def shard(self, idx):  # this process's share of a global mini-batch
+        return idx[self.rank::self.world]
+
+    def total(self, *values):
+        """Σ over ranks of each value (floats), identical on every rank."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return tuple(t.tolist())
+
+    def mean(self, loss, count):
+        """The global mean of per-rank mean losses over `count` examples each; a tensor alone is left as is."""
+        if self.world == 1:
+            return loss
+        total, n = self.total(float(loss) * count, count)
+        return total / n
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def agree(self, flag):
+        """True on every rank if it is true on any (a signal reaches the ranks at different steps)."""
+        return flag if self.world == 1 else self.total(float(flag))[0] > 0
+
+
+RANKS = Ranks()
+
+
 class Stop:
     """SIGINT / SIGTERM set a flag; the loop finishes its step, checkpoints, and exits non-zero.
     A second Ctrl-C interrupts at once."""
@@ -272,6 +422,13 @@ class PeakMemory:
     def __init__(self, device):
         self.cuda, self.device, self.baseline, self.hwm_reset = device.type == "cuda", device, 0, True
 
+    @classmethod
+    def start(cls, device):
+        """The peak from now on."""
+        memory = cls(device)
+        memory.reset()
+        return memory
+
     def reset(self):
         gc.collect()
         if self.cuda:
@@ -292,3 +449,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device)
         return _rss_bytes("VmHWM")
+
+
+def device_name(device):
+    return (torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")

@@ -2162,13 +2162,14 @@ def test_the_disk_check_counts_what_a_checkpoint_holds(assets, tmp_path, method)
 
 
 def test_a_signal_after_the_last_step_keeps_the_saved_model(assets, tmp_path, monkeypatch):
-    original = train.finish_result
+    original = train.train_method
 
     def finish_then_signal(*args):
-        original(*args)
+        r = original(*args)
         os.kill(os.getpid(), signal.SIGTERM)  # the method is done; the signal comes before --save
+        return r
 
-    monkeypatch.setattr(train, "finish_result", finish_then_signal)
+    monkeypatch.setattr(train, "train_method", finish_then_signal)
     out = tmp_path / "out"
     assert run_train(assets, out, "--method", "zo", "--steps", "3", "--save") == 128 + signal.SIGTERM
     assert json.loads((out / "results.json").read_text())["methods"]["zo"]["status"] == "done"

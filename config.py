@@ -1,0 +1,135 @@
+"""Reading and checking a run's settings: the command line built from train.Config's fields, --recipe, and the
+refusals of settings that cannot work (one line, exit 2), before anything is loaded or written."""
+import argparse
+import math
+from dataclasses import fields
+
+import torch
+
+from dizo import DiZO, ZOSGD, projected_params
+from runs import RANKS, first_line
+
+METHODS = ("fo", "zo", "dizo")
+BUILTIN = "builtin"  # --model value of the embedded tiny OPT
+ROLES = ("q", "k", "v", "o")  # attention matrices whose divergence --track_divergence logs
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, nothing written."""
+
+
+# --recipe released: what the released DiZO code ran for OPT on SST-2 (its script, its logs' learning-rate
+# decay, MeZO's 1000/500/1000 sampling); fp16 weights where there is a GPU, as its --load_float16.
+RECIPES = {"released": dict(zo_params="no_embed", lr_schedule="linear", lr=1e-6, eps=1e-3, batch_size=16,
+                            interval=50, proj_iters=10, proj_eps=0.1, proj_lr=2.0, tau=0.2, steps=20000,
+                            eval_every=500, num_train=1000, num_dev=500, num_test=1000)}
+
+
+def parse_config(config, argv=None, description=None):
+    """A `config` (train.Config) from the command line, one flag per field, with --recipe's values as defaults."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(config):
+        if f.default is False:  # --no-half_weights undoes the recipe's
+            action = argparse.BooleanOptionalAction if f.name == "half_weights" else "store_true"
+            p.add_argument(f"--{f.name}", action=action, default=False, help=f.metadata["help"])
+        else:
+            p.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"],
+                           type=f.metadata["type"] or type(f.default))
+    args = p.parse_args(argv)
+    if args.recipe is not None:  # the recipe's values become defaults, so that explicit flags still win
+        settings = dict(RECIPES.get(args.recipe, {}))
+        if args.data_dir is None:  # no recipe sets it: None means not given; the built-in splits are fixed
+            settings = {k: v for k, v in settings.items() if k not in ("num_train", "num_dev", "num_test")}
+        if torch.cuda.is_available():
+            settings |= {"dtype": "fp16", "half_weights": True}
+        p.set_defaults(**settings)
+        print(f"--recipe {args.recipe} sets " + ", ".join(f"--{k}" if v is True else f"--{k} {v}"
+                                                         for k, v in settings.items()))
+        args = p.parse_args(argv)
+    return config(**vars(args))
+
+
+def run_flags(cfg):
+    """The settings a resumed run must share with the saved one."""
+    skip = {"method", "out_dir", "save", "resume", "overwrite", "trust_remote_code"}
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip} | {
+        "methods": list(cfg.methods), "world_size": RANKS.world}
+
+
+def check_config(cfg):
+    """Raise UsageError for a setting that cannot work, before anything is loaded or written."""
+    choices = {"method": (*METHODS, "all"), "recipe": (None, *RECIPES), "zo_params": ("all", "no_embed"),
+               "lr_schedule": ("constant", "linear"), "dtype": tuple(DTYPES)}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            names = ", ".join(a for a in allowed if a is not None)
+            raise UsageError(f"--{name} must be one of {names}; got {getattr(cfg, name)!r}")
+    if cfg.dtype == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--dtype fp16 needs a GPU: fp16 matmuls on the CPU are slow or unsupported; use fp32 or bf16")
+    if cfg.half_weights and cfg.dtype == "fp32":
+        raise UsageError("--half_weights stores the weights in --dtype: give --dtype bf16 or fp16")
+    for name, least in (("steps", 0), ("batch_size", 1), ("eval_every", 1), ("k", 1), ("num_train", 1),
+                        ("num_dev", 1), ("num_test", 1), ("lora", 0), ("grad_accum", 1), ("phase_dev", 0)):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < least:
+            raise UsageError(f"--{name} must be >= {least}, got {getattr(cfg, name)}")
+    if cfg.batch_size < RANKS.world * cfg.grad_accum:
+        raise UsageError(f"--batch_size {cfg.batch_size} is the global mini-batch: it must hold at least one "
+                         f"example per process ({RANKS.world}) and micro-batch ({cfg.grad_accum})")
+    if cfg.device_map is not None and RANKS.world > 1:
+        raise UsageError("--device_map splits one model over the GPUs; under torchrun each process holds a whole "
+                         "model: use one or the other")
+    if not 0 <= cfg.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    try:
+        torch.empty(0, device=cfg.anchor_device)  # None: the default device
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--anchor_device must be a device this machine has, e.g. cpu ({first_line(e)})")
+    for name in ("lr", "eps"):  # dizo.py accepts any finite value; for an LM, 1 or more is a typo (1e3 for 1e-3)
+        if getattr(cfg, name) is not None and not getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be below 1 to fine-tune a language model, got {getattr(cfg, name)}")
+    if not 0 < cfg.lora_alpha < math.inf:
+        raise UsageError(f"--lora_alpha must be finite and > 0, got {cfg.lora_alpha}")
+    if cfg.lora and cfg.track_divergence:
+        raise UsageError("--track_divergence follows the attention weights, which --lora leaves frozen")
+    if not cfg.out_dir.strip():  # "" would be the current folder, and a run would write beside the user's files
+        raise UsageError("--out_dir must name a folder, e.g. runs/default; it was empty")
+    if cfg.task is None:
+        raise UsageError("--task is required with --data_dir (e.g. sst-2, rte, or custom with --template)")
+    sampling = [f"--{n}" for n in ("k", "num_train", "num_dev", "num_test") if getattr(cfg, n) is not None]
+    if sampling and cfg.data_dir is None:
+        raise UsageError(f"{', '.join(sampling)} sample a --data_dir; the built-in task has fixed splits")
+    if cfg.task != "toy" and cfg.data_dir is None:
+        raise UsageError(f"--task {cfg.task} needs --data_dir (a folder with train.tsv, dev.tsv, test.tsv)")
+    dummy = torch.nn.Parameter(torch.zeros(2, 2))  # the optimizers check their own hyperparameters
+    try:
+        for method in [m for m in cfg.methods if m != "fo"]:
+            if method == "zo":
+                ZOSGD([dummy], **cfg.zo_settings(method))
+            else:
+                DiZO([dummy], [("dummy", dummy)], **cfg.zo_settings(method))
+    except ValueError as e:
+        raise UsageError(f"--{e}")
+
+
+def check_model(cfg, model, setup):
+    """What the loaded model must allow, before anything is written: the data's token ids, DiZO's matrices, an ε
+    that moves θ."""
+    loss_fn = setup.loss_fn  # an id past the embedding's rows would be an IndexError in the middle of a run
+    top = max([max(p) for enc in setup.splits.values() for p in enc.prompts] + [max(w) for w in loss_fn.words])
+    if max(top, loss_fn.pad or 0) >= (rows := model.get_input_embeddings().weight.shape[0]):
+        raise UsageError(f"--model {cfg.model}: the data's token ids reach {max(top, loss_fn.pad or 0)}, its embedding "
+                         f"has {rows} rows: a tokenizer and a model that do not belong together")
+    if "dizo" in cfg.methods:
+        try:
+            projected_params(model, roles=cfg.roles)
+        except ValueError as e:
+            raise UsageError(f"--method dizo: {e}") from None
+    if cfg.methods != ("fo",):  # θ ± εz rounds back to θ where ε|z| is below half a unit in θ's last place
+        sample = [p.detach().flatten()[::max(1, p.numel() // 1024)].float().cpu()  # the model may span devices
+                  for p in model.parameters() if p.requires_grad]
+        dtype = cfg.storage_dtype("zo")
+        least = float(torch.cat(sample).abs().median()) * torch.finfo(DTYPES[dtype]).eps
+        if cfg.eps < least:
+            raise UsageError(f"--eps {cfg.eps:g} cannot move most {dtype} weights of this model (θ ± εz rounds "
+                             f"back to θ); the smallest that can is about {least:.1g}")
