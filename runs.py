@@ -28,7 +28,10 @@ def first_line(err: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------- the run's folder
 # Every write atomic; the folder is one run's at a time (a lock), and nothing train.py did not write is replaced or
-# removed: its results.json carries FORMAT, and OUTPUTS are the only names it writes.
+# removed: its results.json carries FORMAT, and OUTPUTS are the only names it writes. The one rule for links: a run
+# never writes, moves or deletes through a symbolic link. A link where a file or folder is written is replaced by
+# the new one (os.replace renames over the link itself) or unlinked (remove); the folders a run writes into are
+# made by own_folder, which refuses a link; the lock is opened with O_NOFOLLOW.
 FORMAT = "dizo-train/1"
 OUTPUTS = ("results.json", "curves.png", "divergence.png", "projection.png", "checkpoints", "model")
 
@@ -58,6 +61,18 @@ def remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
+def own_folder(out_dir, *names):
+    """out_dir/names..., each level a real folder of the run: made if missing, refused if it is a symbolic link."""
+    folder = Path(out_dir)
+    for name in names:
+        folder = folder / name
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise RunError(f"{folder} is a symbolic link or a file; a run writes only its own files, never where a "
+                           "link points: remove it, or make --out_dir itself the link")
+        folder.mkdir(exist_ok=True)
+    return folder
+
+
 def write_json(path, obj):
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
@@ -79,7 +94,7 @@ def checkpoint_dir(out_dir, method):
 
 
 def save_checkpoint(out_dir, method, model, tokenizer, state):
-    save_model(model, tokenizer, out_dir / "checkpoints" / method, state)
+    save_model(model, tokenizer, own_folder(out_dir, "checkpoints") / method, state)
 
 
 def load_checkpoint(out_dir, method, model):
@@ -128,8 +143,11 @@ def check_out_dir(out_dir, settings, resume, overwrite, inputs):
     if resume:
         if saved is None:
             raise RunError(f"--resume: no results.json in {out_dir}, nothing to resume")
-        if (out_dir / ASIDE).exists():
+        if os.path.lexists(out_dir / ASIDE):
             raise RunError(f"--resume: an --overwrite of {out_dir} was interrupted; run it again with --overwrite")
+        if links := [n for n in OUTPUTS if (out_dir / n).is_symlink()]:
+            raise RunError(f"--resume: {out_dir / links[0]} is a symbolic link; a run writes only its own files, "
+                           "never where a link points: remove it, or make --out_dir itself the link")
         changed = [f"{k} (saved {saved['config'].get(k)!r}, now {v!r})" for k, v in settings.items()
                    if k not in HASHES and saved["config"].get(k) != v]
         if changed:
@@ -159,7 +177,9 @@ def claim_out_dir(out_dir, settings, resume, overwrite, inputs):
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / ".lock", "w")
+        if (out_dir / ".lock").is_symlink():  # never opened through a link: a user's file it points to is untouched
+            (out_dir / ".lock").unlink()
+        lock = os.fdopen(os.open(out_dir / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644), "w")
     except OSError as e:
         raise RunError(f"--out_dir {out_dir}: cannot write there ({e.strerror})")
     try:
@@ -170,6 +190,8 @@ def claim_out_dir(out_dir, settings, resume, overwrite, inputs):
     results = check_out_dir(out_dir, settings, resume, overwrite, inputs)
     if not resume:
         aside = out_dir / ASIDE
+        if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+            aside.unlink()  # a link's target is not ours to fill or empty
         aside.mkdir(exist_ok=True)
         for name in OUTPUTS[1:]:
             if os.path.lexists(out_dir / name):
@@ -201,6 +223,13 @@ def disk_needed(cfg, model):
 
 def saved_model_dir(cfg, out_dir, method):
     return out_dir / "model" / method if len(cfg.methods) > 1 else out_dir / "model"
+
+
+def save_final_model(cfg, out_dir, method, model, tokenizer):
+    """--save: the method's final model into out_dir/model/ (model/<method>/ when the run has several methods)."""
+    folder = saved_model_dir(cfg, out_dir, method)
+    own_folder(out_dir, *folder.relative_to(out_dir).parts[:-1])
+    save_model(model, tokenizer, folder)
 
 
 def model_hash(model):

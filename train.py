@@ -370,7 +370,7 @@ def train_all(cfg, setup, folder, model):
             r["status"] = "interrupted"
         if RANKS.main:
             if r["status"] == "done" and cfg.save:  # before results.json says done, and before a signal is obeyed
-                runs.save_model(model, setup.tokenizer, runs.saved_model_dir(cfg, folder.out_dir, method))
+                runs.save_final_model(cfg, folder.out_dir, method, model, setup.tokenizer)
             folder.write(method, r)
             if method == cfg.methods[-1] or r["status"] != "done":  # the figures, once the run ends
                 plots.plot_run(folder.results, folder.out_dir)
@@ -442,7 +442,7 @@ def save_from_checkpoint(cfg, setup, out_dir, method):
     model = load_model(cfg, setup, method)
     if runs.load_checkpoint(out_dir, method, model) is None:
         raise runs.RunError(f"--save: {method} finished without a checkpoint to save it from; run it again")
-    runs.save_model(model, setup.tokenizer, runs.saved_model_dir(cfg, out_dir, method))
+    runs.save_final_model(cfg, out_dir, method, model, setup.tokenizer)
 
 
 if __name__ == "__main__":
