@@ -101,6 +101,11 @@ def check_config(cfg):
         raise UsageError(f"{', '.join(sampling)} sample a --data_dir; the built-in task has fixed splits")
     if cfg.task != "toy" and cfg.data_dir is None:
         raise UsageError(f"--task {cfg.task} needs --data_dir (a folder with train.tsv, dev.tsv, test.tsv)")
+    if "fo" in cfg.methods and not 0 <= cfg.lr_for("fo") < math.inf:  # as ZOSGD checks its own, below
+        raise UsageError(f"--lr must be finite and >= 0, got {cfg.lr_for('fo')}")
+    if "dizo" in cfg.methods and cfg.steps_for("dizo") < cfg.interval:  # it would be zo under dizo's name
+        raise UsageError(f"--method dizo projects every --interval {cfg.interval} steps, and --steps "
+                         f"{cfg.steps_for('dizo')} ends before the first: give more steps or a smaller --interval")
     dummy = torch.nn.Parameter(torch.zeros(2, 2))  # the optimizers check their own hyperparameters
     try:
         for method in [m for m in cfg.methods if m != "fo"]:
@@ -113,8 +118,11 @@ def check_config(cfg):
 
 
 def check_model(cfg, model, setup):
-    """What the loaded model must allow, before anything is written: the data's token ids, DiZO's matrices, an ε
-    that moves θ."""
+    """What the loaded model and data must allow, before anything is written: a batch the training set can fill,
+    the data's token ids, DiZO's matrices, an ε that moves θ."""
+    if cfg.batch_size > (n_train := len(setup.splits["train"].labels)):  # a batch would hold every example once
+        raise UsageError(f"--batch_size {cfg.batch_size} is larger than the {n_train} training examples; give at "
+                         f"most {n_train}")
     loss_fn = setup.loss_fn  # an id past the embedding's rows would be an IndexError in the middle of a run
     top = max([max(p) for enc in setup.splits.values() for p in enc.prompts] + [max(w) for w in loss_fn.words])
     if max(top, loss_fn.pad or 0) >= (rows := model.get_input_embeddings().weight.shape[0]):
