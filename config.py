@@ -21,7 +21,7 @@ class UsageError(Exception):
 
 # --recipe released: what the released DiZO code ran for OPT on SST-2 (its script, its logs' learning-rate
 # decay, MeZO's 1000/500/1000 sampling); fp16 weights where there is a GPU, as its --load_float16.
-RECIPES = {"released": dict(zo_params="no_embed", lr_schedule="linear", lr=1e-6, eps=1e-3, batch_size=16,
+RECIPES = {"released": dict(trained="no_embed", lr_schedule="linear", lr=1e-6, eps=1e-3, batch_size=16,
                             interval=50, proj_iters=10, proj_eps=0.1, proj_lr=2.0, tau=0.2, steps=20000,
                             eval_every=500, num_train=1000, num_dev=500, num_test=1000)}
 
@@ -59,7 +59,7 @@ def run_flags(cfg):
 
 def check_config(cfg):
     """Raise UsageError for a setting that cannot work, before anything is loaded or written."""
-    choices = {"method": (*METHODS, "all"), "recipe": (None, *RECIPES), "zo_params": ("all", "no_embed"),
+    choices = {"method": (*METHODS, "all"), "recipe": (None, *RECIPES), "trained": ("all", "no_embed"),
                "lr_schedule": ("constant", "linear"), "dtype": tuple(DTYPES)}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -103,9 +103,6 @@ def check_config(cfg):
         raise UsageError(f"--task {cfg.task} needs --data_dir (a folder with train.tsv, dev.tsv, test.tsv)")
     if "fo" in cfg.methods and not 0 <= cfg.lr_for("fo") < math.inf:  # as ZOSGD checks its own, below
         raise UsageError(f"--lr must be finite and >= 0, got {cfg.lr_for('fo')}")
-    if "dizo" in cfg.methods and cfg.steps_for("dizo") < cfg.interval:  # it would be zo under dizo's name
-        raise UsageError(f"--method dizo projects every --interval {cfg.interval} steps, and --steps "
-                         f"{cfg.steps_for('dizo')} ends before the first: give more steps or a smaller --interval")
     dummy = torch.nn.Parameter(torch.zeros(2, 2))  # the optimizers check their own hyperparameters
     try:
         for method in [m for m in cfg.methods if m != "fo"]:
@@ -141,3 +138,6 @@ def check_model(cfg, model, setup):
         if cfg.eps < least:
             raise UsageError(f"--eps {cfg.eps:g} cannot move most {dtype} weights of this model (θ ± εz rounds "
                              f"back to θ); the smallest that can is about {least:.1g}")
+    if "dizo" in cfg.methods and 0 < cfg.steps_for("dizo") < cfg.interval:  # it would be zo under dizo's name
+        raise UsageError(f"--method dizo projects every --interval {cfg.interval} steps, and --steps "
+                         f"{cfg.steps_for('dizo')} ends before the first: give more steps or a smaller --interval")

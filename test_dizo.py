@@ -34,6 +34,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BloomConfig, Bloo
                           OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM, ViTConfig)
 
 import bench
+import studies
 import data
 import plots
 import runs
@@ -702,22 +703,22 @@ def test_paired_study_picks_each_rate_on_dev_and_pairs_the_seeds(tmp_path, capsy
             fake_paired_run(tmp_path, "full", method, lr, seed, loss, 1 - loss)
     fake_paired_run(tmp_path, "full", "zo", 1, 7, 0.0, 1.0)  # a seed not asked for: left out
     fake_paired_run(tmp_path, "full", "zo", 7.5e-5, 0, 0.9, 0.5)  # an lr with an exponent in the folder's name
-    bench.paired_summary(tmp_path, tmp_path / "paired.png", seeds=[0, 1, 2])
+    studies.paired_summary(tmp_path, tmp_path / "paired.png", seeds=[0, 1, 2])
     out = capsys.readouterr().out
     assert "| zo | 2 (best) | 3 | 100 | 0.300 ± 0.050 |" in out and "| dizo | 1 (best) |" in out
     assert "| zo | 7.5e-05 | 1 | 100 | 0.9 ± 0 | 0.5 ± 0 |" in out
     same = [d - z for d, z in zip(table["dizo", 1], table["zo", 1])]  # -0.1 in every seed
     best = [d - z for d, z in zip(table["dizo", 1], table["zo", 2])]  # +0.1, +0.15, +0.05
-    assert "| same rate (zo 1, dizo 1) | 3 | -0.1 ± 0 | 3/3 |" in out and bench.mean_std(same) == "-0.1 ± 0"
+    assert "| same rate (zo 1, dizo 1) | 3 | -0.1 ± 0 | 3/3 |" in out and studies.mean_std(same) == "-0.1 ± 0"
     assert "| same rate (zo 2, dizo 2) | 3 | 0.15 ± 0 | 0/3 |" in out  # every rate both ran
-    assert f"| each at its best rate (zo 2, dizo 1) | 3 | {bench.mean_std(best)} | 0/3 |" in out
+    assert f"| each at its best rate (zo 2, dizo 1) | 3 | {studies.mean_std(best)} | 0/3 |" in out
     # per seed two phases measured on dev, one lower (-1%), one higher (+2%); the search batch lower in both
     assert "| 1 | 3 | 2 | 1 | 2 | +0.50% | undefined | 0.10 |" in out
     assert (tmp_path / "paired.png").stat().st_size > 1000
 
 
 def test_paired_runs_give_zo_the_forward_passes_of_dizo(assets, tmp_path):
-    commands = bench.paired_runs(tmp_path, [0]).values()
+    commands = studies.paired_runs(tmp_path, [0]).values()
     steps = {(c[c.index("--method") + 1], c[c.index("--steps") + 1]) for c in commands}
     assert {("zo", "1830"), ("dizo", "1500"), ("zo", "732"), ("dizo", "600")} == steps
     rates = {c[c.index("--lr") + 1] for c in commands if "--lora" not in c}
@@ -1678,6 +1679,9 @@ BAD_INPUTS = [  # (flags, what the one line must say)
     (["--k", "50"], "asked for k=50 examples per class"),
     (["--model", "masked", "--label_words", " very bad, very good"], "single-token label words"),
     (["--lr", "-1"], "--lr must be finite and >= 0"),
+    (["--method", "fo", "--lr", "-1"], "--lr must be finite and >= 0"),
+    (["--method", "dizo", "--interval", "50"], "--method dizo projects every --interval 50 steps, and --steps 2"),
+    (["--batch_size", "21"], "--batch_size 21 is larger than the 20 training examples"),
     (["--eps", "0"], "--eps must be finite and > 0"),
     (["--tau", "1.5"], "--tau must be in (0, 1)"),
     (["--interval", "0"], "--interval must be an int >= 1"),
@@ -1718,7 +1722,7 @@ BAD_INPUTS = [  # (flags, what the one line must say)
 def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as here: no hub; and no retries
     args = {"--model": assets["causal"], "--task": "sst-2", "--data_dir": assets["data"],
-            "--out_dir": str(tmp_path / "out"), "--steps": "2"}
+            "--out_dir": str(tmp_path / "out"), "--steps": "2", "--interval": "2"}  # a run that works, but for `flags`
     switches = [f for f in flags if f in ("--resume", "--track_divergence", "--half_weights")]
     pairs = [f for f in flags if f not in switches]
     for key, value in zip(pairs[::2], pairs[1::2]):
@@ -2212,7 +2216,7 @@ def test_lora_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch):
 
 def test_no_embed_freezes_the_token_embedding_and_its_tied_head(assets, tmp_path):
     out = tmp_path / "out"
-    assert run_train(assets, out, "--zo_params", "no_embed", "--method", "zo", "--steps", "3", "--save") == 0
+    assert run_train(assets, out, "--trained", "no_embed", "--method", "zo", "--steps", "3", "--save") == 0
     base = load_file(str(Path(assets["causal"]) / "model.safetensors"))
     tuned = load_file(str(out / "model" / "model.safetensors"))
     embedding = "model.decoder.embed_tokens.weight"
@@ -2235,9 +2239,9 @@ def test_released_recipe_sets_its_settings_and_explicit_flags_win(assets, tmp_pa
     assert run_train(assets, out, "--recipe", "released", "--method", "dizo", "--steps", "2", "--eval_every", "1",
                      "--num_train", "10", "--num_dev", "6", "--num_test", "6") == 0
     printed = capsys.readouterr().out
-    assert "--recipe released sets" in printed and "--zo_params no_embed" in printed
+    assert "--recipe released sets" in printed and "--trained no_embed" in printed
     config = json.loads((out / "results.json").read_text())["config"]
-    assert (config["zo_params"], config["lr_schedule"], config["interval"], config["proj_iters"]) == (
+    assert (config["trained"], config["lr_schedule"], config["interval"], config["proj_iters"]) == (
         "no_embed", "linear", 2, 2)  # run_train passes --interval 2 --proj_iters 2 explicitly: they win
     assert (config["steps"], config["num_train"], config["tau"], config["proj_lr"]) == (2, 10, 0.2, 2.0)
 
@@ -2250,14 +2254,14 @@ def test_dizo_records_every_projection_phase_and_draws_them(assets, tmp_path, fi
     assert all(len(p["ratios"]) == len(p["distances"]) == len(r["projected"]) == 4 for p in r["projection"])
     assert all(0.8 - 1e-9 <= x <= 1.2 + 1e-9 for p in r["projection"] for x in p["ratios"])
     assert (out / "projection.png").stat().st_size > 1000
-    # bench.py --replot draws the same figures again from results.json alone
+    # studies.py --replot draws the same figures again from results.json alone
     (out / "projection.png").unlink()
     (out / "curves.png").unlink()
-    bench.main(["--replot", str(out)])
+    studies.main(["--replot", str(out)])
     assert (out / "projection.png").stat().st_size > 1000 and (out / "curves.png").stat().st_size > 1000
     (out / "results.json").write_text("{}")
     with pytest.raises(SystemExit, match="no readable train.py results.json"):
-        bench.main(["--replot", str(out)])
+        studies.main(["--replot", str(out)])
 
 
 @pytest.mark.parametrize("case, message", [
@@ -2289,7 +2293,7 @@ def test_bench_never_overwrites_a_run_and_fails_before_its_work(assets, tmp_path
     else:
         argv = ["--ablate", "anything: the outputs are checked first", "--out", str(target[case])]
     with pytest.raises(SystemExit) as e:
-        bench.main(argv)
+        studies.main(argv)
     assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
     assert all(p.read_bytes() == b for p, b in before.items())
 
@@ -2421,12 +2425,12 @@ def test_precision_study_replays_the_optimizers_z():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# bench.py --ablate: where a fine-tuning lives
+# studies.py --ablate: where a fine-tuning lives
 
 @pytest.mark.parametrize("family", ["opt", "roberta", "llama", "gpt2"])
 def test_parameter_groups_cover_every_parameter_exactly_once(family):
     model = tiny_model(family)
-    groups = bench.parameter_groups(model)
+    groups = studies.parameter_groups(model)
     with torch.no_grad():  # mark every element through the groups' tensors (views of fused weights included)
         for p in model.parameters():
             p.zero_()
@@ -2445,7 +2449,7 @@ def test_parameter_groups_cover_every_parameter_exactly_once(family):
 
 def test_parameter_groups_of_opt_by_name():
     """Against OPT's own parameter names: the rest of a layer is its MLP, fc1 and fc2."""
-    groups = bench.parameter_groups(tiny_model("opt"))
+    groups = studies.parameter_groups(tiny_model("opt"))
     names = {g: {n for n, _ in pairs} for g, pairs in groups.items()}
     layer = "model.decoder.layers.1."
     assert {n for n in names["mlp"] if n.startswith(layer)} == {layer + f"fc{i}.{w}" for i in (1, 2)
@@ -2471,7 +2475,7 @@ def ablation_pair(assets):
         opt.zero_grad()
         loss_fn.loss(ft, dev, list(range(len(dev.labels)))).backward()
         opt.step()
-    return pre, ft.eval(), lambda model: bench.split_metrics(model, loss_fn, dev), loss_fn, dev
+    return pre, ft.eval(), lambda model: studies.split_metrics(model, loss_fn, dev), loss_fn, dev
 
 
 def with_matrices_from(model, source, roles):
@@ -2497,12 +2501,12 @@ def test_split_metrics_are_the_prompt_loss_and_the_accuracy(ablation_pair):
 def test_reverting_every_group_gives_the_pretrained_model_and_leaves_the_model_as_it_was(ablation_pair):
     pre, ft, measure, _, _ = ablation_pair
     before = {n: t.clone() for n, t in ft.state_dict().items()}
-    pairs = bench.matched_groups(ft, pre)
+    pairs = studies.matched_groups(ft, pre)
     assert set(pairs) >= {"embeddings/head", "q", "k", "v", "o", "norms", "mlp"}
     tensors = [t for ts, _ in pairs.values() for t in ts]
     values = [v for _, vs in pairs.values() for v in vs]
-    assert bench.measured_with(tensors, values, lambda: measure(ft)) == measure(pre)
-    result = bench.ablation(ft, pre, measure)
+    assert studies.measured_with(tensors, values, lambda: measure(ft)) == measure(pre)
+    result = studies.ablation(ft, pre, measure)
     assert all(torch.equal(t, before[n]) for n, t in ft.state_dict().items())
     assert result["pretrained"] == measure(pre) and result["finetuned"] == measure(ft)
     assert result["finetuned"]["loss"] != result["pretrained"]["loss"]
@@ -2520,7 +2524,7 @@ def with_matrices_interpolated(ft, pre, r):
 
 def test_interpolation_ends_are_the_finetuned_and_the_reverted_model(ablation_pair):
     pre, ft, measure, _, _ = ablation_pair
-    result = bench.ablation(ft, pre, measure)
+    result = studies.ablation(ft, pre, measure)
     at = {r: i for i, r in enumerate(result["ratios"])}
     for line, roles in (("K+V", ("k", "v")), ("K", ("k",)), ("V", ("v",))):
         assert result["lines"][line][at[1.0]] == result["finetuned"]  # exact: lerp's weight 1 gives θ
@@ -2541,10 +2545,10 @@ def test_ablate_command_reports_a_saved_run(assets, tmp_path, monkeypatch, capsy
     out = tmp_path / "run"
     assert run_train(assets, out, "--method", "zo", "--steps", "4", "--eval_every", "4", "--save") == 0
     report = tmp_path / "ablation.json"
-    argv = ["bench.py", "--ablate", str(out / "model"), "--base", assets["causal"], "--task", "sst-2",
+    argv = ["studies.py", "--ablate", str(out / "model"), "--base", assets["causal"], "--task", "sst-2",
             "--data_dir", assets["data"], "--out", str(report)]
     monkeypatch.setattr(sys, "argv", argv)
-    bench.main()
+    studies.main()
     result = json.loads(report.read_text())
     assert report.with_suffix(".png").exists()
     assert set(result["groups"]) == {"embeddings/head", "q", "k", "v", "o", "norms", "attention biases", "mlp",
@@ -2555,4 +2559,4 @@ def test_ablate_command_reports_a_saved_run(assets, tmp_path, monkeypatch, capsy
     assert "| k reverted |" in printed and "K and V are reverted" in printed
     monkeypatch.setattr(sys, "argv", argv[:4] + [assets["masked"]] + argv[5:])  # not the model it started from
     with pytest.raises(SystemExit, match="different parameters|tokenizer differs"):
-        bench.main()
+        studies.main()

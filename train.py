@@ -35,12 +35,12 @@ from runs import RANKS
 
 # Real models: the released code's settings (MeZO / DiZO: ZO lr 1e-6, eps 1e-3, batch 16, constant lr; FO 1e-5).
 REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 20000, "zo": 20000, "dizo": 20000},
-                     eval_every=500, zo_params="all", lr_schedule="constant")
+                     eval_every=500, trained="all", lr_schedule="constant")
 # The embedded tiny model: 0.6M parameters take a far larger ZO lr than billions do; FO reaches its best dev
 # accuracy within 300 steps. It trains what the released code trains, with its logs' decay: with the token
 # embedding (and the head tied to it) trained at a constant rate, ZO reaches 0.985 dev accuracy, then collapses.
 BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4},
-                        steps={"fo": 300, "zo": 1500, "dizo": 1500}, eval_every=100, zo_params="no_embed",
+                        steps={"fo": 300, "zo": 1500, "dizo": 1500}, eval_every=100, trained="no_embed",
                         lr_schedule="linear")
 
 
@@ -84,7 +84,8 @@ class Config:
     phase_dev: int = flag(256, "DiZO: dev examples whose loss is measured before and after each phase, as "
                                "held-out telemetry (not training: not counted, not timed; 0: off)")
     anchor_device: str | None = flag(None, "DiZO: where θ0 lives, e.g. cpu to keep it off the GPU", str)
-    zo_params: str | None = flag(None, "all, or no_embed (token embedding frozen); builtin no_embed, real all", str)
+    trained: str | None = flag(None, "what every method (fo too) trains: all, or no_embed (the token embedding and a "
+                                     "head tied to it frozen, as released); builtin no_embed, real all", str)
     lr_schedule: str | None = flag(None, "constant, or linear from lr to lr/2; builtin linear, real constant", str)
     lora: int = flag(0, "rank of PEFT LoRA adapters on the attention (0: fine-tune the weights themselves)")
     lora_alpha: float = flag(16.0, "LoRA scale alpha (the update is alpha/rank · BA)")
@@ -99,7 +100,7 @@ class Config:
 
     def __post_init__(self):
         defaults = self.defaults
-        for name in ("zo_params", "lr_schedule", "eval_every"):
+        for name in ("trained", "lr_schedule", "eval_every"):
             if getattr(self, name) is None:
                 setattr(self, name, defaults[name])
         if self.dtype is None:  # fp32 weights, bf16 forward passes: 4 bytes per parameter, exact ZO steps
@@ -147,20 +148,20 @@ def load_model(cfg, setup, method):
     model = data.load_model(setup.name, setup.kind, DTYPES[cfg.storage_dtype(method)], setup.device,
                             cfg.trust_remote_code, cfg.device_map)
     setup.loss_fn.device = model.get_input_embeddings().weight.device  # where the inputs go (--device_map)
-    # fp32 weights and a half --dtype: every forward (training, γ search, evaluation) under torch.autocast
+    # fp32 weights, a half --dtype: every forward (training, γ search, evaluation) under torch.autocast
     setup.loss_fn.autocast = DTYPES[cfg.dtype] if cfg.dtype != cfg.storage_dtype(method) else None
     if cfg.lora:
         torch.manual_seed(cfg.seed)  # LoRA's A is random
         targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
         model = data.add_lora(model, cfg.lora, cfg.lora_alpha, targets)  # freezes every weight but the adapters
-    if cfg.zo_params == "no_embed":  # frozen before DistributedDataParallel sees the model
+    if cfg.trained == "no_embed":  # every method's set; frozen before DistributedDataParallel sees the model
         model.get_input_embeddings().weight.requires_grad_(False)
     return model
 
 
 def trained_parameters(model):
-    """What every method trains, FO included: with --lora the adapters alone; otherwise every weight, except the
-    token embedding (and an output head tied to it) with --zo_params no_embed, the released code's set."""
+    """What every method trains, fo too, as load_model marked it: with --lora the adapters alone; otherwise every
+    weight, except the token embedding (and an output head tied to it) with --trained no_embed (the released set)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -381,8 +382,9 @@ def train_all(cfg, setup, folder, model):
             print(f"error: {method} diverged: {r['error']}; {where}", file=sys.stderr)
             return 1
         if r["status"] == "interrupted" or RANKS.agree(runs.Stop.signum is not None):
-            print(f"interrupted at {method} step {r['steps']}: results and a checkpoint are in {folder.out_dir}; "
-                  f"continue with the same flags and --resume", file=sys.stderr)
+            if RANKS.main:  # one line for the run, not one per process
+                print(f"interrupted at {method} step {r['steps']}: results and a checkpoint are in "
+                      f"{folder.out_dir}; continue with the same flags and --resume", file=sys.stderr)
             return 128 + (runs.Stop.signum or signal.SIGTERM)
     if RANKS.main:
         plots.print_table(folder.results)
@@ -409,9 +411,10 @@ def prepare(cfg):
     setup = data.Setup.load(name, task, raw, RANKS.device, cfg.trust_remote_code,
                             projected="dizo" in cfg.methods or cfg.track_divergence)
     precision = cfg.dtype if cfg.dtype == "fp32" else f"{cfg.dtype}, {cfg.storage_dtype('zo')} weights"
-    print(f"model {cfg.model} ({setup.kind} LM, {setup.model_type}) on {setup.device}, {precision}; task {task.name}: "
-          f"{len(setup.splits['train'].labels)} train / {len(setup.splits['dev'].labels)} dev / "
-          f"{len(setup.splits['test'].labels)} test")
+    if RANKS.main:
+        print(f"model {cfg.model} ({setup.kind} LM, {setup.model_type}) on {setup.device}, {precision}; task "
+              f"{task.name}: {len(setup.splits['train'].labels)} train / {len(setup.splits['dev'].labels)} dev / "
+              f"{len(setup.splits['test'].labels)} test")
     return setup
 
 
