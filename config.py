@@ -2,6 +2,7 @@
 refusals of settings that cannot work (one line, exit 2), before anything is loaded or written."""
 import argparse
 import math
+import warnings
 from dataclasses import fields
 
 import torch
@@ -48,6 +49,24 @@ def parse_config(config, argv=None, description=None):
                                                          for k, v in settings.items()))
         args = p.parse_args(argv)
     return config(**vars(args))
+
+
+def dizo_roles(cfg, model):
+    """What DiZO projects: K and V, as the released code; with --lora, every attention role whose matrices carry
+    adapters (the released code projects every LoRA factor, and its adapters sit on Q and V)."""
+    if not cfg.lora:
+        return ("k", "v")
+    roles = []
+    for role in ROLES:
+        with warnings.catch_warnings(record=True) as frozen:  # dizo.py warns of matrices without adapters
+            warnings.simplefilter("always")
+            try:
+                found = projected_params(model, roles=(role,))
+            except ValueError:  # no adapters on any matrix of this role
+                continue
+        if found and not frozen:
+            roles.append(role)
+    return tuple(roles) or ROLES  # none: projected_params(ROLES) then says what is wrong
 
 
 def run_flags(cfg):
@@ -127,7 +146,7 @@ def check_model(cfg, model, setup):
                          f"has {rows} rows: a tokenizer and a model that do not belong together")
     if "dizo" in cfg.methods:
         try:
-            projected_params(model, roles=cfg.roles)
+            projected_params(model, roles=dizo_roles(cfg, model))
         except ValueError as e:
             raise UsageError(f"--method dizo: {e}") from None
     if cfg.methods != ("fo",):  # θ ± εz rounds back to θ where ε|z| is below half a unit in θ's last place

@@ -4,6 +4,7 @@ files, the prompt-based loss, the batch order, the pretrained model and tokenize
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import string
@@ -165,6 +166,23 @@ def _read_lines(path: str) -> list[str]:
     return lines
 
 
+def _check_no_id_column(path: str, lines: list[str], header: list[str], task: Task, headerless: bool) -> None:
+    """Columns going by position take the first as text: not when there are more columns than the task reads and
+    the first holds only whole numbers (ids, as in "0<tab>good film<tab>1"), which would be read as the text."""
+    if len(header) <= len(task.text_columns) + 1:
+        return
+    firsts = [line.split("\t", 1)[0].strip() for line in lines[0 if headerless else 1:] if line]
+    if not firsts or not all(f.isascii() and f.isdigit() for f in firsts):
+        return
+    example = ", ".join(["idx", *task.text_columns, "label"])
+    if headerless:
+        raise DataError(f"{path}: {len(header)} columns and no header, the first looks like ids "
+                        f"({', '.join(firsts[:3])}...): add a header line naming the columns (e.g. {example})")
+    raise DataError(f"{path}:1: the header {header} names no column {', '.join(task.text_columns)} and label, so "
+                    f"columns go by position, and the first holds only numbers ({', '.join(firsts[:3])}...), "
+                    f"ids rather than text: name the columns in the header (e.g. {example})")
+
+
 def read_tsv(path: str, task: Task) -> list[Example]:
     """A GLUE-style TSV as Examples of `task`: a header naming the text columns (GLUE RTE's sentence1/2 too) and
     "label", then an example per line, split on tabs, no quoting. Without those names columns go by position (text
@@ -181,6 +199,7 @@ def read_tsv(path: str, task: Task) -> list[Example]:
     last = header[-1].strip()  # a number is a row's label, not a header's name: if not the task's, it fails below
     headerless = None in at and (last in task.labels or last.lstrip("-").isdigit())
     if None in at:
+        _check_no_id_column(path, lines, header, task, headerless)
         at = [*range(len(task.text_columns)), len(header) - 1]
         if not headerless:  # not silent: a header of other names, or a first row whose label is mistyped
             print(f"{path}: first line read as a header {header}; columns by position, label last")
@@ -216,6 +235,8 @@ def load_splits(data_dir: str, task: Task, *, k: int | None = None, num_train: i
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: no such data folder (expected train.tsv, dev.tsv, test.tsv in it)")
     splits = {s: read_tsv(os.path.join(data_dir, f"{s}.tsv"), task) for s in ("train", "dev", "test")}
+    for split, examples in splits.items():
+        _check_classes(split, examples, f"{data_dir}/{split}.tsv", task)
     for split, n in {"train": num_train, "dev": num_dev, "test": num_test}.items():
         examples, seed, what = splits[split], f"{split}:{data_seed}", f"{data_dir}/{split}.tsv"  # a str seed: SHA-512
         if n is not None:
@@ -234,7 +255,33 @@ def load_splits(data_dir: str, task: Task, *, k: int | None = None, num_train: i
         else:
             continue
         splits[split] = [examples[i] for i in sorted(chosen)]
+        if n is not None:  # k per class takes every class
+            sample = f"the {n} of {what} that --num_{split} {n} and --data_seed {data_seed} take"
+            _check_classes(split, splits[split], sample, task, sampled=True)
     return splits
+
+
+def _check_classes(split: str, examples: list[Example], what: str, task: Task, sampled: bool = False) -> None:
+    """A split whose examples all have one label. Train: an error, there is nothing to tell apart (the loss is
+    least when the model always answers that label). Dev and test: accuracy would count only how often the model
+    answers that label, so that one that always does scores 1.0 and the methods cannot be compared: an error for a
+    whole file (a file cut from one sorted by label, or placeholder labels as in GLUE's unlabelled test sets), a
+    warning for a sample asked small (a quick check may want --num_test 1)."""
+    labels = {ex.label for ex in examples}
+    if len(labels) != 1:
+        return
+    only = task.labels[labels.pop()]
+    others = ", ".join(label for label in task.labels if label != only)
+    if split == "train":
+        fix = ("ask for more examples or another --data_seed" if sampled else
+               f"add examples of label {others} (or check its label column)")
+        raise DataError(f"train split has only label {only}: every example of {what} is labelled {only}; "
+                        f"nothing to tell apart, {fix}")
+    why = (f"{split} split has only label {only}: every example of {what} is labelled {only}, so its accuracy "
+           f"counts only how often the model answers {only}")
+    if not sampled:
+        raise DataError(f"{why}; give it examples of label {others} too (or check its label column)")
+    print(f"warning: {why}; ask for more examples or another --data_seed")
 
 
 # ------------------------------------------------------------------------------ what the model reads
@@ -415,16 +462,115 @@ def model_class(kind):
     return AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
 
 
-def load_model(name, kind, dtype, device, trust_remote_code, device_map=None):
-    """The model in eval mode on `device` (or placed by a device_map, e.g. 'auto'); never from a pickle; every
-    tensor from the checkpoint and finite; not quantised (ZO needs real weights, save_pretrained refuses most)."""
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # what from_pretrained loads with use_safetensors
+
+
+def _not_safetensors(name, trust_remote_code):
+    """Why `name`'s weights would come from a file other than safetensors (a pickle: torch.load), or None. A local
+    folder needs model.safetensors or its sharded index; a config's "transformers_weights" must name one of those."""
+    explicit = getattr(load_config(name, trust_remote_code), "transformers_weights", None)
+    if explicit is not None and not explicit.endswith((".safetensors", ".safetensors.index.json")):
+        return f"its config.json names weights file {explicit}, not a .safetensors file"
+    if explicit is None and Path(name).is_dir() and not any((Path(name) / f).is_file() for f in SAFE_WEIGHTS):
+        found = sorted(f.name for f in Path(name).iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5",
+                                                                               ".msgpack", ".safetensors"))
+        return f"the folder has no {SAFE_WEIGHTS[0]} (its weight files: {', '.join(found) or 'none'})"
+    return None
+
+
+def _index_pattern(key):
+    """A weight's name with every layer index a wildcard: model.layers.#.mlp.up_proj.weight."""
+    return ".".join("#" if part.isdigit() else part for part in key.split("."))
+
+
+def _natural(key):
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
+
+
+def weights_not_taken(model, unexpected):
+    """Of the checkpoint's keys the model did not take (transformers' unexpected keys, less those its classes mark
+    as ignorable), those that are weights of this architecture: a parameter of a layer past the config's count
+    (model.decoder.layers.3.fc1.weight when the config builds 3 layers), or one the config leaves out (a bias its
+    module holds as None); a key may lack the model's prefix (decoder.layers.3..., a base model's checkpoint).
+    The others are not weights this model could hold, and are left to transformers: buffers older versions saved
+    (attn.bias, masked_bias, rotary inv_freq, position_ids), a pooler or pretraining head that a masked LM has not."""
+    own = {_index_pattern(f"{module_name}.{p}" if module_name else p)
+           for module_name, module in model.named_modules(remove_duplicate=False) for p in module._parameters}
+    prefix = getattr(model, "base_model_prefix", "")
+    names = lambda key: {key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")} if prefix else {key}  # noqa: E731
+    return sorted((k for k in unexpected if names(_index_pattern(k)) & own), key=_natural)
+
+
+def _convert(name, kind):
+    """How to turn a model whose weights are pickles into a folder of safetensors: the folder itself, or for a hub
+    name a new local folder (with its tokenizer)."""
+    auto, local = model_class(kind).__name__, Path(name).is_dir()
+    to = name if local else name.rstrip("/").split("/")[-1] + "-safetensors"
+    tokenizer = "" if local else f"; AutoTokenizer.from_pretrained('{name}').save_pretrained('{to}')"
+    return (f"only safetensors files are loaded, never a pickle. Convert it once (transformers unpickles it with "
+            f"torch.load(weights_only=True), which refuses code): python -c \"from transformers import "
+            f"{'AutoTokenizer, ' if tokenizer else ''}{auto}; {auto}.from_pretrained('{name}', use_safetensors=False)"
+            f".save_pretrained('{to}'){tokenizer}\"" + ("" if local else f", then pass --model {to}"))
+
+
+@contextlib.contextmanager
+def _held_load_report():
+    """Holds back the table of missing and unexpected keys that transformers logs while loading weights: the
+    caller release()s it where it lets the model through or fails on its account; a refusal is its one line."""
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    class Held(logging.Filter):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def filter(self, record):
+            if "LOAD REPORT" not in str(record.msg):
+                return True
+            self.records.append(record)
+            return False
+
+        def release(self):
+            logger.removeFilter(self)
+            for record in self.records:
+                logger.handle(record)
+            self.records.clear()
+
+    held = Held()
+    logger.addFilter(held)
     try:
-        model, info = model_class(kind).from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                        device_map=device_map, output_loading_info=True)
-    except Exception as e:  # corrupt or truncated weights, a blocked pickle, shapes that do not match the config
-        raise DataError(f"--model {name}: cannot load its weights ({first_line(e)})") from None
-    if info["missing_keys"]:  # transformers would start them at random, said only in a log line
-        raise DataError(f"--model {name}: its checkpoint lacks {sorted(info['missing_keys'])[0]}")
+        yield held
+    finally:
+        logger.removeFilter(held)
+
+
+def load_model(name, kind, dtype, device, trust_remote_code, device_map=None):
+    """The model in eval mode on `device` (or placed by a device_map, e.g. 'auto'); else a DataError in one line.
+    Weights come from safetensors files only: a model without them (e.g. pytorch_model.bin alone, a pickle that
+    torch.load would unpickle) is refused before any of its weight files is opened, with the command to convert it.
+    Every weight of the model must come from the checkpoint, and every weight of the checkpoint must go into the
+    model (weights_not_taken: a config.json with fewer layers than the weights is refused, not truncated); every
+    tensor finite; not quantised (ZO needs real weights, save_pretrained refuses most)."""
+    if why := _not_safetensors(name, trust_remote_code):
+        raise DataError(f"--model {name}: cannot load its weights: {why}; {_convert(name, kind)}")
+    with _held_load_report() as report:
+        try:
+            model, info = model_class(kind).from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                            device_map=device_map, output_loading_info=True,
+                                                            use_safetensors=True)
+        except Exception as e:  # corrupt or truncated weights, no safetensors on the hub, shapes that do not match
+            report.release()  # e.g. "size mismatch ... look at the above report"
+            if "cannot be loaded with `safetensors`" in str(e):  # a hub model whose weights are pickles only
+                raise DataError(f"--model {name}: cannot load its weights: the hub has no model.safetensors for "
+                                f"it; {_convert(name, kind)}") from None
+            raise DataError(f"--model {name}: cannot load its weights ({first_line(e)})") from None
+        if info["missing_keys"]:  # transformers would start them at random, said only in its report
+            raise DataError(f"--model {name}: its checkpoint lacks {sorted(info['missing_keys'])[0]}")
+        if extra := weights_not_taken(model, info["unexpected_keys"]):  # transformers would drop them
+            shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+            raise DataError(f"--model {name}: its checkpoint holds {len(extra)} weight(s) the model does not have "
+                            f"({shown}): does config.json match the weights (e.g. its number of layers)?")
+        report.release()  # keys it ignored, such as a pooler a masked LM has not: said as transformers says them
     if bad := next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None):
         raise DataError(f"--model {name}: its weight {bad} holds NaN or inf; a damaged checkpoint")
     if getattr(model, "hf_quantizer", None) is not None:

@@ -1,38 +1,37 @@
 """Zeroth-order fine-tuning: ZO-SGD with seed replay (MeZO) and DiZO's layer-wise divergence projection.
 
-Torch only: copy it into any project. Read it beside the papers and released code (the README lists where and why
-this file departs from that code):
+Torch only: copy it into any project. Read it beside the papers and released code (the README: where it departs):
   MeZO  Malladi et al., arXiv 2305.17333; princeton-nlp/MeZO, large_models/trainer.py.
   DiZO  Tan et al., "Harmony in Divergence", arXiv 2502.03304 (NeurIPS 2025); Skilteee/DiZO, the same file.
 
 Equation map (the DiZO paper's sections)                                      where
   z ~ N(0, I), regenerated from the step's seed at every pass (seed replay)     ZOSGD._zs         MeZO
   g = (L(θ + εz) - L(θ - εz)) / (2ε), one per query j = 1..q                    ZOSGD._query      §2.1 eq. (1)
-  θ <- θ - η ((1/q) Σ_j g_j z_j + λθ)                                           ZOSGD.step        §2.1 eq. (2)
+  θ <- θ - η ((1/q) Σ_j g_j z_j + λθ)                                           ZOSGD._zo_step    §2.1 eq. (2)
   s_l = ||θ_l - θ0_l||_F, the layer-wise divergence                             DiZO.distances    §2.2
   θ_l <- θ0_l + (γ_l / s_l)(θ_l - θ0_l) = θ0_l + r_l Δ_l                         DiZO._set_ratios  §3
-  every κ ZO steps, M iterations of SPSA on γ, r clipped to [1-τ, 1+τ]         DiZO.project      §3
+  every κ ZO steps, M iterations of SPSA on γ; the accepted r_l in [1-τ, 1+τ]  DiZO.project      §3
   which matrices: attention K and V (or their LoRA factors)                     projected_params  trainer.py
+Tests check the rows against references (pytest -k NAME): test_fused_step_equals_the_four_pass_reference (MeZO),
+test_q_queries_follow_the_direct_computation, test_the_projection_phase_follows_the_released_gamma_search (a port),
+test_projection_step_calls_closure_2_plus_2m_times_with_fresh_batches (a phase's 2M + 2 forward passes).
 
 Usage (ZOSGD: the same without the matrices, search_data and search_loss); the closure: ONE mini-batch's loss:
     opt = DiZO(model.parameters(), projected_params(model), lr=1e-6, search_data=batches, search_loss=loss_fn)
-    for batch in loader: loss = opt.step(lambda: loss_fn(batch))          # two forward passes, no backward()
+    for batch in loader: loss = opt.step(lambda: loss_fn(batch))   # two forward passes; loss: L(θ + εz), not L(θ)
 
-Check a step by hand (q = 1, no weight decay): this loop gives the θ of the first opt.step(closure), to rounding:
+Check a step by hand (q = 1, no weight decay, model.eval(): dropout would give the two calls other masks): with seed,
+lr, eps the optimizer's, params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad] (the
+trained tensors), from the θ the FIRST opt.step(closure) starts from, this gives that step's g and θ, to rounding:
 
     step_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
-    def perturb(alpha):                                    # θ <- θ + alpha z
-        gens = {}
+    def perturb(alpha):                                    # θ <- θ + alpha z, one generator per device
+        gens = {p.device: torch.Generator(p.device).manual_seed(step_seed) for p in params}
         for p in params:
-            gen = gens.setdefault(p.device, torch.Generator(p.device).manual_seed(step_seed))
-            p.add_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype), alpha=alpha)
+            p.add_(torch.randn(p.shape, generator=gens[p.device], device=p.device, dtype=p.dtype), alpha=alpha)
     with torch.no_grad():
         perturb(eps); loss_plus = float(closure()); perturb(-2 * eps); loss_minus = float(closure())
         g = (loss_plus - loss_minus) / (2 * eps); perturb(eps); perturb(-lr * g)   # MeZO's four passes
-
-The closure returns one scalar loss (differentiable or not) under torch.no_grad(); its two calls in a step start
-from one global RNG state (dropout masks agree); if it fails, θ is put back by replaying z. bf16/fp16 weights are
-stepped in place as in MeZO's and DiZO's code, with a warning: fp32 weights under torch.autocast are exact.
 """
 
 import math
@@ -64,28 +63,29 @@ def _wide(t):  # the dtype in which a difference of two values of t's dtype keep
 
 class ZOSGD(torch.optim.Optimizer):
     """ZO-SGD with MeZO's seed replay: two forward passes per step (2q with q queries), no gradient, no state.
+    step(closure) calls the closure (one scalar loss, differentiable or not, under torch.no_grad()) 2q times, each ±
+    pair from one global RNG state (dropout masks agree; θ put back by replaying z if it fails); it returns ℓ+ =
+    L(θ + εz) of the first query (what MeZO logs as the training loss), not L(θ).
 
     Arguments (defaults: MeZO's and DiZO's released code):
         lr            η of eq. (2), per group (released 1e-6 for OPT; small models take far more: sweep it).
         eps           ε of eq. (1) (released 1e-3), one for all groups: g is one scalar for the whole model.
-        weight_decay  λ, MeZO's (DiZO's code has none: default 0), on tensors of 2+ dimensions only.
+        weight_decay  λ (DiZO's code has none: default 0), on tensors of 2+ dimensions: our rule (MeZO's: by name).
         seed          seeds the optimizer's own generator (one 62-bit seed per step and query).
         queries       q of eq. (1): directions per step, g_j z_j averaged (released: 1).
-        direction     "gaussian" (MeZO, DiZO) or "rademacher" (z_i = ±1 with equal odds, Spall's SPSA).
-    """
+        direction     "gaussian" (MeZO, DiZO) or "rademacher" (z_i = ±1 with equal odds, Spall's SPSA)."""
 
     def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, *, queries=1, direction="gaussian"):
         _check("seed", seed, isinstance(seed, int) and seed >= 0, "an int >= 0")
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, queries=queries,
-                                      direction=direction))
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, queries=queries, direction=direction))
         self._seeds = torch.Generator().manual_seed(seed)  # one seed per step and query
         self.steps_done, self.projected_grad, self.projected_grads = 0, None, []
         halves = [p for _, p in self._params() if p.dtype in (torch.bfloat16, torch.float16)]
-        if halves:  # stepped in place, where a change below |θ|·eps/4 (half a unit in the last place) is lost
+        if halves:  # as the released code does; fp32 rounds far finer (20 steps at lr 0 moved 87% of a 256x256 weight)
             dtype, lr = halves[0].dtype, self.defaults["lr"]  # the spacing of dtype's values near |θ| is |θ|·eps
-            warnings.warn(f"{sum(p.numel() for p in halves):,} {dtype} weights are stepped in place: at lr {lr:g} a "
-                          f"weight θ moves only where |g·z| > |θ|·{torch.finfo(dtype).eps / 4 / max(lr, 1e-300):.3g}, "
-                          f"and each ±εz pass rounds; fp32 weights under torch.autocast are exact", stacklevel=2)
+            warnings.warn(f"{sum(p.numel() for p in halves):,} {dtype} weights are stepped in place: at lr {lr:g} an "
+                          f"update ηgz is lost where |g·z| < |θ|·{torch.finfo(dtype).eps / 4 / max(lr, 1e-300):.3g} "
+                          f"(half a unit in θ's last place), yet each ±εz pass rounds, moving θ anyway", stacklevel=2)
 
     def add_param_group(self, group):
         """torch.optim's add_param_group, with the group's settings checked."""
@@ -112,8 +112,7 @@ class ZOSGD(torch.optim.Optimizer):
             return _scalar(closure(), where)
 
     def _zs(self, seed):
-        """(group, p, z) for every trained tensor in order, z regenerated from the seed (MeZO's seed replay):
-        one generator per device, seeded with `seed` at every pass, draws the tensors on that device in turn."""
+        """(group, p, z) for every trained tensor in order, z regenerated from `seed` (one generator per device)."""
         gens = {device: torch.Generator(device).manual_seed(seed) for device in self._devices()}
         for group, p in self._params():
             gen, like = gens[p.device], dict(size=p.shape, device=p.device, dtype=p.dtype)
@@ -135,8 +134,7 @@ class ZOSGD(torch.optim.Optimizer):
             raise
 
     def _query(self, closure, seed, eps):
-        """From θ: ℓ+ = L(θ + εz), ℓ- = L(θ - εz), z from `seed`; returns g of eq. (1) and ℓ+, θ left at θ - εz.
-        If anything fails, θ is moved back by replaying z (up to float rounding) before the error propagates."""
+        """From θ: ℓ± = L(θ ± εz), z from `seed`; returns g of eq. (1) and ℓ+, θ left at θ - εz (or put back)."""
         at = 0.0                                                  # θ stands at θ + at·z
         try:
             self._perturb(seed, eps)
@@ -156,7 +154,7 @@ class ZOSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _zo_step(self, closure=None):
-        """One ZO-SGD step, eq. (1) and (2) with q queries, all at the same θ; returns ℓ+ of the first."""
+        """One ZO-SGD step, eq. (1) and (2) with q queries, all at the same θ; returns ℓ+ = L(θ + εz_1), not L(θ)."""
         if not callable(closure):
             raise TypeError(f"step(closure) needs a function returning the loss, got {type(closure).__name__}")
         eps, q = self.param_groups[0]["eps"], self.param_groups[0]["queries"]
@@ -168,7 +166,7 @@ class ZOSGD(torch.optim.Optimizer):
             queried.append(self._query(closure, seed, eps))
         grads = [grad for grad, _ in queried]
         # eq. (2), the restore and the last query's update fused into one pass, from θ - εz_q:
-        #   θ <- (θ - εz_q + εz_q)(1 - ηλ) - (η/q) g_q z_q              (MeZO's decay λ on matrices only)
+        #   θ <- (θ - εz_q + εz_q)(1 - ηλ) - (η/q) g_q z_q              (λ on tensors of 2+ dimensions only)
         for group, p, z in self._zs(seeds[-1]):
             lr, decay = group["lr"], group["weight_decay"] if p.dim() >= 2 else 0.0
             if decay == 0.0:
@@ -197,23 +195,23 @@ class ZOSGD(torch.optim.Optimizer):
 
 
 class DiZO(ZOSGD):
-    """ZO-SGD plus DiZO's projection (§3): every κ ZO steps, each projected matrix's distance from its anchor
-    θ0 (its value when the optimizer is built, e.g. pretrained) is rescaled by a searched ratio r_l = γ_l / s_l:
-
+    """ZO-SGD plus DiZO's projection (§3): every κ ZO steps, each projected matrix's distance from its anchor θ0 is
+    rescaled by a searched ratio r_l = γ_l / s_l:
         θ_l <- θ0_l + r_l Δ_l,   Δ_l = θ_l - θ0_l,   s_l = ||Δ_l||_F,   r_l in [1 - τ, 1 + τ]
+    θ0 is the projected matrices as the first step finds them (DiZO built, then a checkpoint loaded: the checkpoint's),
+    copied when DiZO is built (project() before a step uses that) and again, in place, at the first step; a resumed
+    run keeps the saved θ0.
 
     Arguments beyond ZOSGD's (defaults: Skilteee/DiZO's large_models/trainer.py and README):
-        projected     the matrices, as projected_params(model) gives: trained parameters of the optimizer or views.
+        projected     the matrices, as projected_params(model) gives: trained parameters or views (re-taken at use).
         interval      κ, ZO steps between projection phases (released 50; its README searches 50-400).
         proj_iters    M, γ-search iterations per phase (released 10, hard-coded there).
         proj_eps      ε_γ, proj_lr η_γ, tau τ: the γ search's perturbation, step size and clip (released 0.1,
                       2.0, 0.2; its README searches 0.05-0.1, 1-2 and 0.1-0.3).
-        search_data   one batch per search iteration: a function (its state is the caller's to save), a list
-                      (cycled, position saved) or an iterable such as a DataLoader (re-iterated; load_state_dict
-                      warns that its position is lost). search_loss(batch) -> scalar loss. Without both, the
-                      search evaluates the step's closure (the released code draws fresh batches).
-        anchor_device where θ0 and the phase's copy of the matrices live: None, beside each matrix; "cpu".
-    """
+        search_data   one batch per search iteration: a function (its state is the caller's to save), a list (cycled,
+                      position saved) or an iterable such as a DataLoader (re-iterated; position lost on resume).
+                      search_loss(batch) -> scalar loss. Without both: the step's closure (released: fresh batches).
+        anchor_device where θ0 and the phase's copy of the matrices live: None, beside each matrix; "cpu"."""
 
     def __init__(self, params, projected, lr, eps=1e-3, weight_decay=0.0, seed=0, *, queries=1,
                  direction="gaussian", interval=50, proj_iters=10, proj_eps=0.1, proj_lr=2.0, tau=0.2,
@@ -235,28 +233,32 @@ class DiZO(ZOSGD):
         for name, t in pairs:
             _check(f"projected matrix {name}", type(t).__name__, isinstance(t, torch.Tensor) and id(
                 t if t._base is None else t._base) in trained, "a trained parameter of this optimizer or a view of one")
-        self.names, self.matrices = [n for n, _ in pairs], [t for _, t in pairs]
-        # θ0: the projected matrices as they are now; nothing else is copied
-        self.anchors = [t.detach().to(anchor_device or t.device, copy=True) for t in self.matrices]
+        self.names, self._views = [n for n, _ in pairs], [(t, None) if t._base is None else (t._base, (
+            t.shape, t.stride(), t.storage_offset() - t._base.storage_offset())) for _, t in pairs]  # see `matrices`
+        self.anchors = [t.detach().to(anchor_device or t.device, copy=True) for t in self.matrices]  # θ0, nothing else
         # for logging: the last phase's r_l and γ_l, and its step, r_l, s_l, loss before and after
         self.ratios, self.gammas, self.last_phase = torch.ones(len(pairs), dtype=torch.float64), None, None
         self._u_gen = torch.Generator().manual_seed(seed + 1)  # its own stream: the ZO seeds stay ZOSGD's
         self._search_data, self._search_loss, self._search_iter, self._drawn = search_data, search_loss, None, 0
 
+    @property
+    def matrices(self):  # views re-taken at each use: one taken once keeps the storage that model.double() replaces
+        return [p if v is None else p.as_strided(v[0], v[1], p.storage_offset() + v[2]) for p, v in self._views]
+
     def step(self, closure=None):
-        """One ZO step; after every κ-th, a projection phase (2M + 2 more forward passes)."""
+        """One ZO step, returning its ℓ+ = L(θ + εz), not L(θ); after every κ-th, a phase (2M + 2 forward passes)."""
+        if self.steps_done == 0 and self.last_phase is None:  # θ0 <- θ: in place, or anew after model.double()
+            self.anchors = [a.copy_(m.detach()) if a.dtype == m.dtype else m.detach().to(a.device, copy=True)
+                            for a, m in zip(self.anchors, self.matrices)]
         loss = self._zo_step(closure)
         if self.steps_done % self.interval == 0:
             self.project(self._search_closure if self._search_loss is not None else lambda: closure)
         return loss
 
-    def _search_closure(self):
-        """The loss closure of one γ-search iteration: search_loss on the next batch of search_data."""
+    def _search_closure(self):  # the loss closure of one γ-search iteration: search_loss on search_data's next batch
         data, self._drawn = self._search_data, self._drawn + 1
-        if callable(data):
-            batch = data()
-        elif isinstance(data, Sequence) and len(data) > 0:
-            batch = data[(self._drawn - 1) % len(data)]
+        if callable(data) or isinstance(data, Sequence) and len(data) > 0:  # a function; a list, cycled
+            batch = data() if callable(data) else data[(self._drawn - 1) % len(data)]
         else:  # an iterable: its next batch, or a new pass when exhausted (a shuffling DataLoader reshuffles)
             batch = None if self._search_iter is None else next(self._search_iter, None)
             if batch is None:
@@ -272,8 +274,7 @@ class DiZO(ZOSGD):
                              for m, a in zip(self.matrices, self.anchors)], dtype=torch.float64)
 
     def _set_ratios(self, ratios, start):
-        """θ_l <- θ0_l + r_l (θ_start,l - θ0_l) for every projected matrix, θ_start the phase's copy; r_l = 1
-        puts θ_start,l back exactly."""
+        """θ_l <- θ0_l + r_l (θ_start,l - θ0_l), θ_start the phase's copy; r_l = 1 puts θ_start,l back exactly."""
         for m, a, s, r in zip(self.matrices, self.anchors, start, ratios.tolist()):
             if r == 1.0:
                 m.copy_(s)
@@ -283,10 +284,12 @@ class DiZO(ZOSGD):
 
     @torch.no_grad()
     def project(self, next_closure):
-        """One projection phase (§3): M iterations of clipped SPSA on the ratios r_l = γ_l / s_l (trainer.py's
-        search on γ, divided by s), then θ_l <- θ0_l + r_l Δ_l for good. next_closure() gives each iteration's
-        loss closure (a fresh batch); the first is also evaluated before and after the phase, for `last_phase`
-        (2M + 2 forward passes; the released code has the 2M). A phase that fails is undone exactly."""
+        """One projection phase (§3): M iterations of clipped SPSA on r_l = γ_l / s_l (trainer.py's search on γ, divided
+        by s), then θ_l <- θ0_l + r_l Δ_l for good; a phase that fails is undone exactly. u_l ~ N(0, 1) is clipped to
+        ±bound_l, bound_l = τ s_l / ε_γ, so a trial γ_l ± ε_γ u_l is the ratio r_l ± δ_l, δ_l = ε_γ u_l / s_l, |δ_l|
+        <= τ (trials reach 1 ± 2τ; the accepted r_l stays in 1 ± τ); r_l - η_γ ĝ u_l = (γ_l - η_γ s_l ĝ u_l) / s_l.
+        Batches: next_closure() gives iteration i's closure, on batch B_i, for ℓ+ and ℓ-; B_1 also gives loss_before
+        and loss_after (`last_phase`): 2M + 2 forward passes (the released code has the 2M)."""
         start = [m.detach().to(a.device, copy=True) for m, a in zip(self.matrices, self.anchors)]  # θ_start
         dist = self.distances()                   # s_l = ||θ_l - θ0_l||
         ratios = torch.ones_like(dist)            # re-initialisation: γ_l = s_l, the identity
@@ -296,18 +299,17 @@ class DiZO(ZOSGD):
             loss_before = self._forked(first, "the loss before the projection phase")
             for it in range(self.proj_iters):
                 closure, where = first if it == 0 else next_closure(), f"γ-search iteration {it + 1}"
-                # u_l ~ N(0, 1), clipped to ±(τ/ε_γ) s_l: a trial moves γ_l by at most τ s_l
+                # u_l ~ N(0, 1), clipped to ±bound_l, bound_l = τ s_l / ε_γ
                 bound = self.tau / self.proj_eps * dist
                 u = torch.randn(len(dist), generator=self._u_gen, dtype=torch.float64).clamp(-bound, bound)
-                # the trial γ_l ± ε_γ u_l as a ratio: r_l ± δ_l, δ_l = ε_γ u_l / s_l
+                # δ_l = ε_γ u_l / s_l: the trial γ_l ± ε_γ u_l as a ratio r_l ± δ_l
                 delta = torch.where(moving, self.proj_eps * u / dist.where(moving, 1.0), 0.0)
                 self._set_ratios(ratios + delta, start)
                 loss_plus = self._forked(closure, where)         # ℓ+ = L(θ0 + (r + δ) Δ)
                 self._set_ratios(ratios - delta, start)
                 loss_minus = self._forked(closure, where)        # ℓ- = L(θ0 + (r - δ) Δ)
-                # ĝ = (ℓ+ - ℓ-) / (2 ε_γ)
-                grad = (loss_plus - loss_minus) / (2 * self.proj_eps)
-                # γ_l <- clip(γ_l - η_γ s_l ĝ u_l, (1-τ) s_l, (1+τ) s_l), i.e. r_l <- clip(r_l - η_γ ĝ u_l, 1±τ)
+                grad = (loss_plus - loss_minus) / (2 * self.proj_eps)   # ĝ = (ℓ+ - ℓ-) / (2 ε_γ)
+                # r_l <- clip(r_l - η_γ ĝ u_l, 1 - τ, 1 + τ)
                 ratios = (ratios - self.proj_lr * grad * u).clamp(1 - self.tau, 1 + self.tau)
             self._set_ratios(ratios, start)              # θ_l <- θ0_l + r_l Δ_l, for good
             loss_after = self._forked(first, "the loss after the projection phase")
@@ -320,14 +322,12 @@ class DiZO(ZOSGD):
         self.last_phase = {"step": self.steps_done, "ratios": ratios.tolist(), "distances": dist.tolist(),
                            "loss_before": loss_before, "loss_after": loss_after}
 
-    def state_dict(self):
-        """ZOSGD's state, the anchors (no pretrained model needed), the u generator, r, γ, batches drawn."""
+    def state_dict(self):  # ZOSGD's, the anchors (no pretrained model needed), the u generator, r, γ, batches drawn
         return {**super().state_dict(), "dizo": {
             "names": list(self.names), "anchors": [a.clone() for a in self.anchors], "drawn": self._drawn,
             "u_gen": self._u_gen.get_state(), "ratios": self.ratios, "gammas": self.gammas}}
 
-    def load_state_dict(self, state_dict):
-        """Continue from DiZO.state_dict(); refuses one that projects other matrices."""
+    def load_state_dict(self, state_dict):  # continues from DiZO.state_dict(); refuses one of other matrices
         dizo = state_dict.get("dizo", {"names": self.names})
         _check("the state_dict's projected matrices", dizo["names"][:2], dizo["names"] == self.names,
                f"this optimizer's, {self.names[:2]}...")
@@ -340,56 +340,56 @@ class DiZO(ZOSGD):
                           f"γ search draws other batches than the saved run would (a list or a function would not)")
 
 
-def _is_lora(module):
-    return hasattr(module, "base_layer") and isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict)
-
-
-def _linear(module, name):
-    """module.<name> if it is an nn.Linear, inside a PEFT LoRA wrapper or not; else None."""
+def _linear(module, name):  # module.<name> if it is an nn.Linear, inside a PEFT LoRA wrapper or not; else None
     m = getattr(module, name, None)
-    m = m.base_layer if _is_lora(m) else m
+    m = getattr(m, "base_layer", m)
     return m if isinstance(m, torch.nn.Linear) else None
 
 
 def _attention(module):
-    """The (role, weight) pairs of `module` if it is the attention block of a known family, else None."""
+    """(role, weight, columns: the role's output features of a fused weight, or None) of a known attention block."""
     out = "out_proj" if hasattr(module, "out_proj") else "o_proj"  # OPT; Llama, Mistral, Qwen2
     found = {r: _linear(module, n) for r, n in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", out))}
     if not all(found.values()):  # BERT, RoBERTa: attention.self.{query,key,value} and attention.output.dense
-        qkv, dense = getattr(module, "self", None), getattr(module, "output", None)
-        found = {"q": _linear(qkv, "query"), "k": _linear(qkv, "key"), "v": _linear(qkv, "value"),
-                 "o": _linear(dense, "dense")}
+        qkv, names = getattr(module, "self", None), (("q", "query"), ("k", "key"), ("v", "value"))
+        found = {r: _linear(qkv, n) for r, n in names} | {"o": _linear(getattr(module, "output", None), "dense")}
     if all(found.values()):
-        return [(role, m.weight) for role, m in found.items()]
-    # GPT-2: one Conv1D c_attn, weight [d, 3d] laid out q | k | v; each block is a view, projected on its own
+        return [(role, m.weight, None) for role, m in found.items()]
+    # GPT-2: one Conv1D c_attn, weight [d, 3d] whose output features are laid out q | k | v; each block projected alone
     w = getattr(getattr(module, "c_attn", None), "weight", None)
-    if w is not None and hasattr(module, "c_proj") and w.dim() == 2 and w.shape[1] == 3 * w.shape[0]:
-        d = w.shape[0]
-        return [("q", w[:, :d]), ("k", w[:, d:2 * d]), ("v", w[:, 2 * d:]), ("o", module.c_proj.weight)]
+    if w is not None and hasattr(module, "c_proj") and w.dim() == 2 and w.shape[1] == 3 * (d := w.shape[0]):
+        return [(r, w, slice(i * d, i * d + d)) for i, r in enumerate("qkv")] + [("o", module.c_proj.weight, None)]
     return None
 
 
 def projected_params(model, roles=("k", "v")):
     """The trained attention matrices DiZO projects, as (name, tensor) pairs in module order.
 
-    Default K and V, as the released code (OPT's k_proj and v_proj); any of "q", "k", "v", "o", found by the
-    structure of each family's attention block (none found: an error). A view is named after its parameter +
-    [role]. Under PEFT LoRA a matrix gives its active adapters' trained A and B: roles=("q", "v") is the released.
-    """
+    Default K and V, as the released code (OPT's k_proj and v_proj); any of "q", "k", "v", "o", found by the structure
+    of each family's attention block (none found: an error). A view is named after its parameter + [role]. Under PEFT
+    LoRA a matrix gives its active adapters' trained A and B (roles=("q", "v") is the released); GPT-2's fused c_attn,
+    the rows of B of each role (B anchored at 0, r_l rescales that role's update B_l A alone; A, shared by q, k and v,
+    is not projected). A frozen matrix without adapters is left out, with a warning naming it."""
     _check("roles", roles, roles and set(roles) <= {"q", "k", "v", "o"}, "a non-empty subset of q, k, v, o")
     names = {id(p): n.replace("_orig_mod.", "") for n, p in model.named_parameters()}
-    lora = {id(getattr(m.base_layer, "weight", None)): m for m in model.modules() if _is_lora(m)}
+    lora = {id(getattr(m.base_layer, "weight", None)): m for m in model.modules()  # PEFT LoRA wrappers
+            if hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)}
     blocks = [hits for hits in map(_attention, model.modules()) if hits]
     _check("model", type(model).__name__, blocks, "OPT, Llama/Mistral/Qwen2, BERT/RoBERTa, GPT-2 (or pass the matrices)")
-    found = []
-    for role, t in (hit for hits in blocks for hit in hits if hit[0] in roles):
-        if id(t) in lora:  # the frozen weight's trained LoRA factors instead
-            layer = lora[id(t)]
-            found += [(names[id(f)], f) for a in layer.active_adapters if a in layer.lora_A
-                      for f in (layer.lora_A[a].weight, layer.lora_B[a].weight) if f.requires_grad]
-        elif t.requires_grad:
-            found.append((names[id(t)] if t._base is None else f"{names[id(t._base)]}[{role}]", t))
+    found, frozen = [], []
+    for role, w, cols in (hit for hits in blocks for hit in hits if hit[0] in roles):
+        layer, name = lora.get(id(w)), names[id(w)] + ("" if cols is None else f"[{role}]")
+        if layer is None:  # the weight itself, or its block
+            hits = [(name, w if cols is None else w[:, cols])] if w.requires_grad else []
+        else:  # the frozen weight's trained LoRA factors instead: A and B, or B's rows of a fused block
+            ab = [(layer.lora_A[a].weight, layer.lora_B[a].weight) for a in layer.active_adapters if a in layer.lora_A]
+            hits = [(names[id(f)], f) for pair in ab for f in pair if f.requires_grad] if cols is None else [
+                (f"{names[id(b)]}[{role}]", b[cols]) for _, b in ab if b.requires_grad]
+        found, frozen = found + hits, frozen + ([] if hits else [name])
     _check(f"attention matrices {', '.join(roles)}", "frozen", found, "trained, or carry LoRA adapters")
+    if frozen:
+        warnings.warn(f"not projected: {len(frozen)} attention matrices asked for are frozen, with no LoRA adapter, "
+                      f"e.g. {', '.join(frozen[:2])} (LoRA on q and v: pass roles=('q', 'v'))", stacklevel=2)
     return found
 
 

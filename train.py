@@ -25,7 +25,8 @@ import transformers
 import data
 import plots
 import runs
-from config import BUILTIN, DTYPES, METHODS, ROLES, UsageError, check_config, check_model, parse_config, run_flags
+from config import (BUILTIN, DTYPES, METHODS, ROLES, UsageError, check_config, check_model, dizo_roles, parse_config,
+                    run_flags)
 from dizo import DiZO, ZOSGD, divergence, projected_params
 from runs import RANKS
 
@@ -121,12 +122,6 @@ class Config:
     def lr_for(self, method):
         return self.defaults["lr"][method] if self.lr is None else self.lr
 
-    @property
-    def roles(self):
-        """What DiZO projects: K and V, as the released code; with LoRA, every attention matrix that carries
-        adapters (the released code projects every LoRA factor, and its adapters sit on Q and V)."""
-        return ROLES if self.lora else ("k", "v")
-
     def zo_settings(self, method):
         """ZOSGD's arguments (dizo.py's names, checked there), and DiZO's with method dizo."""
         zo = dict(lr=self.lr_for(method), eps=self.eps, seed=self.seed, direction=self.direction, queries=self.queries)
@@ -169,14 +164,15 @@ def trained_parameters(model):
 # The methods: AdamW, ZO-SGD (MeZO) and DiZO, and the one place where they differ, take_step.
 
 def make_optimizer(method, model, setup, cfg, loss, search_batches):
-    """AdamW for fo, ZOSGD for zo, DiZO for dizo: it projects K and V (cfg.roles) every κ steps, searching γ on
+    """AdamW for fo, ZOSGD for zo, DiZO for dizo: it projects K and V (dizo_roles) every κ steps, searching γ on
     batches of its own (search_batches); with --phase_dev each phase is also measured on held-out dev data."""
     params = trained_parameters(model)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
     if method == "zo":
         return ZOSGD(params, **cfg.zo_settings(method))
-    pairs, search = projected_params(model, roles=cfg.roles), dict(search_data=search_batches.next, search_loss=loss)
+    pairs = projected_params(model, roles=dizo_roles(cfg, model))
+    search = dict(search_data=search_batches.next, search_loss=loss)
     if not cfg.phase_dev:
         return DiZO(params, pairs, **cfg.zo_settings(method), **search)
     return HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
@@ -291,8 +287,9 @@ def new_run(method, model, setup, cfg, folder, opt, loss, parts):
          "trained_params": sum(p.numel() for g in opt.param_groups for p in g["params"])}
     if method == "dizo":
         r |= {"projected": list(opt.names), "projection": []}
-        pairs = projected_params(model, roles=cfg.roles)
-        print(f"dizo: projecting {len(pairs)} matrices ({', '.join(cfg.roles).upper()}), "
+        roles = dizo_roles(cfg, model)
+        pairs = projected_params(model, roles=roles)
+        print(f"dizo: projecting {len(pairs)} matrices ({', '.join(roles).upper()}), "
               f"{sum(t.numel() for _, t in pairs):,} parameters, "
               f"anchor {sum(t.numel() * t.element_size() for _, t in pairs) / 2**20:.1f} MB")
     anchor = track = None
