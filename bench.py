@@ -295,14 +295,16 @@ def machine(args):
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1))
+    runs.write_json(Path(path), obj)  # atomically; a link at `path` is replaced, never written through
     print(f"\nwrote {path}")
 
 
 def check_output(path):
-    """Refuse, before any work, an output that would replace a train.py run's file or cannot be written."""
+    """Refuse, before any work, an output that would replace a train.py run's file or cannot be written: by its name,
+    or by where it leads (a symbolic link into a run)."""
     path = Path(path).absolute()
-    for p in (p for p in (path, *path.parents) if p.name in runs.OUTPUTS):  # a run's output, or inside one
+    named, resolved = (path, *path.parents), (path.resolve(), *path.resolve().parents)
+    for p in (p for p in (*named, *resolved) if p.name in runs.OUTPUTS):  # a run's output, or inside one
         with contextlib.suppress(OSError, ValueError, AttributeError):
             if json.loads((p.parent / "results.json").read_text()).get("format") == runs.FORMAT:
                 sys.exit(f"error: {path} would replace a file of the train.py run in {p.parent}; choose another --out")

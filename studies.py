@@ -81,10 +81,18 @@ def run_paired(folder, seeds, jobs):
 
 
 def _paired_result(out):
-    """The finished result of one study run, or None."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        r = next(iter(json.loads((Path(out) / "results.json").read_text())["methods"].values()))
-        return r if r.get("status") == "done" else None
+    """The finished result of one study run, or None; a results.json that is not a train.py run's is one line."""
+    path = Path(out) / "results.json"
+    try:
+        text = path.read_text()
+    except OSError:  # not run yet
+        return None
+    try:
+        r = next(iter(json.loads(text)["methods"].values()), None)
+        return r if r is not None and r["status"] == "done" else None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        sys.exit(f"error: {path} is not a train.py run's results ({type(e).__name__}: {e}); remove {out} to run it "
+                 "again")
 
 
 def paired_summary(folder, plot, seeds=None):
@@ -305,6 +313,9 @@ def ablate_main(args):
     cfg = train.Config(model=args.ablate, method="fo", dtype=args.dtype,  # fo: no DiZO check, ours comes below
                        **{name: getattr(args, name) for name in ABLATION_DATA_FLAGS})
     try:
+        if (Path(args.ablate) / "results.json").exists() and not (Path(args.ablate) / "config.json").exists():
+            raise data.DataError(f"--ablate {args.ablate} is a train.py run's folder; pass the model it saved with "
+                                 f"--save: {Path(args.ablate) / 'model'} (or model/<method>)")
         train.check_config(cfg)
         setup = train.prepare(cfg)
         base = data.builtin_model() if args.base == train.BUILTIN else args.base
@@ -366,6 +377,8 @@ def parse_args(argv=None):
     if (args.paired, args.replot, args.ablate) == (None, None, None):
         p.error("give one of --paired, --ablate, --replot")
     args.out = args.out or "runs/ablation.json"
+    if args.ablate and Path(args.out).suffix != ".json":  # the figure goes beside it, under the same name
+        p.error(f"--out {args.out}: the ablation's JSON report ends in .json (the figure is written beside it as .png)")
     outs = [Path(args.paired) / "logs", *([args.plot] if args.plot else [])] if args.paired else [] if args.replot \
         else [args.out, Path(args.out).with_suffix(".png")]
     for out in outs:  # the outputs of this command, checked before the work
