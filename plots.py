@@ -30,9 +30,11 @@ def plot_curves(results, path):
             hist = [h for h in r["history"] if h.get(y) is not None]
             ax.plot([h.get(x, 0) for h in hist], [h[y] for h in hist], marker="." if x != "step" else None,
                     label=method)
-    axes[0].set(xlabel="forward passes", ylabel="dev loss", title="dev loss", yscale="log")
-    axes[1].set(xlabel="forward passes", ylabel="dev accuracy", title="dev accuracy")
-    axes[2].set(xlabel="step", ylabel="training loss (mean since last eval)", title="training loss")
+    passes = "forward passes (fo's backward not counted)"
+    axes[0].set(xlabel=passes, ylabel="dev loss", title="dev loss", yscale="log")
+    axes[1].set(xlabel=passes, ylabel="dev accuracy", title="dev accuracy")
+    axes[2].set(xlabel="step", ylabel="mean since the last evaluation",
+                title="training loss: fo L(θ), zo and dizo L(θ + εz)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -119,3 +121,5 @@ def print_table(results):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows[:1] + [["-" * w for w in widths]] + rows[1:]:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    if "fo" in results["methods"]:
+        print("fwd passes: training's forward passes; fo's backward passes are not counted")

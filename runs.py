@@ -327,7 +327,7 @@ class Run:
         if phase and phase["step"] == self.step:
             self.r["projection"].append(phase)
         self.bar.update()
-        self.bar.set_postfix(loss=f"{self.window[-1]:.4f}")
+        self.bar.set_postfix({self.r.get("loss_is", "loss"): f"{self.window[-1]:.4f}"})
 
     def stop_requested(self):
         """Ctrl-C, SIGTERM or SIGHUP reached this process, or another rank (every rank stops at the same step)."""

@@ -678,8 +678,9 @@ def test_curves_plot_dev_loss_and_accuracy_against_forward_passes(monkeypatch):
                for s, p in ((0, 0), (10, 20), (20, 44))]
     plots.plot_curves({"methods": {"dizo": {"history": history}}}, Path("curves.png"))
     axes = drawn["fig"].axes
+    passes = "forward passes (fo's backward not counted)"
     assert [(a.get_title(), a.get_xlabel()) for a in axes] == [
-        ("dev loss", "forward passes"), ("dev accuracy", "forward passes"), ("training loss", "step")]
+        ("dev loss", passes), ("dev accuracy", passes), ("training loss: fo L(θ), zo and dizo L(θ + εz)", "step")]
     assert axes[0].lines[0].get_xdata().tolist() == [0, 20, 44]
     assert axes[0].lines[0].get_ydata().tolist() == [h["dev_loss"] for h in history]
 

@@ -284,7 +284,8 @@ def new_run(method, model, setup, cfg, folder, opt, loss, parts):
     """The method's entry in results.json, as the loop fills it in, and what its checkpoints hold."""
     r = {"method": method, "lr": cfg.lr_for(method), "status": "running", "history": [], "steps": 0,
          "forward_passes": 0, "wall_s": 0.0, "storage_dtype": cfg.storage_dtype(method), "compute_dtype": cfg.dtype,
-         "trained_params": sum(p.numel() for g in opt.param_groups for p in g["params"])}
+         "trained_params": sum(p.numel() for g in opt.param_groups for p in g["params"]),
+         "loss_is": "L(θ)" if method == "fo" else "L(θ+εz)"}  # the training loss logged: ZO's first pass, as MeZO
     if method == "dizo":
         r |= {"projected": list(opt.names), "projection": []}
         roles = dizo_roles(cfg, model)
