@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dizo import DiZO
+
 
 class RunError(ValueError):
     """A run folder, checkpoint or model folder that cannot be used: printed as one line, nothing written."""
@@ -357,6 +359,28 @@ class Run:
     def diverged(self, error):
         note = " ".join([str(error), *getattr(error, "__notes__", [])])  # dizo.py says how θ was put back
         return self.r | {"status": "diverged", "error": note, "forward_passes": self.passes.calls}
+
+
+class HeldOutDiZO(DiZO):
+    """DiZO that also measures each phase on held-out data: held_out() (the loss on the first --phase_dev dev
+    examples) before and after it, in last_phase as dev_loss_before/after. The search's own before/after is on
+    its first batch, which it used to choose r; these passes are not training (not counted; time in held_out_s)."""
+
+    def __init__(self, *args, held_out, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held_out, self.held_out_s = held_out, 0.0
+
+    def _timed_held_out(self):
+        tic = time.perf_counter()
+        loss = self.held_out()
+        self.held_out_s += time.perf_counter() - tic
+        return loss
+
+    @torch.no_grad()
+    def project(self, next_closure):
+        before = self._timed_held_out()
+        super().project(next_closure)
+        self.last_phase |= {"dev_loss_before": before, "dev_loss_after": self._timed_held_out()}
 
 
 # ------------------------------------------------------------------------------- processes, signals, memory

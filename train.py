@@ -3,11 +3,10 @@
     python train.py                                   # fo vs zo vs dizo on the embedded tiny model, offline, CPU
     python train.py --model facebook/opt-1.3b --task sst-2 --data_dir data/SST-2 --method dizo
 
-The methods share everything but the step (take_step): the same model, prompts, loss, data order, evaluation
-and checkpoints, so the comparison is fair by construction. Read top to bottom: the settings, the model, the
-optimizers and the step, the loss and evaluation, the training loop, main. A run's files go to --out_dir
-(results.json, curves.png, checkpoints/ every --eval_every steps; runs.py keeps them safe); torchrun runs it on
-several processes.
+The methods share everything but take_step: the same model, prompts, loss, data order, evaluation and
+checkpoints, so the comparison is fair by construction. Read top to bottom: the settings; the model and what it
+trains; the optimizers and take_step; the loss of a batch and evaluate; the loop (train_method); main. A run's files
+(results.json, figures, checkpoints/) go to --out_dir through runs.py, which never writes outside it.
 """
 
 import contextlib
@@ -15,7 +14,6 @@ import math
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +102,7 @@ class Config:
         for name in ("trained", "lr_schedule", "eval_every"):
             if getattr(self, name) is None:
                 setattr(self, name, defaults[name])
-        if self.dtype is None:  # fp32 weights, bf16 forward passes: 4 bytes per parameter, exact ZO steps
+        if self.dtype is None:  # fp32 weights, bf16 forward passes: 4 bytes per parameter, fp32 ZO steps
             self.dtype = "bf16" if not self.builtin and torch.cuda.is_available() else "fp32"
         self.task = self.task or ("toy" if self.builtin or self.data_dir is None else None)
         if self.task is not None and self.task.lower() in data.TASKS:  # sst-2 and SST-2 are the same task
@@ -164,8 +162,9 @@ def trained_parameters(model):
 # The methods: AdamW, ZO-SGD (MeZO) and DiZO, and the one place where they differ, take_step.
 
 def make_optimizer(method, model, setup, cfg, loss, search_batches):
-    """AdamW for fo, ZOSGD for zo, DiZO for dizo: it projects K and V (dizo_roles) every κ steps, searching γ on
-    batches of its own (search_batches); with --phase_dev each phase is also measured on held-out dev data."""
+    """fo: AdamW; zo: ZOSGD; dizo: DiZO, which also projects K and V (dizo_roles; with --lora their adapters) every
+    κ steps, its γ search on batches of its own; with --phase_dev each phase is also measured on dev data. All
+    three train the same tensors: trained_parameters(model)."""
     params = trained_parameters(model)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
@@ -175,12 +174,19 @@ def make_optimizer(method, model, setup, cfg, loss, search_batches):
     search = dict(search_data=search_batches.next, search_loss=loss)
     if not cfg.phase_dev:
         return DiZO(params, pairs, **cfg.zo_settings(method), **search)
-    return HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
+    return runs.HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
                        held_out=lambda: evaluate(model, setup, "dev", cfg.phase_dev)[1])
 
 
 def take_step(method, opt, closure, step):
-    """One optimisation step, the only place where the methods differ; returns the loss."""
+    """One step, the only place where the methods differ; returns the training loss it logs. closure() is the
+    loss of this step's mini-batch: one forward pass (TrainLoss).
+    fo:   forward and backward (in the closure), then AdamW; the loss is L(θ).
+    zo:   ZOSGD.step (dizo.py, eq. (1) and (2)): the closure at θ + εz and at θ − εz, z drawn from a seed and never
+          stored; g = (ℓ+ − ℓ−)/2ε; θ ← θ − ηgz. Two forward passes, no backward; the loss is ℓ+.
+    dizo: the same step, and every κ = --interval steps a projection phase (DiZO.project, §3): each projected
+          matrix θ ← θ0 + r(θ − θ0), r ∈ [1 − τ, 1 + τ] found by M = --proj_iters ZO iterations on batches of a
+          second data order: 2M + 2 forward passes."""
     if method != "fo":
         return opt.step(closure)  # ZO and DiZO: two forward passes (DiZO: + 2M + 2 at every κ-th step)
     opt.zero_grad(set_to_none=True)
@@ -239,8 +245,13 @@ def evaluate(model, setup, split, count=None):
 # The training loop: one method, from the pretrained model or, with --resume, from its last checkpoint.
 
 def train_method(method, model, setup, cfg, folder, saved=None):
-    """Train one method: a step, and every eval_every steps an evaluation and a checkpoint. Returns its result,
-    with status done, running (stopped by a signal) or diverged (a non-finite loss or weight)."""
+    """Train one method; returns its result: status done, running (a signal stopped it) or diverged (a non-finite
+    loss or weight). Evaluated before training (test accuracy: zero-shot; dev accuracy and loss), every
+    --eval_every steps and at the last (dev), and at the end (test). Each evaluation adds a history entry to
+    results.json (training loss since the last, dev accuracy and loss, forward passes, time) and writes a
+    checkpoint (runs.Run.checkpoint: weights, optimizer and its seeds, schedule, data orders, RNG). Ctrl-C or
+    SIGTERM: the step ends, a checkpoint is written, exit 128 + signal; a second Ctrl-C stops at once. --resume
+    with the same flags goes on from the last checkpoint (`saved`), bit for bit as if it had never stopped."""
     memory = runs.PeakMemory.start(setup.device)
     torch.manual_seed(cfg.seed)  # FO's dropout; ZO methods run in eval mode and own their generators
     n_train, steps = len(setup.splits["train"].labels), cfg.steps_for(method)
@@ -414,28 +425,6 @@ def prepare(cfg):
               f"{task.name}: {len(setup.splits['train'].labels)} train / {len(setup.splits['dev'].labels)} dev / "
               f"{len(setup.splits['test'].labels)} test")
     return setup
-
-
-class HeldOutDiZO(DiZO):
-    """DiZO that also measures each phase on held-out data: held_out() (the loss on the first --phase_dev dev
-    examples) before and after it, in last_phase as dev_loss_before/after. The search's own before/after is on
-    its first batch, which it used to choose r; these passes are not training (not counted; time in held_out_s)."""
-
-    def __init__(self, *args, held_out, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.held_out, self.held_out_s = held_out, 0.0
-
-    def _timed_held_out(self):
-        tic = time.perf_counter()
-        loss = self.held_out()
-        self.held_out_s += time.perf_counter() - tic
-        return loss
-
-    @torch.no_grad()
-    def project(self, next_closure):
-        before = self._timed_held_out()
-        super().project(next_closure)
-        self.last_phase |= {"dev_loss_before": before, "dev_loss_after": self._timed_held_out()}
 
 
 def save_from_checkpoint(cfg, setup, out_dir, method):
