@@ -5,9 +5,9 @@ Torch only: copy it into any project. Read it beside the papers and released cod
   DiZO  Tan et al., "Harmony in Divergence", arXiv 2502.03304 (NeurIPS 2025); Skilteee/DiZO, the same file.
 
 Equation map (the DiZO paper's sections)                                      where
-  z ~ N(0, I), regenerated from the step's seed at every pass (seed replay)     ZOSGD._zs         MeZO
+  z ~ N(0, I), regenerated from its query's seed at every pass (seed replay)   ZOSGD._zs         MeZO
   g = (L(θ + εz) - L(θ - εz)) / (2ε), one per query j = 1..q                    ZOSGD._query      §2.1 eq. (1)
-  θ <- θ - η ((1/q) Σ_j g_j z_j + λθ)                                           ZOSGD._zo_step    §2.1 eq. (2)
+  θ <- θ - η ((1/q) Σ_j g_j z_j + λθ), λθ MeZO's weight decay, not the paper's  ZOSGD._zo_step    §2.1 eq. (2)
   s_l = ||θ_l - θ0_l||_F, the layer-wise divergence                             DiZO.distances    §2.2
   θ_l <- θ0_l + (γ_l / s_l)(θ_l - θ0_l) = θ0_l + r_l Δ_l                         DiZO._set_ratios  §3
   every κ ZO steps, M iterations of SPSA on γ; the accepted r_l in [1-τ, 1+τ]  DiZO.project      §3
@@ -82,10 +82,10 @@ class ZOSGD(torch.optim.Optimizer):
         self.steps_done, self.projected_grad, self.projected_grads = 0, None, []
         halves = [p for _, p in self._params() if p.dtype in (torch.bfloat16, torch.float16)]
         if halves:  # as the released code does; fp32 rounds far finer (20 steps at lr 0 moved 87% of a 256x256 weight)
-            dtype, lr = halves[0].dtype, self.defaults["lr"]  # the spacing of dtype's values near |θ| is |θ|·eps
+            dtype, lr = halves[0].dtype, self.defaults["lr"]  # spacing near |θ|: |θ|·eps/2 to |θ|·eps
             warnings.warn(f"{sum(p.numel() for p in halves):,} {dtype} weights are stepped in place: at lr {lr:g} an "
-                          f"update ηgz is lost where |g·z| < |θ|·{torch.finfo(dtype).eps / 4 / max(lr, 1e-300):.3g} "
-                          f"(half a unit in θ's last place), yet each ±εz pass rounds, moving θ anyway", stacklevel=2)
+                          f"update ηgz is lost where |g·z| < |θ|·{torch.finfo(dtype).eps / 4 / max(lr, 1e-300):.3g} (at "
+                          f"most half a unit in θ's last place), yet each ±εz pass rounds, moving θ", stacklevel=2)
 
     def add_param_group(self, group):
         """torch.optim's add_param_group, with the group's settings checked."""
