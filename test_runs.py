@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from test_dizo import _no_figures, assets, run_train  # noqa: F401  (fixtures)
+from test_train import _no_figures, assets, run_train  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, OPTMod
 
 import data
 import train
-from test_dizo import SENTENCES, WORDS, save_tiny, tiny_model, write_task
+from test_dizo import tiny_model
+from test_train import SENTENCES, WORDS, save_tiny, write_task
 
 FAMILIES = {"opt": "causal", "llama": "causal", "gpt2": "causal", "gpt_neox": "causal", "roberta": "masked"}
 LAYERS = {"gpt2": "n_layer"}  # the config field of the number of layers, where not num_hidden_layers
