@@ -13,7 +13,7 @@ from runs import RANKS, first_line
 METHODS = ("fo", "zo", "dizo")
 BUILTIN = "builtin"  # --model value of the embedded tiny OPT
 ROLES = ("q", "k", "v", "o")  # attention matrices whose divergence --track_divergence logs
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 class UsageError(Exception):
@@ -86,7 +86,7 @@ def check_config(cfg):
             raise UsageError(f"--{name} must be one of {names}; got {getattr(cfg, name)!r}")
     if cfg.dtype == "fp16" and not torch.cuda.is_available():
         raise UsageError("--dtype fp16 needs a GPU: fp16 matmuls on the CPU are slow or unsupported; use fp32 or bf16")
-    if cfg.half_weights and cfg.dtype == "fp32":
+    if cfg.half_weights and cfg.dtype in ("fp32", "fp64"):
         raise UsageError("--half_weights stores the weights in --dtype: give --dtype bf16 or fp16")
     for name, least in (("steps", 0), ("batch_size", 1), ("eval_every", 1), ("k", 1), ("num_train", 1),
                         ("num_dev", 1), ("num_test", 1), ("lora", 0), ("grad_accum", 1), ("phase_dev", 0)):

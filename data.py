@@ -726,10 +726,15 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
 
 
 # ------------------------------------------------------------------------------- the embedded model
-# A tiny OPT pretrained once on builtin_corpus() and cached as a Hugging Face folder: it loads like facebook/opt-125m.
+# A tiny OPT pretrained on builtin_corpus(), shipped as a Hugging Face folder (tiny-opt/, 2.5 MB): it loads like
+# facebook/opt-125m. It ships as weights because pretraining rounds differently on every CPU and thread count, and
+# the model it ends at differs (float64 does not help: 800 AdamW steps amplify the last bit); from one set of weights
+# every machine prints the same quick-start table. `python data.py --rebuild-tiny-opt FOLDER` pretrains it anew.
 # Peak learning rate 1e-3: at 3e-3 the 800 steps can end without the link from polarity to the label words.
 TINY = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=512,
             max_position_embeddings=64, pretrain_steps=800, pretrain_lr=1e-3, pretrain_batch=32, seed=0)
+TINY_DIR = Path(__file__).resolve().parent / "tiny-opt"
+TINY_SHA256 = "a40d87aebee84d67285307abccdf94b0451fbce96aa3a9a1aa414bc5485247ea"  # of TINY_DIR/model.safetensors
 
 
 def pretrain_tiny_opt(corpus):
@@ -749,7 +754,7 @@ def pretrain_tiny_opt(corpus):
         opt = torch.optim.AdamW(model.parameters(), lr=TINY["pretrain_lr"], weight_decay=0.01)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=TINY["pretrain_lr"], total_steps=TINY["pretrain_steps"])
         order = torch.Generator().manual_seed(TINY["seed"])
-        bar = tqdm(range(TINY["pretrain_steps"]), desc="pretraining the embedded tiny OPT (once)", leave=False)
+        bar = tqdm(range(TINY["pretrain_steps"]), desc="pretraining the tiny OPT", leave=False)
         for _ in bar:
             idx = torch.randint(len(corpus), (TINY["pretrain_batch"],), generator=order).tolist()
             enc = tokenizer([corpus[i] for i in idx], return_tensors="pt", padding=True)
@@ -765,13 +770,32 @@ def pretrain_tiny_opt(corpus):
 
 
 def builtin_model() -> str:
-    """The tiny OPT's folder in $DIZO_CACHE, named after its recipe and corpus; pretrained and saved on first use."""
-    corpus = builtin_corpus(TINY["seed"])
-    key = hashlib.sha256(json.dumps([TINY, corpus[:50], len(corpus)]).encode()).hexdigest()[:12]
-    folder = Path(os.environ.get("DIZO_CACHE", Path.home() / ".cache" / "dizo")) / f"tiny-opt-{key}"
-    if not (folder / "config.json").exists():
-        model, tokenizer, loss = pretrain_tiny_opt(corpus)
-        save_model(model, tokenizer, folder)
-        print(f"embedded tiny OPT: {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"pretrained {TINY['pretrain_steps']} steps, final LM loss {loss:.3f}, saved to {folder}")
-    return str(folder)
+    """The shipped tiny OPT's folder, its weights checked: a changed file would print other numbers than the README."""
+    weights = TINY_DIR / "model.safetensors"
+    try:
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    except OSError as e:
+        raise DataError(f"the embedded model {weights} cannot be read ({e.strerror}); restore it: git checkout -- "
+                        f"{TINY_DIR.name}") from None
+    if digest != TINY_SHA256:
+        raise DataError(f"the embedded model {weights} is not the one shipped (sha256 {digest[:12]}..., expected "
+                        f"{TINY_SHA256[:12]}...); restore it (git checkout -- {TINY_DIR.name}), or give a rebuilt "
+                        "one as --model FOLDER")
+    return str(TINY_DIR)
+
+
+def rebuild_tiny_opt(folder):
+    """Pretrain the tiny OPT anew into `folder`. Its weights differ by CPU and thread count, and so do the numbers a
+    run of it prints: python train.py --model FOLDER runs the built-in task on it."""
+    model, tokenizer, loss = pretrain_tiny_opt(builtin_corpus(TINY["seed"]))
+    save_model(model, tokenizer, Path(folder))
+    digest = hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()
+    print(f"tiny OPT: {sum(p.numel() for p in model.parameters()):,} parameters, pretrained {TINY['pretrain_steps']} "
+          f"steps, final LM loss {loss:.3f}, saved to {folder} (model.safetensors sha256 {digest})")
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Rebuild the embedded tiny OPT (train.py ships it as tiny-opt/).")
+    parser.add_argument("--rebuild-tiny-opt", metavar="FOLDER", required=True, help="where to save the new model")
+    rebuild_tiny_opt(parser.parse_args().rebuild_tiny_opt)

@@ -217,8 +217,8 @@ def check_disk_space(out_dir, need):
 def disk_needed(cfg, model):
     """Bytes a run writes at most at once: a checkpoint and its replacement (weights, FO's two AdamW moments of
     the trained parameters, up to 16 MB of tokenizer files), and with --save every method's model."""
-    weights = sum(p.numel() * 4 for p in model.parameters())  # fp32 at most
-    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    weights = sum(p.numel() * max(4, p.element_size()) for p in model.parameters())  # fp32, or the model's fp64
+    trained = sum(p.numel() * max(4, p.element_size()) for p in model.parameters() if p.requires_grad)
     checkpoint = weights + (2 * trained if "fo" in cfg.methods else 0) + 2**24
     return 2 * checkpoint + (len(cfg.methods) * weights if cfg.save else 0)
 

@@ -5,6 +5,7 @@ loading path), and runs compared bit for bit. CPU only, no network. The tiny mod
 
 import fcntl
 import gc
+import hashlib
 import json
 import math
 import os
@@ -400,17 +401,21 @@ def test_byte_order_mark_keeps_pair_columns_in_place(tmp_path):
     assert data.read_tsv(str(path), data.get_task("rte")) == [data.Example(("P.", "H."), 0)]
 
 
-def test_builtin_model_is_built_once_and_loads_like_any_hub_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIZO_CACHE", str(tmp_path))
-    monkeypatch.setitem(data.TINY, "pretrain_steps", 3)  # the recipe, shortened: the path is what is tested
+def test_the_shipped_model_is_checked_and_loads_like_any_hub_model(tmp_path, monkeypatch):
     folder = data.builtin_model()
-    assert Path(folder).parent == tmp_path and (Path(folder) / "model.safetensors").exists()
+    assert hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest() == data.TINY_SHA256
     model = AutoModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     assert model.config.model_type == "opt" and len(tok) == model.config.vocab_size
-    stamp = (Path(folder) / "model.safetensors").stat().st_mtime_ns
-    assert data.builtin_model() == folder  # cached: not rebuilt
-    assert (Path(folder) / "model.safetensors").stat().st_mtime_ns == stamp
+    assert tok.get_vocab() == data.build_tokenizer(data.builtin_corpus(data.TINY["seed"])).get_vocab()
+    changed = tmp_path / "tiny-opt"  # one bit of the weights flipped: refused, not trained
+    shutil.copytree(folder, changed)
+    weights = bytearray((changed / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (changed / "model.safetensors").write_bytes(bytes(weights))
+    monkeypatch.setattr(data, "TINY_DIR", changed)
+    with pytest.raises(data.DataError, match="is not the one shipped"):
+        data.builtin_model()
     task = data.get_task("toy")
     splits = data.builtin_splits(0)
     assert data.builtin_splits(0) == splits and len(splits["test"]) >= 200
@@ -1163,16 +1168,16 @@ def test_data_parallel_run_ends_where_one_process_ends(assets, tmp_path):
         assert moved > 1e-3 and differ < 1e-5, (method, moved, differ)
 
 
-def test_a_first_data_parallel_run_builds_the_embedded_model_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIZO_CACHE", str(tmp_path / "cache"))  # empty: the first run pretrains
-    monkeypatch.setitem(data.TINY, "pretrain_steps", 3)
-    err = tmp_path / "rank0.err"
-    pids = data_parallel(["--method", "zo", "--steps", "2", "--eval_every", "2", "--out_dir", str(tmp_path / "o")],
-                         stderr=str(err))
-    assert exit_codes(pids, 300) == [0, 0], err.read_text()[-2000:]
-    [folder] = (tmp_path / "cache").iterdir()
-    assert (folder / "config.json").exists() and not list((tmp_path / "cache").glob("*.tmp"))
-    assert json.loads((tmp_path / "o" / "results.json").read_text())["methods"]["zo"]["status"] == "done"
+def test_a_rebuilt_tiny_model_is_a_folder_train_runs_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(data.TINY, "pretrain_steps", 3)  # the recipe, shortened: the path is what is tested
+    data.rebuild_tiny_opt(tmp_path / "mine")
+    assert f"saved to {tmp_path / 'mine'}" in capsys.readouterr().out
+    assert AutoTokenizer.from_pretrained(tmp_path / "mine").get_vocab() == AutoTokenizer.from_pretrained(
+        data.builtin_model()).get_vocab()
+    out = tmp_path / "run"
+    assert train.main(["--model", str(tmp_path / "mine"), "--method", "zo", "--steps", "2", "--eval_every", "2",
+                       "--out_dir", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"]["zo"]["status"] == "done"
 
 
 def test_a_model_placed_by_accelerate_trains_like_one_on_a_device(assets, tmp_path):
@@ -1220,3 +1225,42 @@ def test_a_process_that_dies_stops_the_whole_data_parallel_run(assets, tmp_path)
     assert r["status"] == "running" and r["steps"] == state["result"]["steps"] and r["steps"] % 5 == 0
 
 
+
+
+# The quick start on another CPU: the shipped model, fine-tuned in float64, prints the same numbers everywhere.
+
+STAND_INS = {  # ATen's kernels without vector instructions and MKL's oldest path, one thread; AVX2 on two
+    "plain": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "MKL_CBWR": "COMPATIBLE",
+              "OMP_NUM_THREADS": "1"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "2"},
+}
+if "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False:
+    STAND_INS["avx512"] = {"ATEN_CPU_CAPABILITY": "avx512", "OMP_NUM_THREADS": "2"}
+
+
+def printed_numbers(stdout, results):
+    """What a learner compares: the table's rows less time and memory, and every evaluation as the table prints it."""
+    rows = [line.split() for line in stdout.splitlines() if line.split()[:1] in (["fo"], ["zo"], ["dizo"])]
+    table = [row[:7] + row[9:] for row in rows]  # method .. fwd passes, status
+    history = {m: [(h["step"], h["forward_passes"], f"{h['dev_acc']:.3f}", f"{h['dev_loss']:.4f}") for h in r["history"]]
+               for m, r in results["methods"].items()}
+    return table, history
+
+
+def test_the_embedded_run_prints_the_same_numbers_as_another_cpu_would(tmp_path):
+    runs = {}
+    procs = {name: subprocess.Popen(
+        [sys.executable, "train.py", "--steps", "60", "--interval", "30", "--eval_every", "30", "--phase_dev", "0",
+         "--out_dir", str(tmp_path / name)],
+        cwd=Path(train.__file__).parent, env=os.environ | env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True) for name, env in STAND_INS.items()}
+    for name, proc in procs.items():
+        stdout = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, stdout[-2000:]
+        runs[name] = printed_numbers(stdout, json.loads((tmp_path / name / "results.json").read_text()))
+    table, history = runs["avx2"]
+    assert len(table) == 3 and all(row[-1] == "done" for row in table)
+    assert len(history["dizo"]) == 3 and len(json.loads((tmp_path / "avx2" / "results.json").read_text())[
+        "methods"]["dizo"]["projection"]) == 2
+    for name, numbers in runs.items():
+        assert numbers == runs["avx2"], name

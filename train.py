@@ -66,8 +66,9 @@ class Config:
     num_test: int | None = flag(None, "test examples (MeZO: 1000)", int)
     eval_every: int | None = flag(None, "steps between dev evaluations and checkpoints (builtin 100, real 500)", int)
     out_dir: str = flag("runs/default", "where results.json, plots, checkpoints and --save go")
-    dtype: str | None = flag(None, "fp32, or bf16 / fp16 (fp16: GPU only): fp32 weights, every forward under torch.autocast; "
-                             "default bf16 for real models on a GPU, else fp32", str)
+    dtype: str | None = flag(None, "fp32; bf16 / fp16 (fp16: GPU only): fp32 weights, every forward under autocast; "
+                             "fp64. Default: the embedded model fp64 (the same numbers on any CPU), real models bf16 "
+                             "on a GPU, else fp32", str)
     half_weights: bool = flag(False, "store the weights in --dtype and step them in place (MeZO, the released "
                                      "--load_float16): 2 bytes per parameter, ZO steps round; FO keeps fp32")
     save: bool = flag(False, "save the final model(s) to out_dir/model/")
@@ -103,7 +104,7 @@ class Config:
             if getattr(self, name) is None:
                 setattr(self, name, defaults[name])
         if self.dtype is None:  # fp32 weights, bf16 forward passes: 4 bytes per parameter, fp32 ZO steps
-            self.dtype = "bf16" if not self.builtin and torch.cuda.is_available() else "fp32"
+            self.dtype = "fp64" if self.builtin else "bf16" if torch.cuda.is_available() else "fp32"
         self.task = self.task or ("toy" if self.builtin or self.data_dir is None else None)
         if self.task is not None and self.task.lower() in data.TASKS:  # sst-2 and SST-2 are the same task
             self.task = self.task.lower()
@@ -129,7 +130,7 @@ class Config:
 
     def storage_dtype(self, method):
         """How the weights are held: fp32, or with --half_weights in --dtype (not FO's: its AdamW needs fp32)."""
-        return self.dtype if self.half_weights and method != "fo" else "fp32"
+        return self.dtype if self.dtype == "fp64" or self.half_weights and method != "fo" else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -413,13 +414,10 @@ def prepare(cfg):
     else:
         raw = data.load_splits(cfg.data_dir, task, k=cfg.k, num_train=cfg.num_train, num_dev=cfg.num_dev,
                                num_test=cfg.num_test, data_seed=cfg.data_seed)
-    if cfg.builtin and RANKS.main:  # pretrained once into the cache; under torchrun the other ranks wait for it
-        data.builtin_model()
-    RANKS.barrier()
-    name = data.builtin_model() if cfg.builtin else cfg.model
+    name = data.builtin_model() if cfg.builtin else cfg.model  # the shipped tiny OPT, checked
     setup = data.Setup.load(name, task, raw, RANKS.device, cfg.trust_remote_code,
                             projected="dizo" in cfg.methods or cfg.track_divergence)
-    precision = cfg.dtype if cfg.dtype == "fp32" else f"{cfg.dtype}, {cfg.storage_dtype('zo')} weights"
+    precision = cfg.dtype if cfg.dtype in ("fp32", "fp64") else f"{cfg.dtype}, {cfg.storage_dtype('zo')} weights"
     if RANKS.main:
         print(f"model {cfg.model} ({setup.kind} LM, {setup.model_type}) on {setup.device}, {precision}; task "
               f"{task.name}: {len(setup.splits['train'].labels)} train / {len(setup.splits['dev'].labels)} dev / "
