@@ -298,6 +298,11 @@ class Encoded:  # a split, tokenised once: prompt token ids and label per exampl
     labels: list
 
 
+def _wide(logits):
+    """Logits in at least fp32 (bf16 and fp16 ones are widened), fp64 kept: the loss is never rounded below the model."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 class PromptLoss:
     """The classification loss and accuracy of a prompted LM on a task; see the comment above."""
 
@@ -360,16 +365,16 @@ class PromptLoss:
             if self.kind == "masked":
                 inputs = self._padded(prompts)
                 at = (inputs["input_ids"] == self.tok.mask_token_id).long().argmax(1)
-                return model(**inputs).logits[torch.arange(len(prompts), device=self.device), at][:, first].float()
+                return _wide(model(**inputs).logits[torch.arange(len(prompts), device=self.device), at][:, first])
             if all(len(w) == 1 for w in self.words):  # mean log-prob = next-token log-prob: one sequence per example
                 logits = model(**self._padded(prompts, left=True), logits_to_keep=1).logits
-                return logits[:, -1].float().log_softmax(-1)[:, first]
+                return _wide(logits[:, -1]).log_softmax(-1)[:, first]
             # One sequence per (example, candidate), left-padded so that all end with the candidate's tokens: the
             # model only produces the logits of the last (longest word + 1) positions (logits_to_keep).
             keep = max(len(w) for w in self.words) + 1
             seqs = [p + w for p in prompts for w in self.words]
             logits = model(**self._padded(seqs, left=True), logits_to_keep=keep).logits
-            logp = logits[:, :-1].float().log_softmax(-1)  # logp[:, j] predicts token length - keep + j + 1
+            logp = _wide(logits[:, :-1]).log_softmax(-1)  # logp[:, j] predicts token length - keep + j + 1
             scores = [logp[i, keep - 1 - len(w):].gather(1, torch.tensor(w, device=self.device)[:, None]).mean()
                       for i, w in enumerate(self.words * len(prompts))]
             return torch.stack(scores).view(len(prompts), len(self.words))
