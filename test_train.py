@@ -1250,7 +1250,7 @@ def printed_numbers(stdout, results):
 def test_the_embedded_run_prints_the_same_numbers_as_another_cpu_would(tmp_path):
     runs = {}
     procs = {name: subprocess.Popen(
-        [sys.executable, "train.py", "--steps", "60", "--interval", "30", "--eval_every", "30", "--phase_dev", "0",
+        [sys.executable, "train.py", "--steps", "40", "--interval", "20", "--eval_every", "20", "--phase_dev", "0",
          "--out_dir", str(tmp_path / name)],
         cwd=Path(train.__file__).parent, env=os.environ | env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         text=True) for name, env in STAND_INS.items()}
