@@ -501,7 +501,8 @@ def data_variant(tmp_path, what):
 BAD_INPUTS = [  # (flags, what the one line must say)
     (["--method", "sgd"], "--method must be one of"),
     (["--task", "nosuch"], "unknown task 'nosuch'"),
-    (["--dtype", "fp64"], "--dtype must be one of"),
+    (["--dtype", "fp8"], "--dtype must be one of fp32, bf16, fp16, fp64"),
+    (["--dtype", "fp64", "--half_weights"], "--half_weights stores the weights in --dtype"),
     (["--dtype", "fp16"], "--dtype fp16 needs a GPU"),
     (["--method", "zo", "--eps", "1e-30"], "--eps 1e-30 cannot move most fp32 weights of this model"),
     (["--method", "dizo", "--eps", "1e-12"], "the smallest that can is about"),
