@@ -3,10 +3,11 @@
     python train.py                                   # fo vs zo vs dizo on the embedded tiny model, offline, CPU
     python train.py --model facebook/opt-1.3b --task sst-2 --data_dir data/SST-2 --method dizo
 
-The methods share everything but take_step: the same model, prompts, loss, data order, evaluation and
-checkpoints, so the comparison is fair by construction. Read top to bottom: the settings; the model and what it
-trains; the optimizers and take_step; the loss of a batch and evaluate; the loop (train_method); main. A run's files
-(results.json, figures, checkpoints/) go to --out_dir through runs.py, which never writes outside it.
+The methods share everything but take_step (one step), so the comparison is fair by construction. Read top to
+bottom: settings; the model and what it trains; optimizers and take_step; a batch's loss (TrainLoss ->
+data.PromptLoss) and evaluate; the loop (train_method); main. The record and checkpoints: runs.Run.record and
+.checkpoint, into --out_dir (results.json, figures, checkpoints/<method>/; nothing outside it). Ctrl-C: runs.Stop
+(the step ends, a checkpoint, exit 128 + signal). --resume: train_all -> runs.load_checkpoint -> runs.Run.restore.
 """
 
 import contextlib
