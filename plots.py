@@ -15,8 +15,14 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path):
-    fig.tight_layout()
+def save_figure(fig, path, margins=None):
+    """Writes the figure; `margins` (left, right, bottom, top) in inches place its panels, about twice as fast as
+    matplotlib's tight_layout, which measures every label (used without them)."""
+    if margins is None:
+        fig.tight_layout()
+    else:
+        (left, right, bottom, top), (width, height) = margins, fig.get_size_inches()
+        fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:]))
     pyplot().close(fig)
 
@@ -24,7 +30,7 @@ def save_figure(fig, path):
 def plot_curves(results, path):
     """Dev loss and accuracy against forward passes (the fair axis: a DiZO phase costs 2M + 2 of them; FO's
     also run backward), training loss against steps; one line per method."""
-    fig, axes = pyplot().subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = pyplot().subplots(1, 3, figsize=(14, 3.8), gridspec_kw={"wspace": 0.25})
     for method, r in results["methods"].items():
         for ax, (x, y) in zip(axes, (("forward_passes", "dev_loss"), ("forward_passes", "dev_acc"), ("step", "loss"))):
             hist = [h for h in r["history"] if h.get(y) is not None]
@@ -38,7 +44,7 @@ def plot_curves(results, path):
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    save_figure(fig, path)
+    save_figure(fig, path, margins=(0.7, 0.15, 0.6, 0.35))
 
 
 def plot_divergence(results, path):
@@ -55,7 +61,7 @@ def plot_divergence(results, path):
         ax.grid(alpha=0.3, which="both")
         ax.legend(ncol=4, fontsize=8)
     axes[0][0].set_ylabel("‖W - W0‖ / √entries")
-    save_figure(fig, path)
+    save_figure(fig, path, margins=(0.8, 0.15, 0.6, 0.35))
 
 
 def _short_name(name):
@@ -70,7 +76,7 @@ def plot_projection(results, path):
     (columns; 1 = left as it was), and its loss change on the first search batch and on held-out dev examples."""
     runs = [(m, r) for m, r in results["methods"].items() if r.get("projection")]
     fig, axes = pyplot().subplots(len(runs), 2, figsize=(12, 0.5 + 3.5 * len(runs)), squeeze=False,
-                                  gridspec_kw={"width_ratios": (3, 2)})
+                                  gridspec_kw={"width_ratios": (3, 2), "wspace": 0.25, "hspace": 0.45})
     for (method, r), (ax_r, ax_loss) in zip(runs, axes):
         phases = r["projection"]
         steps = [p["step"] for p in phases]
@@ -94,7 +100,7 @@ def plot_projection(results, path):
         ax_loss.set(title=f"{method}: loss change at each phase", xlabel="step", ylabel="after / before − 1 (%)")
         ax_loss.legend(fontsize=7)
         ax_loss.grid(alpha=0.3)
-    save_figure(fig, path)
+    save_figure(fig, path, margins=(1.0, 0.15, 0.6, 0.4))
 
 
 def plot_run(results, folder):
