@@ -180,7 +180,8 @@ class ZOSGD(torch.optim.Optimizer):
         self.projected_grads, self.projected_grad = grads, sum(grads) / q
         return queried[0][1]  # ℓ+ of the first query
 
-    step = _zo_step  # torch.optim wraps `step` in its hooks; DiZO.step calls _zo_step, so that they run once
+    def step(self, closure=None):  # torch.optim wraps `step` in its hooks; DiZO.step calls _zo_step: they run once
+        return self._zo_step(closure)
 
     def state_dict(self):  # torch.optim's (the groups' settings), the step count and the seed generator
         return {**super().state_dict(), "zo": {"steps_done": self.steps_done, "seeds": self._seeds.get_state()}}
@@ -260,8 +261,7 @@ class DiZO(ZOSGD):
         if callable(data) or isinstance(data, Sequence) and len(data) > 0:  # a function; a list, cycled
             batch = data() if callable(data) else data[(self._drawn - 1) % len(data)]
         else:  # an iterable: its next batch, or a new pass when exhausted (a shuffling DataLoader reshuffles)
-            batch = None if self._search_iter is None else next(self._search_iter, None)
-            if batch is None:
+            if self._search_iter is None or (batch := next(self._search_iter, None)) is None:
                 self._search_iter = iter(data)
                 batch = next(self._search_iter, None)
             _check("search_data", data, batch is not None, "a non-empty list, a DataLoader or a function")
