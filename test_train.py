@@ -74,7 +74,7 @@ def test_held_out_phase_losses_are_measured_around_each_phase_and_leave_the_run_
 
 def test_curves_plot_dev_loss_and_accuracy_against_forward_passes(monkeypatch):
     drawn = {}
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, margins=None: drawn.setdefault("fig", fig))
     history = [{"step": s, "loss": 0.5, "dev_acc": 0.5 + s / 100, "dev_loss": 0.7 - s / 100, "forward_passes": p}
                for s, p in ((0, 0), (10, 20), (20, 44))]
     plots.plot_curves({"methods": {"dizo": {"history": history}}}, Path("curves.png"))
@@ -1246,7 +1246,7 @@ STAND_INS = {  # ATen's kernels without vector instructions and MKL's oldest pat
               "OMP_NUM_THREADS": "1"},  # CPU's best kernels on two); on a CPU with AVX-512, also AVX2 on two
     **({"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "2"}} if NATIVE not in ("avx2", "default") else {}),
 }
-QUICK_RUN = ["--steps", "40", "--interval", "20", "--eval_every", "20", "--phase_dev", "0"]
+QUICK_RUN = ["--steps", "20", "--interval", "10", "--eval_every", "10", "--phase_dev", "0", "--task", "toy"]
 UNDRAWN = "import sys, plots, train; plots.plot_run = lambda results, folder: []; sys.exit(train.main())"
 
 
@@ -1262,27 +1262,34 @@ def printed_numbers(stdout, results):
 
 
 def test_the_embedded_run_prints_the_same_numbers_as_another_cpu_would(tmp_path, capsys):
-    """The quick start, short (40 steps, 2 projection phases), here on this CPU's best kernels and two threads and in
-    stand-ins for other CPUs (subprocesses: the kernels are chosen at import). In float32 the same runs print the same
-    table, yet their zo and dizo dev losses differ by 3e-8 to 2e-7 (relative) and grow apart; in float64, to 1e-12."""
-    procs = {name: subprocess.Popen([sys.executable, "-c", UNDRAWN, *QUICK_RUN, "--out_dir", str(tmp_path / name)],
+    """The quick start, short (20 steps, 2 projection phases; dev and test cut to 48 examples, whose evaluations
+    would take most of the time), on this CPU's best kernels and two threads here, and in stand-ins for other CPUs
+    (subprocesses: kernels are chosen at import). In float32 these runs print the same table, but their zo and dizo
+    dev losses differ by 7e-8 to 5e-7 (relative); in float64 they agree to 1e-12."""
+    splits = data.builtin_splits(data.TINY["seed"])
+    (tmp_path / "data").mkdir()
+    for split, examples in splits.items():
+        rows = [f"{ex.texts[0]}\t{ex.label}\n" for ex in (examples if split == "train" else examples[:48])]
+        (tmp_path / "data" / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(rows))
+    run = [*QUICK_RUN, "--data_dir", str(tmp_path / "data")]
+    procs = {name: subprocess.Popen([sys.executable, "-c", UNDRAWN, *run, "--out_dir", str(tmp_path / name)],
                                     cwd=Path(train.__file__).parent, env=os.environ | env, stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL, text=True) for name, env in STAND_INS.items()}
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert train.main([*QUICK_RUN, "--out_dir", str(tmp_path / NATIVE)]) == 0
+        assert train.main([*run, "--out_dir", str(tmp_path / NATIVE)]) == 0
     finally:
         torch.set_num_threads(threads)
-    runs = {NATIVE: printed_numbers(capsys.readouterr().out, json.loads((tmp_path / NATIVE / "results.json").read_text()))}
+    results = json.loads((tmp_path / NATIVE / "results.json").read_text())
+    printed = {NATIVE: printed_numbers(capsys.readouterr().out, results)}
     for name, proc in procs.items():
         stdout = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, stdout[-2000:]
-        runs[name] = printed_numbers(stdout, json.loads((tmp_path / name / "results.json").read_text()))
-    table, history, losses = runs[NATIVE]
+        printed[name] = printed_numbers(stdout, json.loads((tmp_path / name / "results.json").read_text()))
+    table, history, losses = printed[NATIVE]
     assert len(table) == 3 and all(row[-1] == "done" for row in table)
-    assert len(history["dizo"]) == 3 and len(json.loads((tmp_path / NATIVE / "results.json").read_text())[
-        "methods"]["dizo"]["projection"]) == 2
-    for name, (other_table, other_history, other_losses) in runs.items():
+    assert len(history["dizo"]) == 3 and len(results["methods"]["dizo"]["projection"]) == 2
+    for name, (other_table, other_history, other_losses) in printed.items():
         assert (other_table, other_history) == (table, history), name
         assert other_losses == pytest.approx(losses, rel=1e-12, abs=0), name
