@@ -445,7 +445,7 @@ RANKS = Ranks()
 
 
 class Stop:
-    """SIGINT / SIGTERM set a flag; the loop finishes its step, checkpoints, and exits non-zero.
+    """SIGINT (Ctrl-C), SIGTERM or SIGHUP set a flag; the loop finishes its step, checkpoints, and exits non-zero.
     A second Ctrl-C interrupts at once."""
     signum = None
 

@@ -43,7 +43,7 @@ def mean_std(values):
 # rate schedule) over a rate sweep: the same rate for both (the paper's protocol), and each at the rate that
 # gives it the lowest mean dev loss (the fair comparison). PAIRED[setting] = (train.py flags, DiZO steps, lr, the
 # rates tried as multiples of lr: both sides of the best, finer near it).
-PAIRED = {"full": ((), 1500, 1.5e-4, (0.5, 1, 2 ** 0.5, 2, 4)),  # the quick start: K and V of every layer projected
+PAIRED = {"full": ((), 1500, 1.5e-4, (0.5, 1, 2 ** 0.5, 2, 4)),  # the quick start's, longer: K, V of every layer
           "lora-kv": (("--lora", "8", "--lora_targets", "k_proj,v_proj"), 600, 3e-3,  # every trained param projected
                       (1, 2 ** 0.5, 2, 2 ** 1.5, 4)),
           "lora-qv": (("--lora", "8"), 600, 3e-3, (1, 2 ** 0.5, 2, 2 ** 1.5, 4))}  # the released LoRA placement

@@ -3,11 +3,15 @@
     python train.py                                   # fo vs zo vs dizo on the embedded tiny model, offline, CPU
     python train.py --model facebook/opt-1.3b --task sst-2 --data_dir data/SST-2 --method dizo
 
-The methods share everything but take_step (one step), so the comparison is fair by construction. Read top to
-bottom: settings; the model and what it trains; optimizers and take_step; a batch's loss (TrainLoss ->
-data.PromptLoss) and evaluate; the loop (train_method); main. The record and checkpoints: runs.Run.record and
-.checkpoint, into --out_dir (results.json, figures, checkpoints/<method>/; nothing outside it). Ctrl-C: runs.Stop
-(the step ends, a checkpoint, exit 128 + signal). --resume: train_all -> runs.load_checkpoint -> runs.Run.restore.
+One iteration of each method, stripped of what protects the run (take_step and dizo.py do it for real):
+    fo:    loss = L(θ; batch); loss.backward(); adamw.step()
+    zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
+    dizo:  the zo step; every κ steps, each K and V matrix θ <- θ0 + r(θ - θ0), r ∈ [1 - τ, 1 + τ] found by ZO
+The methods share everything else, so the comparison is fair; their cost is counted in forward passes (one = the
+loss of one training mini-batch, a TrainLoss call): 1 a step for fo (plus a backward), 2 for zo and dizo, and 2M + 2
+at each DiZO projection phase. At every evaluation runs.Run.checkpoint writes --out_dir/checkpoints/<method>/ (the
+weights; the optimizer with its seeds, schedule, data orders, RNG), then results.json. Ctrl-C: runs.Stop sets a flag,
+the step ends, a checkpoint, exit 128 + signal. --resume: train_all -> runs.load_checkpoint -> runs.Run.restore.
 """
 
 import contextlib
@@ -37,11 +41,10 @@ from runs import RANKS
 REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 20000, "zo": 20000, "dizo": 20000},
                      eval_every=500, trained="all", lr_schedule="constant")
 # The embedded tiny model: 0.6M parameters take a far larger ZO lr than billions do; FO reaches its best dev
-# accuracy within 300 steps. It trains what the released code trains, with its logs' decay: with the token
-# embedding (and the head tied to it) trained at a constant rate, ZO reaches 0.985 dev accuracy, then collapses.
-BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4},
-                        steps={"fo": 300, "zo": 1500, "dizo": 1500}, eval_every=100, trained="no_embed",
-                        lr_schedule="linear")
+# accuracy within 300 steps. It trains what the released code trains, with its logs' decay (at a constant rate,
+# the embedding trained, ZO reaches 0.985 dev accuracy, then collapses).
+BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4}, steps={"fo": 300, "zo": 1500, "dizo": 1500},
+                        eval_every=100, trained="no_embed", lr_schedule="linear")
 
 
 def flag(default, help, type=None):
@@ -82,8 +85,7 @@ class Config:
     proj_eps: float = flag(0.1, "DiZO ε_γ")
     proj_lr: float = flag(2.0, "DiZO η_γ")
     tau: float = flag(0.2, "DiZO τ: ratio clipped to [1-τ, 1+τ]")
-    phase_dev: int = flag(256, "DiZO: dev examples whose loss is measured before and after each phase, as "
-                               "held-out telemetry (not training: not counted, not timed; 0: off)")
+    phase_dev: int = flag(256, "DiZO: dev examples scored before and after each phase (telemetry; 0: off)")
     anchor_device: str | None = flag(None, "DiZO: where θ0 lives, e.g. cpu to keep it off the GPU", str)
     trained: str | None = flag(None, "what every method (fo too) trains: all, or no_embed (the token embedding and a "
                                      "head tied to it frozen, as released); builtin no_embed, real all", str)
@@ -91,7 +93,7 @@ class Config:
     lora: int = flag(0, "rank of PEFT LoRA adapters on the attention (0: fine-tune the weights themselves)")
     lora_alpha: float = flag(16.0, "LoRA scale alpha (the update is alpha/rank · BA)")
     lora_targets: str | None = flag(None, "comma-separated modules for LoRA (default PEFT's, e.g. q_proj,v_proj)", str)
-    grad_accum: int = flag(1, "micro-batches per mini-batch, weighted to the whole batch's mean loss (FO: its gradient)")
+    grad_accum: int = flag(1, "micro-batches per mini-batch, weighted to the batch's mean loss (FO: its gradient)")
     device_map: str | None = flag(None, "'auto': spread the model over the GPUs (and CPU) with accelerate", str)
     recipe: str | None = flag(None, "released: the settings of the released DiZO OPT runs (explicit flags win)", str)
     track_divergence: bool = flag(False, "log ‖W_t - W_0‖ of every attention Q, K, V, O matrix at each evaluation")
@@ -181,14 +183,12 @@ def make_optimizer(method, model, setup, cfg, loss, search_batches):
 
 
 def take_step(method, opt, closure, step):
-    """One step, the only place where the methods differ; returns the training loss it logs. closure() is the
-    loss of this step's mini-batch: one forward pass (TrainLoss).
-    fo:   forward and backward (in the closure), then AdamW; the loss is L(θ).
-    zo:   ZOSGD.step (dizo.py, eq. (1) and (2)): the closure at θ + εz and at θ − εz, z drawn from a seed and never
-          stored; g = (ℓ+ − ℓ−)/2ε; θ ← θ − ηgz. Two forward passes, no backward; the loss is ℓ+.
-    dizo: the same step, and every κ = --interval steps a projection phase (DiZO.project, §3): each projected
-          matrix θ ← θ0 + r(θ − θ0), r ∈ [1 − τ, 1 + τ] found by M = --proj_iters ZO iterations on batches of a
-          second data order: 2M + 2 forward passes."""
+    """One step, the only place where the methods differ (the module docstring sketches each); returns the training
+    loss it logs. closure() is the loss of this step's mini-batch: one forward pass (TrainLoss).
+    fo:   forward and backward (in the closure), then AdamW; logs L(θ).
+    zo:   ZOSGD.step (dizo.py, eq. (1), (2)): the closure at θ + εz and θ − εz, no backward; logs ℓ+ = L(θ + εz).
+    dizo: the same, and every κ = --interval steps DiZO.project (§3): r found by M = --proj_iters ZO iterations on
+          batches of a second data order, 2M + 2 forward passes."""
     if method != "fo":
         return opt.step(closure)  # ZO and DiZO: two forward passes (DiZO: + 2M + 2 at every κ-th step)
     opt.zero_grad(set_to_none=True)
@@ -248,12 +248,9 @@ def evaluate(model, setup, split, count=None):
 
 def train_method(method, model, setup, cfg, folder, saved=None):
     """Train one method; returns its result: status done, running (a signal stopped it) or diverged (a non-finite
-    loss or weight). Evaluated before training (test accuracy: zero-shot; dev accuracy and loss), every
-    --eval_every steps and at the last (dev), and at the end (test). Each evaluation adds a history entry to
-    results.json (training loss since the last, dev accuracy and loss, forward passes, time) and writes a
-    checkpoint (runs.Run.checkpoint: weights, optimizer and its seeds, schedule, data orders, RNG). Ctrl-C or
-    SIGTERM: the step ends, a checkpoint is written, exit 128 + signal; a second Ctrl-C stops at once. --resume
-    with the same flags goes on from the last checkpoint (`saved`), bit for bit as if it had never stopped."""
+    loss or weight). Evaluated before training (zero-shot test accuracy; dev), every --eval_every steps and at the
+    last (dev), and at the end (test); each evaluation adds a history entry to results.json (training loss since the
+    last, dev accuracy and loss, forward passes, time) and a checkpoint. --resume: `saved`, the last checkpoint."""
     memory = runs.PeakMemory.start(setup.device)
     torch.manual_seed(cfg.seed)  # FO's dropout; ZO methods run in eval mode and own their generators
     n_train, steps = len(setup.splits["train"].labels), cfg.steps_for(method)
