@@ -165,7 +165,7 @@ def trained_parameters(model):
 # ---------------------------------------------------------------------------------------------------------
 # The methods: AdamW, ZO-SGD (MeZO) and DiZO, and the one place where they differ, take_step.
 
-def make_optimizer(method, model, setup, cfg, loss, search_batches):
+def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     """fo: AdamW; zo: ZOSGD; dizo: DiZO, which also projects K and V (dizo_roles; with --lora their adapters) every
     κ steps, its γ search on batches of its own; with --phase_dev each phase is also measured on dev data. All
     three train the same tensors: trained_parameters(model)."""
@@ -175,7 +175,7 @@ def make_optimizer(method, model, setup, cfg, loss, search_batches):
     if method == "zo":
         return ZOSGD(params, **cfg.zo_settings(method))
     pairs = projected_params(model, roles=dizo_roles(cfg, model))
-    search = dict(search_data=search_batches.next, search_loss=loss)
+    search = dict(search_data=search_batches.next, search_loss=batch_loss)
     if not cfg.phase_dev:
         return DiZO(params, pairs, **cfg.zo_settings(method), **search)
     return runs.HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
@@ -258,12 +258,12 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     search_batches = data.Batches(n_train, cfg.batch_size, cfg.seed + 1)  # DiZO's γ search: a second pass
     # FO under torchrun: DistributedDataParallel averages the gradients across ranks
     ddp = torch.nn.parallel.DistributedDataParallel(model) if method == "fo" and RANKS.world > 1 else model
-    loss = TrainLoss(setup.loss_fn, setup.splits["train"], ddp, cfg.grad_accum, backward=method == "fo")
-    opt = make_optimizer(method, model, setup, cfg, loss, search_batches)
+    batch_loss = TrainLoss(setup.loss_fn, setup.splits["train"], ddp, cfg.grad_accum, backward=method == "fo")
+    opt = make_optimizer(method, model, setup, cfg, batch_loss, search_batches)
     decay = 0.5 if cfg.lr_schedule == "linear" else 0.0  # linear: from lr to lr/2 over the run, as the released logs
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / max(1, steps))
-    run = new_run(method, model, setup, cfg, folder, opt, loss, {"optimizer": opt, "schedule": schedule,
-                                                                 "batches": batches, "fresh": search_batches})
+    run = new_run(method, model, setup, cfg, folder, opt, batch_loss, {"optimizer": opt, "schedule": schedule,
+                                                                       "batches": batches, "fresh": search_batches})
     if saved is not None:
         run.restore(saved)
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
@@ -272,13 +272,14 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     for step in run.steps(steps):
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
-            run.log(take_step(method, opt, lambda: loss(idx), step), opt)
+            train_loss = take_step(method, opt, lambda: batch_loss(idx), step)
+            run.log(train_loss, opt)  # the losses since the last evaluation, forward passes, DiZO's phase
             schedule.step()
             evaluating = step % cfg.eval_every == 0 or step == steps
-            stopping = run.stop_requested()  # Ctrl-C or SIGTERM: checkpoint now, end with the step
+            stopping = run.stop_requested()  # Ctrl-C or SIGTERM (runs.Stop set a flag): checkpoint, end the step
             if evaluating or stopping:
-                run.record(evaluate(model, setup, "dev") if evaluating else (None, None))
-                run.checkpoint(complete=evaluating)
+                run.record(evaluate(model, setup, "dev") if evaluating else (None, None))  # a history entry
+                run.checkpoint(complete=evaluating)  # checkpoints/<method>/ (weights, state), then results.json
         except FloatingPointError as e:
             return run.diverged(e)
         if stopping:
@@ -290,7 +291,7 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     return run.r
 
 
-def new_run(method, model, setup, cfg, folder, opt, loss, parts):
+def new_run(method, model, setup, cfg, folder, opt, batch_loss, parts):
     """The method's entry in results.json, as the loop fills it in, and what its checkpoints hold."""
     r = {"method": method, "lr": cfg.lr_for(method), "status": "running", "history": [], "steps": 0,
          "forward_passes": 0, "wall_s": 0.0, "storage_dtype": cfg.storage_dtype(method), "compute_dtype": cfg.dtype,
@@ -308,7 +309,7 @@ def new_run(method, model, setup, cfg, folder, opt, loss, parts):
         anchor = {n: t.detach().clone() for n, t in projected_params(model, roles=ROLES)}
         r["matrix_sizes"] = {role: [t.numel() for _, t in projected_params(model, roles=(role,))] for role in ROLES}
         track = lambda anchor: divergence(model, anchor, ROLES)  # noqa: E731
-    return runs.Run(folder, method, model, setup.tokenizer, parts, loss, r, anchor, track)
+    return runs.Run(folder, method, model, setup.tokenizer, parts, batch_loss, r, anchor, track)
 
 
 # ---------------------------------------------------------------------------------------------------------
