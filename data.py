@@ -285,9 +285,6 @@ def _check_classes(split: str, examples: list[Example], what: str, task: Task, s
 
 
 # ------------------------------------------------------------------------------ what the model reads
-# The prompt-based classification loss, shared by every method (LM-BFF for masked LMs, MeZO for causal LMs):
-#   causal: score(c) = mean log p(label word c's tokens | prompt); loss = CE over the candidates' scores.
-#   masked: score(c) = logit of label word c at the mask; loss = CE over the candidates.
 MAX_LENGTH = 256  # tokens per prompt + label word; LM-BFF and MeZO prompts are far shorter
 EVAL_BATCH = 32  # examples per forward pass in evaluation; any value gives the same accuracy
 
@@ -304,7 +301,10 @@ def _wide(logits):
 
 
 class PromptLoss:
-    """The classification loss and accuracy of a prompted LM on a task; see the comment above."""
+    """The classification loss and accuracy of a prompted LM on a task, shared by every method (LM-BFF for masked
+    LMs, MeZO for causal LMs); loss(model, enc, idx) is one forward pass on the examples idx:
+      causal: score(c) = mean log p(label word c's tokens | prompt); loss = CE over the candidates' scores.
+      masked: score(c) = logit of label word c at the mask; loss = CE over the candidates."""
 
     def __init__(self, task, tokenizer, kind, device, max_length=MAX_LENGTH):
         self.task, self.tok, self.kind, self.device, self.max_length = task, tokenizer, kind, device, max_length
