@@ -61,7 +61,7 @@ def plot_divergence(results, path):
         ax.grid(alpha=0.3, which="both")
         ax.legend(ncol=4, fontsize=8)
     axes[0][0].set_ylabel("‖W - W0‖ / √entries")
-    save_figure(fig, path, margins=(0.8, 0.15, 0.6, 0.35))
+    save_figure(fig, path, margins=(1.15, 0.15, 0.6, 0.35))
 
 
 def _short_name(name):
