@@ -1,6 +1,6 @@
 """Experiments on fine-tuning runs: the paired zo/dizo study, the ablation of a saved model, a run's figures redrawn.
 
-    python studies.py --paired runs/paired                 # 3 settings x 2 methods x 5 rates x 5 seeds, 2 at a time
+    python studies.py --paired runs/paired                 # 3 settings x 2 methods x 5-6 rates x 5 seeds, 2 at a time
     python studies.py --paired runs/paired --summary-only  # the tables and DIR/paired.png of the runs there alone
     python studies.py --ablate runs/abl/zo/model --out runs/abl/zo.json   # one parameter group reverted at a time
     python studies.py --replot runs/zo                     # train.py's figures of runs/zo, from its results.json
@@ -43,7 +43,7 @@ def mean_std(values):
 # rate schedule) over a rate sweep: the same rate for both (the paper's protocol), and each at the rate that
 # gives it the lowest mean dev loss (the fair comparison). PAIRED[setting] = (train.py flags, DiZO steps, lr, the
 # rates tried as multiples of lr: both sides of the best, finer near it).
-PAIRED = {"full": ((), 1500, 1.5e-4, (0.5, 1, 2 ** 0.5, 2, 4)),  # the quick start's, longer: K, V of every layer
+PAIRED = {"full": ((), 1500, 1.5e-4, (0.25, 0.5, 1, 2 ** 0.5, 2, 4)),  # the quick start's, longer: K, V of every layer
           "lora-kv": (("--lora", "8", "--lora_targets", "k_proj,v_proj"), 600, 3e-3,  # every trained param projected
                       (1, 2 ** 0.5, 2, 2 ** 1.5, 4)),
           "lora-qv": (("--lora", "8"), 600, 3e-3, (1, 2 ** 0.5, 2, 2 ** 1.5, 4))}  # the released LoRA placement
