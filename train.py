@@ -9,9 +9,10 @@ One iteration of each method, stripped of what protects the run (take_step and d
     dizo:  the zo step; every κ steps, each K and V matrix θ <- θ0 + r(θ - θ0), r ∈ [1 - τ, 1 + τ] found by ZO
 The methods share everything else, so the comparison is fair; their cost is counted in forward passes (one = the
 loss of one training mini-batch, a TrainLoss call): 1 a step for fo (plus a backward), 2 for zo and dizo, and 2M + 2
-at each DiZO projection phase. At every evaluation runs.Run.checkpoint writes --out_dir/checkpoints/<method>/ (the
-weights; the optimizer with its seeds, schedule, data orders, RNG), then results.json. Ctrl-C: runs.Stop sets a flag,
-the step ends, a checkpoint, exit 128 + signal. --resume: train_all -> runs.load_checkpoint -> runs.Run.restore.
+at each DiZO projection phase. Where to read: the loop, train_method; a step, take_step -> dizo.py (ZOSGD._zo_step,
+DiZO.project); what each method trains, make_optimizer, load_model; a batch's loss, TrainLoss -> data.PromptLoss;
+what is recorded, runs.Run.record; checkpoints (every evaluation: weights, optimizer, seeds, schedule, data orders,
+RNG), runs.Run.checkpoint; Ctrl-C, runs.Stop's docstring; --resume, train_all -> load_checkpoint -> Run.restore.
 """
 
 import contextlib
@@ -140,8 +141,7 @@ class Config:
 # The model: loaded fresh for each method, and which of its parameters the method trains.
 
 def load_model(cfg, setup, method):
-    """The pretrained model in the method's storage dtype (--half_weights), what it trains marked by requires_grad
-    (trained_parameters)."""
+    """The pretrained model in its storage dtype, what the method trains marked by requires_grad (see below)."""
     model = data.load_model(setup.name, setup.kind, DTYPES[cfg.storage_dtype(method)], setup.device,
                             cfg.trust_remote_code, cfg.device_map)
     setup.loss_fn.device = model.get_input_embeddings().weight.device  # where the inputs go (--device_map)
@@ -292,7 +292,12 @@ def train_method(method, model, setup, cfg, folder, saved=None):
 
 
 def new_run(method, model, setup, cfg, folder, opt, batch_loss, parts):
-    """The method's entry in results.json, as the loop fills it in, and what its checkpoints hold."""
+    """The method's entry in results.json, as the loop fills it in, and what its checkpoints hold. The entry: these
+    fields; zero_shot_acc (Run.begin); history, one per evaluation (Run.record: step, loss = the mean training loss
+    since the last, dev_acc, dev_loss, forward_passes, wall_s); with dizo, projection, one per phase (step, ratios,
+    distances, loss_before/after, dev_loss_before/after); at the end best_dev_acc, dev_loss, test_acc, peak_mem_mb,
+    device (train_method), world_size (folder.write). A checkpoint: the weights, and trainer_state.pt (Run.state:
+    each of `parts`, this entry, the unfinished interval's losses, the divergence anchor, the RNGs)."""
     r = {"method": method, "lr": cfg.lr_for(method), "status": "running", "history": [], "steps": 0,
          "forward_passes": 0, "wall_s": 0.0, "storage_dtype": cfg.storage_dtype(method), "compute_dtype": cfg.dtype,
          "trained_params": sum(p.numel() for g in opt.param_groups for p in g["params"]),
