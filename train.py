@@ -7,12 +7,12 @@ One iteration of each method, stripped of what protects the run (take_step and d
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
     dizo:  the zo step; every κ steps, each K and V matrix θ <- θ0 + r(θ - θ0), r ∈ [1 - τ, 1 + τ] found by ZO
-The methods share everything else, so the comparison is fair; their cost is counted in forward passes (one = the
-loss of one training mini-batch, a TrainLoss call): 1 a step for fo (plus a backward), 2 for zo and dizo, and 2M + 2
-at each DiZO projection phase. Where to read: the loop, train_method; a step, take_step -> dizo.py (ZOSGD._zo_step,
-DiZO.project); what each method trains, make_optimizer, load_model; a batch's loss, TrainLoss -> data.PromptLoss;
-what is recorded, runs.Run.record; checkpoints (every evaluation: weights, optimizer, seeds, schedule, data orders,
-RNG), runs.Run.checkpoint; Ctrl-C, runs.Stop's docstring; --resume, train_all -> load_checkpoint -> Run.restore.
+The methods share all else; their cost is counted in forward passes (one = a training mini-batch's loss, one TrainLoss
+call): 1 a step for fo (plus a backward), 2 for zo and dizo, and 2M + 2 at each DiZO projection phase. Where to read:
+the loop, train_method; a step, take_step -> dizo.py (its docstring's four-pass loop; ZOSGD._zo_step fuses it;
+DiZO.project); what is trained, make_optimizer, load_model; a batch's loss, TrainLoss -> data.PromptLoss; what is
+recorded, runs.Run.record; checkpoints (each evaluation: weights, optimizer, seeds, schedule, data orders, RNG),
+runs.Run.checkpoint; Ctrl-C, runs.Stop's docstring; --resume, train_all -> Run.restore.
 """
 
 import contextlib
@@ -35,15 +35,14 @@ from dizo import DiZO, ZOSGD, divergence, projected_params
 from runs import RANKS
 
 # ---------------------------------------------------------------------------------------------------------
-# Settings: one documented dataclass, from which config.py builds the command line. A default that depends on the
-# model (the embedded tiny one or a real one) or the machine is None in its field, resolved in __post_init__.
+# Settings: one dataclass, the command line built from it (config.py); model-dependent defaults set in __post_init__.
 
 # Real models: the released code's settings (MeZO / DiZO: ZO lr 1e-6, eps 1e-3, batch 16, constant lr; FO 1e-5).
 REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 20000, "zo": 20000, "dizo": 20000},
                      eval_every=500, trained="all", lr_schedule="constant")
-# The embedded tiny model: 0.6M parameters take a far larger ZO lr than billions do; FO reaches its best dev
-# accuracy within 300 steps, ZO's dev loss levels off near 1,000 (the quick start: about 3 minutes on 2 cores). It
-# trains what the released code trains, with its logs' decay (at a constant rate, embedding trained, ZO collapses).
+# The embedded tiny model: 0.6M parameters take a far larger ZO lr than billions; FO's dev accuracy peaks within 300
+# steps, ZO's dev loss levels off near 1,000 (about 3 minutes on 2 cores). It trains what the released code trains,
+# with its logs' decay (at a constant rate, embedding trained, ZO collapses).
 BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4}, steps={"fo": 300, "zo": 1000, "dizo": 1000},
                         eval_every=100, trained="no_embed", lr_schedule="linear")
 
@@ -206,8 +205,9 @@ def take_step(method, opt, closure, step):
 class TrainLoss:
     """The loss of a training mini-batch (indices into `enc`, the training split) over this process's share of it, in
     `micro` micro-batches, counting its calls: forward passes, every method's cost. With backward=True (FO) each
-    micro-batch's share of the loss is backpropagated as it is computed, so memory holds one micro-batch's
-    activations. `model` may be wrapped in DistributedDataParallel."""
+    micro-batch's share of the loss is backpropagated as it is computed, holding one micro-batch's activations at a
+    time. `model` may be wrapped in DistributedDataParallel; on one process RANKS.shard(idx) is idx and
+    RANKS.mean(total, n) is total. Evaluation and --phase_dev are not counted."""
 
     def __init__(self, loss_fn, enc, model, micro=1, backward=False):
         self.loss_fn, self.enc, self.model, self.micro, self.backward, self.calls = (loss_fn, enc, model, micro,
