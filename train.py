@@ -10,8 +10,8 @@ One iteration of each method, stripped of what protects the run (take_step and d
 The methods share all else; their cost is counted in forward passes (one = a training mini-batch's loss, one TrainLoss
 call): 1 a step for fo (plus a backward), 2 for zo and dizo, and 2M + 2 at each DiZO projection phase. Where to read:
 the loop, train_method; a step, take_step -> dizo.py (its docstring's four-pass loop; ZOSGD._zo_step fuses it;
-DiZO.project); what is trained, make_optimizer, load_model; a batch's loss, TrainLoss -> data.PromptLoss; what is
-recorded, runs.Run.record; checkpoints (each evaluation: weights, optimizer, seeds, schedule, data orders, RNG),
+DiZO.project; by default runs.HeldOutDiZO, which scores each phase); what is trained, make_optimizer, load_model; a
+batch's loss, TrainLoss -> data.PromptLoss; what is recorded, runs.Run.record; checkpoints (each evaluation),
 runs.Run.checkpoint; Ctrl-C, runs.Stop's docstring; --resume, train_all -> Run.restore.
 """
 
@@ -265,11 +265,11 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     run = new_run(method, model, setup, cfg, folder, opt, batch_loss, {"optimizer": opt, "schedule": schedule,
                                                                        "batches": batches, "fresh": search_batches})
     if saved is not None:
-        run.restore(saved)
+        run.restore(saved)  # the state, its history less a cut interval's entry; steps go on after its last
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
-    for step in run.steps(steps):
+    for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
             train_loss = take_step(method, opt, lambda: batch_loss(idx), step)
