@@ -140,7 +140,7 @@ class Config:
 # The model: loaded fresh for each method, and which of its parameters the method trains.
 
 def load_model(cfg, setup, method):
-    """The pretrained model in its storage dtype, what the method trains marked by requires_grad (see below)."""
+    """The pretrained model in its storage dtype; what the method trains is marked by requires_grad."""
     model = data.load_model(setup.name, setup.kind, DTYPES[cfg.storage_dtype(method)], setup.device,
                             cfg.trust_remote_code, cfg.device_map)
     setup.loss_fn.device = model.get_input_embeddings().weight.device  # where the inputs go (--device_map)
