@@ -444,6 +444,25 @@ class Ranks:
 RANKS = Ranks()
 
 
+def split_loss(loss_fn, enc, model, idx, micro, backward):
+    """train.TrainLoss under torchrun or --grad_accum: the mean loss of the mini-batch `idx` over every rank, from
+    this rank's share in `micro` micro-batches, each weighted by its size (with `backward`, backpropagated as it is
+    computed: one micro-batch's activations at a time; DDP all-reduces the gradients once, at the last)."""
+    mine = RANKS.shard(idx)
+    chunks = [mine[i::micro] for i in range(micro) if mine[i::micro]]
+    total = 0.0
+    for i, chunk in enumerate(chunks):
+        loss = loss_fn.loss(model, enc, chunk)
+        part = loss if len(chunks) == 1 else loss * (len(chunk) / len(mine))
+        if backward:
+            last = i == len(chunks) - 1
+            with model.no_sync() if RANKS.world > 1 and not last else contextlib.nullcontext():
+                part.backward()
+            part = part.detach()
+        total = part if i == 0 else total + part
+    return RANKS.mean(total, len(mine))
+
+
 class Stop:
     """SIGINT (Ctrl-C), SIGTERM or SIGHUP set a flag; the loop finishes its step, checkpoints, and exits non-zero.
     A second Ctrl-C interrupts at once (KeyboardInterrupt; train.main keeps the last checkpoint). The path of one:

@@ -15,7 +15,6 @@ batch's loss, TrainLoss -> data.PromptLoss; what is recorded, runs.Run.record; c
 runs.Run.checkpoint; Ctrl-C, runs.Stop's docstring; --resume, train_all -> Run.restore.
 """
 
-import contextlib
 import math
 import os
 import signal
@@ -203,11 +202,10 @@ def take_step(method, opt, closure, step):
 # cross-entropy of the label word at the prompt's last (causal) or mask (masked LM) position.
 
 class TrainLoss:
-    """The loss of a training mini-batch (indices into `enc`, the training split) over this process's share of it, in
-    `micro` micro-batches, counting its calls: forward passes, every method's cost. With backward=True (FO) each
-    micro-batch's share of the loss is backpropagated as it is computed, holding one micro-batch's activations at a
-    time. `model` may be wrapped in DistributedDataParallel; on one process RANKS.shard(idx) is idx and
-    RANKS.mean(total, n) is total. Evaluation and --phase_dev are not counted."""
+    """The loss of a training mini-batch (indices into `enc`, the training split): one forward pass, the unit of every
+    method's cost, counted in `calls`. With backward=True (FO) the loss is also backpropagated. Under torchrun or with
+    --grad_accum the batch is split (runs.split_loss: this process's share, in micro-batches, one backward each);
+    the loss is still the whole batch's mean. Evaluation and --phase_dev are not counted."""
 
     def __init__(self, loss_fn, enc, model, micro=1, backward=False):
         self.loss_fn, self.enc, self.model, self.micro, self.backward, self.calls = (loss_fn, enc, model, micro,
@@ -215,19 +213,13 @@ class TrainLoss:
 
     def __call__(self, idx):
         self.calls += 1
-        mine = RANKS.shard(idx)
-        chunks = [mine[i::self.micro] for i in range(self.micro) if mine[i::self.micro]]
-        total = 0.0
-        for i, chunk in enumerate(chunks):
-            loss = self.loss_fn.loss(self.model, self.enc, chunk)
-            part = loss if len(chunks) == 1 else loss * (len(chunk) / len(mine))
-            if self.backward:
-                last = i == len(chunks) - 1  # DDP all-reduces the gradients once, at the last micro-batch
-                with self.model.no_sync() if RANKS.world > 1 and not last else contextlib.nullcontext():
-                    part.backward()
-                part = part.detach()
-            total = part if i == 0 else total + part
-        return RANKS.mean(total, len(mine))
+        if RANKS.world > 1 or self.micro > 1:
+            return runs.split_loss(self.loss_fn, self.enc, self.model, idx, self.micro, self.backward)
+        loss = self.loss_fn.loss(self.model, self.enc, idx)  # data.PromptLoss: the label word's cross-entropy
+        if self.backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
 
 
 def evaluate(model, setup, split, count=None):
