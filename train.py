@@ -3,16 +3,19 @@
     python train.py                                   # fo vs zo vs dizo on the embedded tiny model, offline, CPU
     python train.py --model facebook/opt-1.3b --task sst-2 --data_dir data/SST-2 --method dizo
 
-One iteration of each method, stripped of what protects the run (take_step and dizo.py do it for real):
+One iteration of each method (take_step; dizo.py takes the zo and dizo steps so, to rounding, with the restore and the
+update fused into one pass; test_dizo.py checks it against these lines):
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
     dizo:  the zo step; every κ steps, each K and V matrix θ <- θ0 + r(θ - θ0), r ∈ [1 - τ, 1 + τ] found by ZO
-The methods share all else; their cost is counted in forward passes (one = a training mini-batch's loss, one TrainLoss
-call): 1 a step for fo (plus a backward), 2 for zo and dizo, and 2M + 2 at each DiZO projection phase. Where to read:
-the loop, train_method; a step, take_step -> dizo.py (its docstring's four-pass loop; ZOSGD._zo_step fuses it;
-DiZO.project; by default runs.HeldOutDiZO, which scores each phase); what is trained, make_optimizer, load_model; a
-batch's loss, TrainLoss -> data.PromptLoss; what is recorded, runs.Run.record; checkpoints (each evaluation),
-runs.Run.checkpoint; Ctrl-C, runs.Stop's docstring; --resume, train_all -> Run.restore.
+A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 a step for fo
+(plus a backward), 2 for zo and dizo, and 2M + 2 at each DiZO projection phase.
+
+Read it top to bottom: Config; load_model and trained_parameters (what each method trains); make_optimizer and
+take_step (where the methods differ); TrainLoss and evaluate; train_method, the loop; main and train_all. This file
+says what each call it makes does; the other files hold the details: dizo.py the optimizers (read it beside the
+paper), data.py the prompts and the loss of one example, runs.py the run folder (results.json, checkpoints, the lock,
+signals, resume), config.py the command line and its checks, plots.py the figures and the table.
 """
 
 import math
@@ -256,11 +259,15 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / max(1, steps))
     run = new_run(method, model, setup, cfg, folder, opt, batch_loss, {"optimizer": opt, "schedule": schedule,
                                                                        "batches": batches, "fresh": search_batches})
-    if saved is not None:
-        run.restore(saved)  # the state, its history less a cut interval's entry; steps go on after its last
+    if saved is not None:  # --resume: the optimizer, schedule, data orders, RNGs and results of the checkpoint
+        run.restore(saved)  # (less a cut interval's entry); the steps go on after its last
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
+    # Ctrl-C, SIGTERM or SIGHUP only set a flag (runs.Stop): the step ends, a history entry (no dev numbers) and a
+    # checkpoint holding the cut interval's losses are written, and the loop breaks; train_all marks the method
+    # interrupted and exits with 128 + the signal. A second Ctrl-C stops at once; main keeps the last checkpoint.
+    # --resume: train_all skips the finished methods and loads this one's last checkpoint, restored above.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
@@ -268,7 +275,7 @@ def train_method(method, model, setup, cfg, folder, saved=None):
             run.log(train_loss, opt)  # the losses since the last evaluation, forward passes, DiZO's phase
             schedule.step()
             evaluating = step % cfg.eval_every == 0 or step == steps
-            stopping = run.stop_requested()  # Ctrl-C or SIGTERM (runs.Stop set a flag): checkpoint, end the step
+            stopping = run.stop_requested()  # a signal reached this process or another rank (see above)
             if evaluating or stopping:
                 run.record(evaluate(model, setup, "dev") if evaluating else (None, None))  # a history entry
                 run.checkpoint(complete=evaluating)  # checkpoints/<method>/ (weights, state), then results.json
