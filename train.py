@@ -3,11 +3,12 @@
     python train.py                                   # fo vs zo vs dizo on the embedded tiny model, offline, CPU
     python train.py --model facebook/opt-1.3b --task sst-2 --data_dir data/SST-2 --method dizo
 
-One iteration of each method (take_step; dizo.py takes the zo and dizo steps so, to rounding, with the restore and the
-update fused into one pass; test_dizo.py checks it against these lines):
+One iteration of each method (take_step). dizo.py does the same to rounding, in fewer passes over the weights (MeZO
+takes four: +εz, -2εz, +εz back, -lr·g·z; dizo.py fuses the last two), and test_dizo.py checks it against MeZO's:
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
-    dizo:  the zo step; every κ steps, each K and V matrix θ <- θ0 + r(θ - θ0), r ∈ [1 - τ, 1 + τ] found by ZO
+    dizo:  the zo step, then, at every κ-th step in the same opt.step call, each K and V matrix
+           θ <- θ0 + r(θ - θ0), with r ∈ [1 - τ, 1 + τ] found by M iterations of ZO (SPSA) on r
 A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 a step for fo
 (plus a backward), 2 for zo and dizo, and 2M + 2 at each DiZO projection phase.
 
@@ -167,9 +168,10 @@ def trained_parameters(model):
 # The methods: AdamW, ZO-SGD (MeZO) and DiZO, and the one place where they differ, take_step.
 
 def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
-    """fo: AdamW; zo: ZOSGD; dizo: DiZO, which also projects K and V (dizo_roles; with --lora their adapters) every
-    κ steps, its γ search on batches of its own; with --phase_dev each phase is also measured on dev data. All
-    three train the same tensors: trained_parameters(model)."""
+    """fo: AdamW; zo: ZOSGD; dizo: DiZO, which also projects every κ steps the K and V matrices (dizo_roles; with
+    --lora the adapters of every attention role that has them: PEFT's default on OPT, Q and V), its γ search on
+    batches of its own; with --phase_dev each phase is also measured on dev data. All three train the same tensors:
+    trained_parameters(model)."""
     params = trained_parameters(model)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
@@ -188,8 +190,9 @@ def take_step(method, opt, closure, step):
     loss it logs. closure() is the loss of this step's mini-batch: one forward pass (TrainLoss).
     fo:   forward and backward (in the closure), then AdamW; logs L(θ).
     zo:   ZOSGD.step (dizo.py, eq. (1), (2)): the closure at θ + εz and θ − εz, no backward; logs ℓ+ = L(θ + εz).
-    dizo: the same, and every κ = --interval steps DiZO.project (§3): r found by M = --proj_iters ZO iterations on
-          batches of a second data order, 2M + 2 forward passes."""
+    dizo: the same; then, at every κ-th (--interval) step, in the same call, DiZO.project (§3): r found by
+          M = --proj_iters ZO iterations on batches of a second data order, 2M + 2 forward passes.
+    The ZO closures run under torch.no_grad()."""
     if method != "fo":
         return opt.step(closure)  # ZO and DiZO: two forward passes (DiZO: + 2M + 2 at every κ-th step)
     opt.zero_grad(set_to_none=True)
@@ -202,7 +205,8 @@ def take_step(method, opt, closure, step):
 
 # ---------------------------------------------------------------------------------------------------------
 # The loss of a batch (one forward pass) and evaluation. The prompt-based loss itself is data.PromptLoss: the
-# cross-entropy of the label word at the prompt's last (causal) or mask (masked LM) position.
+# cross-entropy over the task's label words (" great", " terrible": a softmax over the words, not the vocabulary),
+# each scored by the mean log-probability of its tokens after the prompt (causal LMs) or its logit at the mask.
 
 class TrainLoss:
     """The loss of a training mini-batch (indices into `enc`, the training split): one forward pass, the unit of every
@@ -264,10 +268,13 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
+    # A checkpoint is one folder, out_dir/checkpoints/<method>/, replaced atomically at each evaluation: the weights
+    # (safetensors) and trainer_state.pt (optimizer, schedule, data orders, results, RNGs; new_run lists it).
     # Ctrl-C, SIGTERM or SIGHUP only set a flag (runs.Stop): the step ends, a history entry (no dev numbers) and a
     # checkpoint holding the cut interval's losses are written, and the loop breaks; train_all marks the method
     # interrupted and exits with 128 + the signal. A second Ctrl-C stops at once; main keeps the last checkpoint.
-    # --resume: train_all skips the finished methods and loads this one's last checkpoint, restored above.
+    # --resume (refused unless the flags, data and model are the same: main): train_all skips the finished methods
+    # and loads this one's checkpoint; run.restore (above) drops the cut interval's entry and carries on its losses.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
