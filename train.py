@@ -300,10 +300,11 @@ def train_method(method, model, setup, cfg, folder, saved=None):
 def new_run(method, model, setup, cfg, folder, opt, batch_loss, parts):
     """The method's entry in results.json, as the loop fills it in, and what its checkpoints hold. The entry: these
     fields; zero_shot_acc (Run.begin); history, one per evaluation (Run.record: step, loss = the mean training loss
-    since the last, dev_acc, dev_loss, forward_passes, wall_s); with dizo, projection, one per phase (step, ratios,
-    distances, loss_before/after, dev_loss_before/after); at the end best_dev_acc, dev_loss, test_acc, peak_mem_mb,
-    device (train_method), world_size (folder.write). A checkpoint: the weights, and trainer_state.pt (Run.state:
-    each of `parts`, this entry, the unfinished interval's losses, the divergence anchor, the RNGs)."""
+    since the last, dev_acc, dev_loss, forward_passes, wall_s: training time, evaluations, checkpoints and --phase_dev
+    left out); with dizo, projection, one per phase (step, ratios, distances, loss_before/after,
+    dev_loss_before/after); at the end best_dev_acc (over the history, step 0 included), dev_loss, test_acc,
+    peak_mem_mb, device (train_method), world_size (folder.write). A checkpoint: the weights, and trainer_state.pt
+    (Run.state: each of `parts`, this entry, the unfinished interval's losses, the divergence anchor, the RNGs)."""
     r = {"method": method, "lr": cfg.lr_for(method), "status": "running", "history": [], "steps": 0,
          "forward_passes": 0, "wall_s": 0.0, "storage_dtype": cfg.storage_dtype(method), "compute_dtype": cfg.dtype,
          "trained_params": sum(p.numel() for g in opt.param_groups for p in g["params"]),
