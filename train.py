@@ -7,10 +7,11 @@ One iteration of each method (take_step). dizo.py does the same to rounding, in 
 takes four: +εz, -2εz, +εz back, -lr·g·z; dizo.py fuses the last two), and test_dizo.py checks it against MeZO's:
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
-    dizo:  the zo step, then, at every κ-th step in the same opt.step call, each K and V matrix
-           θ <- θ0 + r(θ - θ0), with r ∈ [1 - τ, 1 + τ] found by M iterations of ZO (SPSA) on r
+    dizo:  the zo step, then, at every κ-th step in the same opt.step call, each K and V matrix l moved to
+           θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from (the pretrained ones), every r_l in
+           [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
 A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 a step for fo
-(plus a backward), 2 for zo and dizo, and 2M + 2 at each DiZO projection phase.
+(plus a backward), 2 for zo and dizo (2q with --queries q), and 2M + 2 at each DiZO projection phase.
 
 Read it top to bottom: Config; load_model and trained_parameters (what each method trains); make_optimizer and
 take_step (where the methods differ); TrainLoss and evaluate; train_method, the loop; main and train_all. This file
@@ -170,8 +171,8 @@ def trained_parameters(model):
 def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     """fo: AdamW; zo: ZOSGD; dizo: DiZO, which also projects every κ steps the K and V matrices (dizo_roles; with
     --lora the adapters of every attention role that has them: PEFT's default on OPT, Q and V), its γ search on
-    batches of its own; with --phase_dev each phase is also measured on dev data. All three train the same tensors:
-    trained_parameters(model)."""
+    batches of its own; with --phase_dev (default 256) runs.HeldOutDiZO: DiZO, also measuring each phase on dev
+    data. All three train the same tensors: trained_parameters(model)."""
     params = trained_parameters(model)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
