@@ -8,7 +8,7 @@ takes four: +εz, -2εz, +εz back, -lr·g·z; dizo.py fuses the last two), and 
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
     dizo:  the zo step, then, at every κ-th step in the same opt.step call, each K and V matrix l moved to
-           θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from (the pretrained ones), every r_l in
+           θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from (pretrained; LoRA's initial), every r_l in
            [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
 A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 a step for fo
 (plus a backward), 2 for zo and dizo (2q with --queries q), and 2M + 2 at each DiZO projection phase.
@@ -270,12 +270,12 @@ def train_method(method, model, setup, cfg, folder, saved=None):
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
     # A checkpoint is one folder, out_dir/checkpoints/<method>/, replaced atomically at each evaluation: the weights
-    # (safetensors) and trainer_state.pt (optimizer, schedule, data orders, results, RNGs; new_run lists it).
-    # Ctrl-C, SIGTERM or SIGHUP only set a flag (runs.Stop): the step ends, a history entry (no dev numbers) and a
-    # checkpoint holding the cut interval's losses are written, and the loop breaks; train_all marks the method
-    # interrupted and exits with 128 + the signal. A second Ctrl-C stops at once; main keeps the last checkpoint.
-    # --resume (refused unless the flags, data and model are the same: main): train_all skips the finished methods
-    # and loads this one's checkpoint; run.restore (above) drops the cut interval's entry and carries on its losses.
+    # (safetensors; with --lora the adapters), config, tokenizer and trainer_state.pt (new_run lists what it holds).
+    # Ctrl-C, SIGTERM or SIGHUP only set a flag (runs.Stop): the step ends, a history entry (between evaluations without
+    # dev numbers) and a checkpoint holding the cut interval's losses are written, and the loop breaks; train_all marks
+    # the method interrupted and exits with 128 + the signal. A second Ctrl-C stops at once; main keeps the last
+    # checkpoint. --resume (refused unless the flags, data and model are the same: main): train_all skips the finished
+    # methods and loads this one's checkpoint; run.restore (above) drops the cut interval's entry, keeps its losses.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
