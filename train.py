@@ -249,8 +249,8 @@ def evaluate(model, setup, split, count=None):
 def train_method(method, model, setup, cfg, folder, saved=None):
     """Train one method; returns its result: status done, running (a signal stopped it) or diverged (a non-finite
     loss or weight). Evaluated before training (zero-shot test accuracy; dev), every --eval_every steps and at the
-    last (dev), and at the end (test); each evaluation adds a history entry to results.json (training loss since the
-    last, dev accuracy and loss, forward passes, time) and a checkpoint. --resume: `saved`, the last checkpoint."""
+    last (dev), and at the end (test); each later dev evaluation adds a history entry to results.json (training loss
+    since the last, dev accuracy and loss, forward passes, time) and a checkpoint. --resume: `saved`, the last one."""
     memory = runs.PeakMemory.start(setup.device)
     torch.manual_seed(cfg.seed)  # FO's dropout; ZO methods run in eval mode and own their generators
     n_train, steps = len(setup.splits["train"].labels), cfg.steps_for(method)
@@ -275,7 +275,8 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     # dev numbers) and a checkpoint holding the cut interval's losses are written, and the loop breaks; train_all marks
     # the method interrupted and exits with 128 + the signal. A second Ctrl-C stops at once; main keeps the last
     # checkpoint. --resume (refused unless the flags, data and model are the same: main): train_all skips the finished
-    # methods and loads this one's checkpoint; run.restore (above) drops the cut interval's entry, keeps its losses.
+    # methods and loads this one's checkpoint; run.restore (above) drops the cut interval's entry, keeps its losses,
+    # and gives DiZO back its θ0 (in its state_dict): the anchor stays the pretrained weights.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
