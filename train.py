@@ -7,7 +7,7 @@ One iteration of each method (take_step). dizo.py does the same to rounding, in 
 takes four: +εz, -2εz, +εz back, -lr·g·z; dizo.py fuses the last two), and test_dizo.py checks it against MeZO's:
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
-    dizo:  the zo step, then, at every κ-th step in the same opt.step call, each K and V matrix l moved to
+    dizo:  the zo step, then, at every κ-th step in the same opt.step call, each K, V matrix (or LoRA factor) l to
            θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from (pretrained; LoRA's initial), every r_l in
            [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
 A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 a step for fo
@@ -273,10 +273,10 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     # (safetensors; with --lora the adapters), config, tokenizer and trainer_state.pt (new_run lists what it holds).
     # Ctrl-C, SIGTERM or SIGHUP only set a flag (runs.Stop): the step ends, a history entry (between evaluations without
     # dev numbers) and a checkpoint holding the cut interval's losses are written, and the loop breaks; train_all marks
-    # the method interrupted and exits with 128 + the signal. A second Ctrl-C stops at once; main keeps the last
-    # checkpoint. --resume (refused unless the flags, data and model are the same: main): train_all skips the finished
-    # methods and loads this one's checkpoint; run.restore (above) drops the cut interval's entry, keeps its losses,
-    # and gives DiZO back its θ0 (in its state_dict): the anchor stays the pretrained weights.
+    # the method interrupted and exits with 128 + the signal. A second Ctrl-C stops at once: the last checkpoint stays.
+    # --resume (refused unless the flags, data and model are the same: main): train_all skips the finished methods and
+    # loads this one's checkpoint; run.restore (above) drops the cut interval's entry, keeps its losses, and gives DiZO
+    # back its θ0 (in its state_dict): the anchor stays the pretrained weights.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
@@ -301,10 +301,10 @@ def train_method(method, model, setup, cfg, folder, saved=None):
 
 def new_run(method, model, setup, cfg, folder, opt, batch_loss, parts):
     """The method's entry in results.json, as the loop fills it in, and what its checkpoints hold. The entry: these
-    fields; zero_shot_acc (Run.begin); history, one per evaluation (Run.record: step, loss = the mean training loss
-    since the last, dev_acc, dev_loss, forward_passes, wall_s: training time, evaluations, checkpoints and --phase_dev
-    left out); with dizo, projection, one per phase (step, ratios, distances, loss_before/after,
-    dev_loss_before/after); at the end best_dev_acc (over the history, step 0 included), dev_loss, test_acc,
+    fields; zero_shot_acc and history's step 0 (Run.begin); an entry per later evaluation (Run.record: step, loss = the
+    mean training loss since the last, dev_acc, dev_loss, forward_passes, wall_s: training time, evaluations,
+    checkpoints and --phase_dev left out); with dizo, projection, one per phase (step, ratios, distances,
+    loss_before/after, dev_loss_before/after); at the end best_dev_acc (step 0 included), dev_loss, test_acc,
     peak_mem_mb, device (train_method), world_size (folder.write). A checkpoint: the weights, and trainer_state.pt
     (Run.state: each of `parts`, this entry, the unfinished interval's losses, the divergence anchor, the RNGs)."""
     r = {"method": method, "lr": cfg.lr_for(method), "status": "running", "history": [], "steps": 0,
