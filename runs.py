@@ -464,9 +464,9 @@ def split_loss(loss_fn, enc, model, idx, micro, backward):
 
 
 class Stop:
-    """SIGINT (Ctrl-C), SIGTERM or SIGHUP set a flag; the loop finishes its step, checkpoints, and exits non-zero.
-    A second Ctrl-C interrupts at once (KeyboardInterrupt; train.main keeps the last checkpoint). The path of one:
-    the handler sets Stop.signum -> Run.stop_requested() after the step (every rank agrees) -> Run.record, and
+    """SIGINT (Ctrl-C), SIGTERM or SIGHUP set a flag; the loop finishes its step, checkpoints, and exits non-zero. A
+    second Ctrl-C interrupts at once (KeyboardInterrupt; the last checkpoint, written atomically, stays). The path of
+    one: the handler sets Stop.signum -> Run.stop_requested() after the step (every rank agrees) -> Run.record, and
     Run.checkpoint(complete=False) keeps the cut interval's losses -> the loop breaks -> train.train_all marks the
     method interrupted, writes results.json and the figures, returns 128 + signal. Then --resume: check_out_dir (the
     same flags, data and model) -> train_all skips finished methods -> load_checkpoint -> Run.restore."""

@@ -223,7 +223,7 @@ class TrainLoss:
         self.calls += 1
         if RANKS.world > 1 or self.micro > 1:
             return runs.split_loss(self.loss_fn, self.enc, self.model, idx, self.micro, self.backward)
-        loss = self.loss_fn.loss(self.model, self.enc, idx)  # data.PromptLoss: the label word's cross-entropy
+        loss = self.loss_fn.loss(self.model, self.enc, idx)  # data.PromptLoss: cross-entropy over the label words
         if self.backward:
             loss.backward()
             loss = loss.detach()
@@ -276,7 +276,7 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     # the method interrupted and exits with 128 + the signal. A second Ctrl-C stops at once: the last checkpoint stays.
     # --resume (refused unless the flags, data and model are the same: main): train_all skips the finished methods and
     # loads this one's checkpoint; run.restore (above) drops the cut interval's entry, keeps its losses, and gives DiZO
-    # back its θ0 (in its state_dict): the anchor stays the pretrained weights.
+    # back its θ0 (in its state_dict): the anchor stays what it was.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
