@@ -3,7 +3,7 @@ refusals of settings that cannot work (one line, exit 2), before anything is loa
 import argparse
 import math
 import warnings
-from dataclasses import fields
+from dataclasses import field, fields
 
 import torch
 
@@ -25,6 +25,11 @@ class UsageError(Exception):
 RECIPES = {"released": dict(trained="no_embed", lr_schedule="linear", lr=1e-6, eps=1e-3, batch_size=16,
                             interval=50, proj_iters=10, proj_eps=0.1, proj_lr=2.0, tau=0.2, steps=20000,
                             eval_every=500, num_train=1000, num_dev=500, num_test=1000)}
+
+
+def flag(default, help, type=None):
+    """A field of train.Config: its default, its --help text, and the type of a flag whose default is None."""
+    return field(default=default, metadata={"help": help, "type": type})
 
 
 def parse_config(config, argv=None, description=None):

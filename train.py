@@ -24,7 +24,7 @@ import math
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +33,8 @@ import transformers
 import data
 import plots
 import runs
-from config import (BUILTIN, DTYPES, METHODS, ROLES, UsageError, check_config, check_model, dizo_roles, parse_config,
-                    run_flags)
+from config import (BUILTIN, DTYPES, METHODS, ROLES, UsageError, check_config, check_model, dizo_roles, flag,
+                    parse_config, run_flags)
 from dizo import DiZO, ZOSGD, divergence, projected_params
 from runs import RANKS
 
@@ -49,10 +49,6 @@ REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 200
 # with its logs' decay (at a constant rate, embedding trained, ZO collapses).
 BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4}, steps={"fo": 300, "zo": 1000, "dizo": 1000},
                         eval_every=100, trained="no_embed", lr_schedule="linear")
-
-
-def flag(default, help, type=None):
-    return field(default=default, metadata={"help": help, "type": type})
 
 
 @dataclass
@@ -144,7 +140,7 @@ class Config:
 # The model: loaded fresh for each method, and which of its parameters the method trains.
 
 def load_model(cfg, setup, method):
-    """The pretrained model in its storage dtype; what the method trains is marked by requires_grad."""
+    """The pretrained model in its storage dtype, only what the method trains (trained_parameters) requiring grad."""
     model = data.load_model(setup.name, setup.kind, DTYPES[cfg.storage_dtype(method)], setup.device,
                             cfg.trust_remote_code, cfg.device_map)
     setup.loss_fn.device = model.get_input_embeddings().weight.device  # where the inputs go (--device_map)
@@ -153,16 +149,20 @@ def load_model(cfg, setup, method):
     if cfg.lora:
         torch.manual_seed(cfg.seed)  # LoRA's A is random
         targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
-        model = data.add_lora(model, cfg.lora, cfg.lora_alpha, targets)  # freezes every weight but the adapters
-    if cfg.trained == "no_embed":  # every method's set; frozen before DistributedDataParallel sees the model
-        model.get_input_embeddings().weight.requires_grad_(False)
+        model = data.add_lora(model, cfg.lora, cfg.lora_alpha, targets)  # adapters on the attention, B = 0
+    model.requires_grad_(False)  # then what every method trains, before DistributedDataParallel sees the model
+    for p in trained_parameters(model, cfg):
+        p.requires_grad_(True)
     return model
 
 
-def trained_parameters(model):
-    """What every method trains, fo too, as load_model marked it: with --lora the adapters alone; otherwise every
-    weight, except the token embedding (and an output head tied to it) with --trained no_embed (the released set)."""
-    return [p for p in model.parameters() if p.requires_grad]
+def trained_parameters(model, cfg):
+    """What every method trains, fo too: with --lora the adapters alone; otherwise every weight, except the token
+    embedding (and an output head tied to it: the same tensor) with --trained no_embed, the released set."""
+    if cfg.lora:
+        return [p for name, p in model.named_parameters() if "lora_" in name]
+    frozen = model.get_input_embeddings().weight if cfg.trained == "no_embed" else None
+    return [p for p in model.parameters() if p is not frozen]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,8 +172,8 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     """fo: AdamW; zo: ZOSGD; dizo: DiZO, which also projects every κ steps the K and V matrices (dizo_roles; with
     --lora the adapters of every attention role that has them: PEFT's default on OPT, Q and V), its γ search on
     batches of its own; with --phase_dev (default 256) runs.HeldOutDiZO: DiZO, also measuring each phase on dev
-    data. All three train the same tensors: trained_parameters(model)."""
-    params = trained_parameters(model)
+    data. All three train the same tensors: trained_parameters."""
+    params = trained_parameters(model, cfg)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
     if method == "zo":
