@@ -14,10 +14,10 @@ A forward pass is one training mini-batch's loss (one TrainLoss call); it is the
 (plus a backward), 2 for zo and dizo (2q with --queries q), and 2M + 2 at each DiZO projection phase.
 
 Read it top to bottom: Config; load_model and trained_parameters (what each method trains); make_optimizer and
-take_step (where the methods differ); TrainLoss and evaluate; train_method, the loop; main and train_all. This file
-says what each call it makes does; the other files hold the details: dizo.py the optimizers (read it beside the
-paper), data.py the prompts and the loss of one example, runs.py the run folder (results.json, checkpoints, the lock,
-signals, resume), config.py the command line and its checks, plots.py the figures and the table.
+take_step (where the methods differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop, with checkpoints,
+Ctrl-C and --resume in the comment above it; main and train_all. Each call says what it does; the details are in
+dizo.py (ZOSGD.step, DiZO.step and DiZO.project: read it beside the paper), data.py (PromptLoss: an example's loss),
+runs.py (Run: results.json, checkpoints; Stop: signals), config.py (the flags, their checks), plots.py (the figures).
 """
 
 import math
