@@ -7,9 +7,9 @@ One iteration of each method (take_step). dizo.py does the same to rounding, in 
 takes four: +εz, -2εz, +εz back, -lr·g·z; dizo.py fuses the last two), and test_dizo.py checks it against MeZO's:
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
-    dizo:  the zo step, then, at every κ-th step in the same opt.step call, each K, V matrix (or LoRA factor) l to
-           θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from (pretrained; LoRA's initial), every r_l in
-           [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
+    dizo:  the zo step, then, at every κ-th step in the same opt.step call, each K, V matrix l (with --lora each
+           adapter factor) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from,
+           every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
 A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 a step for fo
 (plus a backward), 2 for zo and dizo (2q with --queries q), and 2M + 2 at each DiZO projection phase.
 
@@ -41,12 +41,12 @@ from runs import RANKS
 # ---------------------------------------------------------------------------------------------------------
 # Settings: one dataclass, the command line built from it (config.py); model-dependent defaults set in __post_init__.
 
-# Real models: the released code's settings (MeZO / DiZO: ZO lr 1e-6, eps 1e-3, batch 16, constant lr; FO 1e-5).
+# Real models: the released READMEs' commands (MeZO / DiZO: ZO lr 1e-6, eps 1e-3, batch 16, constant lr; FO 1e-5).
 REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 20000, "zo": 20000, "dizo": 20000},
                      eval_every=500, trained="all", lr_schedule="constant")
 # The embedded tiny model: 0.6M parameters take a far larger ZO lr than billions; FO's dev accuracy peaks within 300
 # steps, ZO's dev loss levels off near 1,000 (about 3 minutes on 2 cores). It trains what the released code trains,
-# with its logs' decay (at a constant rate, embedding trained, ZO collapses).
+# with its logs' decay (with every weight at a constant rate ZO collapses).
 BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4}, steps={"fo": 300, "zo": 1000, "dizo": 1000},
                         eval_every=100, trained="no_embed", lr_schedule="linear")
 
@@ -166,7 +166,7 @@ def trained_parameters(model, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The methods: AdamW, ZO-SGD (MeZO) and DiZO, and the one place where they differ, take_step.
+# The methods: AdamW, ZO-SGD (MeZO) and DiZO, and take_step, where their updates differ.
 
 def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     """fo: AdamW; zo: ZOSGD; dizo: DiZO, which also projects every κ steps the K and V matrices (dizo_roles; with
@@ -187,7 +187,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
 
 
 def take_step(method, opt, closure, step):
-    """One step, the only place where the methods differ (the module docstring sketches each); returns the training
+    """One step, where the methods' updates differ (the module docstring sketches each); returns the training
     loss it logs. closure() is the loss of this step's mini-batch: one forward pass (TrainLoss).
     fo:   forward and backward (in the closure), then AdamW; logs L(θ).
     zo:   ZOSGD.step (dizo.py, eq. (1), (2)): the closure at θ + εz and θ − εz, no backward; logs ℓ+ = L(θ + εz).
@@ -195,7 +195,7 @@ def take_step(method, opt, closure, step):
           M = --proj_iters ZO iterations on batches of a second data order, 2M + 2 forward passes.
     The ZO closures run under torch.no_grad()."""
     if method != "fo":
-        return opt.step(closure)  # ZO and DiZO: two forward passes (DiZO: + 2M + 2 at every κ-th step)
+        return opt.step(closure)  # ZO and DiZO: 2q forward passes (DiZO: + 2M + 2 at every κ-th step)
     opt.zero_grad(set_to_none=True)
     loss = closure()  # FO: forward and backward, micro-batch by micro-batch
     if not math.isfinite(float(loss)):
