@@ -13,11 +13,11 @@ takes four: +εz, -2εz, +εz back, -lr·g·z; dizo.py fuses the last two), and 
 A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 a step for fo
 (plus a backward), 2 for zo and dizo (2q with --queries q), and 2M + 2 at each DiZO projection phase.
 
-Read it top to bottom: Config; load_model and trained_parameters (what each method trains); make_optimizer and
-take_step (where the methods differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop, with checkpoints,
-Ctrl-C and --resume in the comment above it; main and train_all. Each call says what it does; the details are in
-dizo.py (ZOSGD.step, DiZO.step and DiZO.project: read it beside the paper), data.py (PromptLoss: an example's loss),
-runs.py (Run: results.json, checkpoints; Stop: signals), config.py (the flags, their checks), plots.py (the figures).
+Read it top to bottom: Config; load_model and trained_parameters (what each method trains); make_optimizer and take_step
+(where the updates differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop, with checkpoints, Ctrl-C
+and --resume in the comment above it; main and train_all. Each call says what it does; the details are in dizo.py (its
+docstring: each equation's function, a zo step by hand in plain torch), data.py (PromptLoss: an example's loss), runs.py
+(Run: results.json, checkpoints; Stop: signals), config.py (the flags, their checks), plots.py (figures).
 """
 
 import math
