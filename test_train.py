@@ -1096,6 +1096,15 @@ def test_linear_schedule_ends_at_half_the_learning_rate(assets, tmp_path):
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * (1 - 0.5 * 4 / 4), rel=1e-12)
 
 
+def test_real_models_default_to_the_released_scripts():
+    """MeZO's large_models scripts: mezo.sh STEPS=20000, LR=1e-6, EPS=1e-3, BS=16 (DiZO's README the same);
+    finetune.sh (FO) EPOCH=5 over TRAIN=1000 at BS=8, LR=1e-5: 625 optimizer steps."""
+    cfg = train.parse_config(train.Config, ["--model", "facebook/opt-1.3b"])
+    assert [cfg.steps_for(m) for m in ("fo", "zo", "dizo")] == [5 * 1000 // 8, 20000, 20000]
+    assert [cfg.lr_for(m) for m in ("fo", "zo", "dizo")] == [1e-5, 1e-6, 1e-6]
+    assert (cfg.eps, cfg.batch_size, cfg.lr_schedule, cfg.trained) == (1e-3, 16, "constant", "all")
+
+
 def test_released_recipe_sets_its_settings_and_explicit_flags_win(assets, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_train(assets, out, "--recipe", "released", "--method", "dizo", "--steps", "2", "--eval_every", "1",
