@@ -10,7 +10,7 @@ takes four: +εz, -2εz, +εz back, -lr·g·z; dizo.py fuses the last two), and 
     dizo:  the zo step, then, at every κ-th step in the same opt.step call, each K, V matrix l (with --lora each
            adapter factor) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from,
            every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
-A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 a step for fo
+A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 per step for fo
 (plus a backward), 2 for zo and dizo (2q with --queries q), and 2M + 2 at each DiZO projection phase.
 
 Read it top to bottom: Config; load_model and trained_parameters (what each method trains); make_optimizer and take_step
@@ -106,7 +106,7 @@ class Config:
         for name in ("trained", "lr_schedule", "eval_every"):
             if getattr(self, name) is None:
                 setattr(self, name, defaults[name])
-        if self.dtype is None:  # fp32 weights, bf16 forward passes: 4 bytes per parameter, fp32 ZO steps
+        if self.dtype is None:  # on a GPU bf16: fp32 weights (4 bytes a parameter), bf16 forwards, fp32 ZO steps
             self.dtype = "fp64" if self.builtin else "bf16" if torch.cuda.is_available() else "fp32"
         self.task = self.task or ("toy" if self.builtin or self.data_dir is None else None)
         if self.task is not None and self.task.lower() in data.TASKS:  # sst-2 and SST-2 are the same task
@@ -183,7 +183,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     if not cfg.phase_dev:
         return DiZO(params, pairs, **cfg.zo_settings(method), **search)
     return runs.HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
-                       held_out=lambda: evaluate(model, setup, "dev", cfg.phase_dev)[1])
+                            held_out=lambda: evaluate(model, setup, "dev", cfg.phase_dev)[1])
 
 
 def take_step(method, opt, closure, step):
