@@ -1,6 +1,6 @@
 """Fine-tune a Hugging Face language model with first-order (FO), zeroth-order (ZO, MeZO) or DiZO updates.
 
-    python train.py                                   # fo vs zo vs dizo on the embedded tiny model, offline, CPU
+    python train.py                                   # fo vs zo vs dizo on the embedded tiny model, offline
     python train.py --model facebook/opt-1.3b --task sst-2 --data_dir data/SST-2 --method dizo
 
 One iteration of each method (take_step). dizo.py does the same to rounding, in fewer passes over the weights (MeZO
@@ -14,8 +14,8 @@ A forward pass is one training mini-batch's loss (one TrainLoss call); it is the
 (plus a backward), 2 for zo and dizo (2q with --queries q), and 2M + 2 at each DiZO projection phase.
 
 Read it top to bottom: Config; load_model and trained_parameters (what each method trains); make_optimizer and take_step
-(where the updates differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop, with checkpoints, Ctrl-C
-and --resume in the comment above it; main and train_all. Each call says what it does; the details are in dizo.py (its
+(where the updates differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop (the comment above it:
+checkpoints, Ctrl-C, --resume); main and train_all. Each call says what it does; the details are in dizo.py (its
 docstring: each equation's function, a zo step by hand in plain torch), data.py (PromptLoss: an example's loss), runs.py
 (Run: results.json, checkpoints; Stop: signals), config.py (the flags, their checks), plots.py (figures).
 """
@@ -42,7 +42,7 @@ from runs import RANKS
 # Settings: one dataclass, the command line built from it (config.py); model-dependent defaults set in __post_init__.
 
 # Real models: the released READMEs' commands. MeZO / DiZO: ZO lr 1e-6, eps 1e-3, batch 16, constant lr, 20,000 steps;
-# MeZO's fine-tuning (finetune.sh): AdamW lr 1e-5, 5 epochs of 1,000 examples at batch 8, 625 steps (here batch 16).
+# MeZO's fine-tuning (finetune.sh): AdamW lr 1e-5, 625 steps: 5 epochs of 1,000 at batch 8 (here 16: --batch_size 8).
 REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 625, "zo": 20000, "dizo": 20000},
                      eval_every=500, trained="all", lr_schedule="constant")
 # The embedded tiny model: 0.6M parameters take a far larger ZO lr; FO's dev accuracy peaks within 300 steps, ZO's dev
