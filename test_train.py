@@ -3,9 +3,7 @@ references: hand computations of the prompt losses, tiny models saved to and loa
 loading path), and runs compared bit for bit. CPU only, no network. The tiny models come from test_dizo.py.
 """
 
-import contextlib
 import fcntl
-import gc
 import hashlib
 import json
 import math
@@ -37,15 +35,6 @@ from dizo import DiZO, ZOSGD, projected_params
 from test_dizo import lm_closure, tiny_model, tiny_opt
 
 torch.set_num_threads(1)
-# The imported modules' objects never become garbage: frozen, they are not walked again by each gc.collect()
-# (train.py runs one per method, to measure its peak memory), which would cost 0.06-0.4 s each. What the tests
-# import later is imported first: matplotlib, peft, the Llama and GPT-2 models, torch.optim's compiler hooks.
-plots.pyplot()
-with contextlib.suppress(ImportError):
-    import peft  # noqa: F401
-transformers.LlamaForCausalLM, transformers.GPT2LMHeadModel  # noqa: B018 (imported on first use)
-torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-gc.freeze()
 
 
 # ---------------------------------------------------------------------------------------------------------
