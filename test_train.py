@@ -166,13 +166,16 @@ def figures():
 
 
 @pytest.fixture(autouse=True)
-def _no_figures(request, monkeypatch):
+def _no_figures(request):
     """train.py draws its figures when a run ends: about 0.9 s on 2 cores, most of a short test run's time. The
     tests that ask for `figures` (or have a parameter `draws` true) draw them, and between them their runs end in
-    every way (done, diverged, interrupted); in the other tests plots.plot_run does nothing."""
+    every way (done, diverged, interrupted); in the other tests plots.plot_run does nothing, also after the test's
+    own monkeypatch.undo()."""
     params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
-    if "figures" not in request.fixturenames and not params.get("draws"):
-        monkeypatch.setattr(plots, "plot_run", lambda results, folder: [])
+    with pytest.MonkeyPatch.context() as patch:
+        if "figures" not in request.fixturenames and not params.get("draws"):
+            patch.setattr(plots, "plot_run", lambda results, folder: [])
+        yield
 
 
 def forked_train(argv, env=(), stderr=os.devnull, hold=None):
