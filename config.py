@@ -78,7 +78,9 @@ def run_flags(cfg):
     """The settings a resumed run must share with the saved one."""
     skip = {"method", "out_dir", "save", "resume", "overwrite", "trust_remote_code"}
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip} | {
-        "methods": list(cfg.methods), "world_size": RANKS.world}
+        "methods": list(cfg.methods), "world_size": RANKS.world,  # and the steps and lr run, defaults included:
+        "steps_per_method": {m: cfg.steps_for(m) for m in cfg.methods},  # a default may change between versions
+        "lr_per_method": {m: cfg.lr_for(m) for m in cfg.methods}}
 
 
 def check_config(cfg):

@@ -872,8 +872,9 @@ def test_masked_lm_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys):
     ("model", "the model's weights differ from the saved run's"),  # e.g. the base of a LoRA run re-saved
     ("world", "flags differ from the saved run: world_size (saved 2, now 1)"),  # 2 processes, resumed by 1
     ("lora", "flags differ from the saved run: lora (saved 4, now 0)"),
+    ("defaults", "flags differ from the saved run: steps_per_method (saved {'zo': 2}, now {'zo': 3})"),
 ])
-def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys, damage, message):
+def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys, monkeypatch, damage, message):
     task, model = tmp_path / "task", tmp_path / "model"
     shutil.copytree(assets["data"], task)
     shutil.copytree(assets["causal"], model)
@@ -882,6 +883,9 @@ def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys,
             "--method", "zo", "--steps", "2", "--eval_every", "2", "--batch_size", "4", "--lr", "1e-3"]
     if damage == "lora":
         argv[-1:] = ["1e-2", "--lora", "4"]
+    if damage == "defaults":  # saved by a version whose default was 2 steps, resumed by one whose default is 3
+        argv.remove("--steps"), argv.remove("2")
+        monkeypatch.setitem(train.REAL_DEFAULTS["steps"], "zo", 2)
     assert train.main(argv) == 0
     r = json.loads((out / "results.json").read_text())
     r["methods"]["zo"]["status"] = "interrupted"  # as if a signal had stopped it after its checkpoint
@@ -902,8 +906,10 @@ def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys,
     elif damage == "world":
         r["config"]["world_size"] = 2
         (out / "results.json").write_text(json.dumps(r))
-    else:
+    elif damage == "lora":
         argv = argv[:argv.index("--lora")]
+    elif damage == "defaults":
+        monkeypatch.setitem(train.REAL_DEFAULTS["steps"], "zo", 3)
     capsys.readouterr()
     assert train.main(argv + ["--resume"]) == 2
     err = capsys.readouterr().err.strip()
