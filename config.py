@@ -21,10 +21,11 @@ class UsageError(Exception):
 
 
 # --recipe released: what the released DiZO code ran for OPT on SST-2 (its script, its logs' learning-rate
-# decay, MeZO's 1000/500/1000 sampling); fp16 weights where there is a GPU, as its --load_float16.
-RECIPES = {"released": dict(trained="no_embed", lr_schedule="linear", lr=1e-6, eps=1e-3, batch_size=16,
-                            interval=50, proj_iters=10, proj_eps=0.1, proj_lr=2.0, tau=0.2, steps=20000,
-                            eval_every=500, num_train=1000, num_dev=500, num_test=1000)}
+# decay, MeZO's 1000/500/1000 sampling); fp16 weights where there is a GPU, as its --load_float16. Its lr (1e-6) and
+# steps (20,000) are each method's real-model defaults (train.REAL_DEFAULTS): ZO's, and FO's own for fo.
+RECIPES = {"released": dict(trained="no_embed", lr_schedule="linear", eps=1e-3, batch_size=16, interval=50,
+                            proj_iters=10, proj_eps=0.1, proj_lr=2.0, tau=0.2, eval_every=500, num_train=1000,
+                            num_dev=500, num_test=1000)}
 
 
 def flag(default, help, type=None):

@@ -1102,6 +1102,10 @@ def test_real_models_default_to_the_released_scripts():
     assert [cfg.steps_for(m) for m in ("fo", "zo", "dizo")] == [5 * 1000 // 8, 20000, 20000]
     assert [cfg.lr_for(m) for m in ("fo", "zo", "dizo")] == [1e-5, 1e-6, 1e-6]
     assert (cfg.eps, cfg.batch_size, cfg.lr_schedule, cfg.trained) == (1e-3, 16, "constant", "all")
+    released = train.parse_config(train.Config, ["--model", "facebook/opt-1.3b", "--recipe", "released"])
+    assert [released.steps_for(m) for m in ("fo", "zo", "dizo")] == [625, 20000, 20000]  # ZO's recipe leaves FO's
+    assert [released.lr_for(m) for m in ("fo", "zo", "dizo")] == [1e-5, 1e-6, 1e-6]
+    assert (released.lr_schedule, released.trained, released.eval_every) == ("linear", "no_embed", 500)
 
 
 def test_released_recipe_sets_its_settings_and_explicit_flags_win(assets, tmp_path, capsys):
