@@ -1,9 +1,13 @@
 """pytest's settings for the application's tests (test_dizo.py needs none: it travels alone with dizo.py)."""
 
 import gc
+import os
 import sys
 
 import pytest
+
+# The workers share the cores: an OpenMP thread that waits sleeps rather than spins (read when torch loads, later).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_configure(config):
