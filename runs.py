@@ -80,6 +80,8 @@ def write_json(path, obj):
 
 
 def save_model(model, tokenizer, folder, state=None):
+    """The weights (safetensors; a PEFT model: its adapters), config and tokenizer, as from_pretrained reads them, and
+    `state` as trainer_state.pt: written to folder.tmp, which then replaces `folder` (write_atomically)."""
     def write(tmp):
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
@@ -93,10 +95,6 @@ def checkpoint_dir(out_dir, method):
     folder = out_dir / "checkpoints" / method
     old = folder.with_name(method + ".old")
     return old if not folder.exists() and old.exists() else folder  # a kill between the two renames
-
-
-def save_checkpoint(out_dir, method, model, tokenizer, state):
-    save_model(model, tokenizer, own_folder(out_dir, "checkpoints") / method, state)
 
 
 def load_checkpoint(out_dir, method, model):
@@ -296,6 +294,8 @@ class Run:
             self.window = state["window"]
 
     def state(self, window):
+        """trainer_state.pt: each part's state_dict (optimizer, schedule, data orders), this result, the divergence
+        anchor, the losses of an interval a signal cut (`window`), the RNGs."""
         return {k: part.state_dict() for k, part in self.parts.items()} | {
             "result": self.r, "anchor": self.anchor, "window": window, "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -348,11 +348,13 @@ class Run:
         self.r["history"].append(entry)
 
     def checkpoint(self, complete):
-        """Rank 0 writes the weights and state, then results.json (never naming a step the checkpoint has not
-        reached); an incomplete interval's losses go with the checkpoint, for a resume to go on with them."""
+        """Rank 0 replaces out_dir/checkpoints/<method>/ (save_model: the weights, and state(): the parts, this result,
+        the RNGs), then writes results.json, which never names a step the checkpoint has not reached. An incomplete
+        interval's losses go with the checkpoint, for a resume to go on with them."""
         window, self.window = ([] if complete else self.window), []
         if RANKS.main:
-            save_checkpoint(self.folder.out_dir, self.method, self.model, self.tokenizer, self.state(window))
+            folder = own_folder(self.folder.out_dir, "checkpoints") / self.method
+            save_model(self.model, self.tokenizer, folder, self.state(window))
             self.folder.write(self.method, self.r)
         self.tic = time.perf_counter()
 
