@@ -65,12 +65,12 @@ def test_paired_runs_give_zo_the_forward_passes_of_dizo(assets, tmp_path):
     assert {("zo", "1830"), ("dizo", "1500"), ("zo", "732"), ("dizo", "600")} == steps
     rates = {c[c.index("--lr") + 1] for c in commands if "--lora" not in c}
     assert rates == {"3.75e-05", "7.5e-05", "0.00015", "0.000212", "0.0003", "0.0006"}  # the runs' folder names
-    for method, n in (("zo", "122"), ("dizo", "100")):  # κ = 50, M = 10: 2·100 + 2·22 = 244 = 2·122
+    for method, n in (("zo", "61"), ("dizo", "50")):  # κ = 50, M = 10: 2·50 + (2·10 + 2) = 122 = 2·61
         assert run_train(assets, tmp_path / method, "--method", method, "--steps", n, "--interval", "50",
                          "--proj_iters", "10", "--phase_dev", "0", "--eval_every", n) == 0
     passes = [json.loads((tmp_path / m / "results.json").read_text())["methods"][m]["forward_passes"]
               for m in ("zo", "dizo")]
-    assert passes == [244, 244]
+    assert passes == [122, 122]
 
 
 # ---------------------------------------------------------------------------------------------------------
