@@ -22,12 +22,13 @@ def pytest_collection_modifyitems(items):
 # Imported modules' objects never become garbage. Frozen, they are not walked again by each gc.collect() (train.py runs
 # one per method, to measure its peak memory), which would cost 0.05-0.1 s each once torch.compile's modules are in.
 def pytest_collection_finish(session):
+    gc.collect()
     gc.freeze()
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """What a test imports (matplotlib, peft, torch.compile's backends, ...) is frozen after it as the rest was."""
+    """After a test that imported modules (matplotlib, peft, torch.compile's backends, ...), what is alive is frozen."""
     modules = len(sys.modules)
     yield
     if len(sys.modules) > modules:

@@ -148,6 +148,9 @@ def check_out_dir(out_dir, settings, resume, overwrite, inputs):
         if links := [n for n in OUTPUTS if (out_dir / n).is_symlink()]:
             raise RunError(f"--resume: {out_dir / links[0]} is a symbolic link; a run writes only its own files, "
                            "never where a link points: remove it, or make --out_dir itself the link")
+        if missing := [k for k in settings if k not in HASHES and k not in saved["config"]]:
+            raise RunError(f"--resume: {path} was written by an earlier train.py, which did not record "
+                           f"{', '.join(missing)}; finish the run with that version, or start again with --overwrite")
         changed = [f"{k} (saved {saved['config'].get(k)!r}, now {v!r})" for k, v in settings.items()
                    if k not in HASHES and saved["config"].get(k) != v]
         if changed:
@@ -348,9 +351,9 @@ class Run:
         self.r["history"].append(entry)
 
     def checkpoint(self, complete):
-        """Rank 0 replaces out_dir/checkpoints/<method>/ (save_model: the weights, and state(): the parts, this result,
-        the RNGs), then writes results.json, which never names a step the checkpoint has not reached. An incomplete
-        interval's losses go with the checkpoint, for a resume to go on with them."""
+        """Rank 0 replaces out_dir/checkpoints/<method>/ (save_model: weights, config, tokenizer; state():
+        trainer_state.pt), then writes results.json, which never names a step the checkpoint has not reached. An
+        incomplete interval's losses go with the checkpoint, for a resume to go on with them."""
         window, self.window = ([] if complete else self.window), []
         if RANKS.main:
             folder = own_folder(self.folder.out_dir, "checkpoints") / self.method

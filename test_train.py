@@ -873,6 +873,7 @@ def test_masked_lm_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys):
     ("world", "flags differ from the saved run: world_size (saved 2, now 1)"),  # 2 processes, resumed by 1
     ("lora", "flags differ from the saved run: lora (saved 4, now 0)"),
     ("defaults", "flags differ from the saved run: steps_per_method (saved {'zo': 2}, now {'zo': 3})"),
+    ("earlier", "written by an earlier train.py, which did not record steps_per_method, lr_per_method; finish"),
 ])
 def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys, monkeypatch, damage, message):
     task, model = tmp_path / "task", tmp_path / "model"
@@ -905,6 +906,9 @@ def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys,
         save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     elif damage == "world":
         r["config"]["world_size"] = 2
+        (out / "results.json").write_text(json.dumps(r))
+    elif damage == "earlier":  # results.json of a train.py that did not record the steps and lr per method
+        del r["config"]["steps_per_method"], r["config"]["lr_per_method"]
         (out / "results.json").write_text(json.dumps(r))
     elif damage == "lora":
         argv = argv[:argv.index("--lora")]

@@ -15,9 +15,9 @@ A forward pass is one training mini-batch's loss (one TrainLoss call); it is the
 
 Read it top to bottom: Config; load_model and trained_parameters (what each method trains); make_optimizer and take_step
 (where the updates differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop (the comment above it:
-checkpoints, Ctrl-C, --resume); main and train_all. That is the whole run: each call says what it does, and each module
-it calls does only that: dizo.py the optimizers (its docstring maps each equation to its function), data.py the data,
-models and PromptLoss, runs.py the run folder (results.json, checkpoints, signals), config.py flags, plots.py figures.
+checkpoints, Ctrl-C, --resume); main and train_all. That is the whole run; each call says what it does. What it calls:
+dizo.py the optimizers (its docstring maps each equation to its function), data.py the data, models and PromptLoss,
+runs.py the run folder (results.json, checkpoints, signals) and processes, config.py flags, plots.py figures.
 """
 
 import math
