@@ -7,17 +7,16 @@ One iteration of each method (take_step). dizo.py does the same to rounding, in 
 takes four: +εz, -2εz, +εz back, -lr·g·z; dizo.py fuses the last two), and test_dizo.py checks it against MeZO's:
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
-    dizo:  the zo step, then, at every κ-th step in the same opt.step call, each K, V matrix l (with --lora each
-           adapter factor) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from,
+    dizo:  the zo step; then, at every κ-th step in the same opt.step call, it moves each K, V matrix l (with --lora
+           each adapter factor) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from,
            every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
 A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 per step for fo
 (plus a backward), 2 for zo and dizo (2q with --queries q), and 2M + 2 at each DiZO projection phase.
 
-Read it top to bottom: Config; load_model and trained_parameters (what each method trains); make_optimizer and take_step
-(where the updates differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop (the comment above it:
-checkpoints, Ctrl-C, --resume); main and train_all. That is the whole run; each call says what it does. What it calls:
-dizo.py the optimizers (its docstring maps each equation to its function), data.py the data, models and PromptLoss,
-runs.py the run folder (results.json, checkpoints, signals) and processes, config.py flags, plots.py figures.
+Read it top to bottom: Config; load_model and trained_parameters; make_optimizer and take_step (where the updates
+differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop (the comment above it: what is written, Ctrl-C,
+--resume); main and train_all. What it calls: dizo.py the optimizers (its docstring maps each equation to its function),
+data.py the data, models and PromptLoss, runs.py the run folder and processes, config.py flags, plots.py figures.
 """
 
 import math
@@ -169,10 +168,10 @@ def trained_parameters(model, cfg):
 # The methods: AdamW, ZO-SGD (MeZO) and DiZO, and take_step, where their updates differ.
 
 def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
-    """fo: AdamW; zo: ZOSGD; dizo: DiZO, which also projects every κ steps the K and V matrices (dizo_roles; with
-    --lora the adapters of every attention role that has them: PEFT's default on OPT, Q and V), its γ search on
-    batches of its own; with --phase_dev (default 256) runs.HeldOutDiZO: DiZO, also measuring each phase on dev
-    data. All three train the same tensors: trained_parameters."""
+    """fo: AdamW. zo: ZOSGD. dizo: by default runs.HeldOutDiZO, which is DiZO plus the dev loss before and after each
+    projection phase (--phase_dev examples, not training passes; --phase_dev 0: DiZO itself). DiZO projects every κ
+    steps the K and V matrices (dizo_roles; with --lora the adapters of each attention role that has them: PEFT's
+    default on OPT, Q and V), its γ search on batches of its own. All three train trained_parameters."""
     params = trained_parameters(model, cfg)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
@@ -187,12 +186,13 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
 
 
 def take_step(method, opt, closure, step):
-    """One step, where the methods' updates differ (the module docstring sketches each); returns the training
-    loss it logs. closure() is the loss of this step's mini-batch: one forward pass (TrainLoss).
+    """One step, where the methods' updates differ; returns the training loss it logs. closure() is the loss of this
+    step's mini-batch: one forward pass (TrainLoss).
     fo:   forward and backward (in the closure), then AdamW; logs L(θ).
-    zo:   ZOSGD.step (dizo.py, eq. (1), (2)): the closure at θ + εz and θ − εz, no backward; logs ℓ+ = L(θ + εz).
-    dizo: the same; then, at every κ-th (--interval) step, in the same call, DiZO.project (§3): r found by
-          M = --proj_iters ZO iterations on batches of a second data order, 2M + 2 forward passes.
+    zo:   ZOSGD.step, eq. (1), (2), no backward: with q = 1 the four passes of dizo.py's "Check a step by hand" (θ + εz:
+          ℓ+; θ − εz: ℓ-; g = (ℓ+ − ℓ-)/2ε; θ back, then θ − lr·g·z), the last two fused in one; logs ℓ+ = L(θ + εz).
+    dizo: the same; then at every κ-th (--interval) step, in the same call, DiZO.project (§3): r found by M =
+          --proj_iters ZO iterations (its loop's comments give each formula) on batches of a second data order.
     The ZO closures run under torch.no_grad()."""
     if method != "fo":
         return opt.step(closure)  # ZO and DiZO: 2q forward passes (DiZO: + 2M + 2 at every κ-th step)
@@ -269,14 +269,17 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
-    # A checkpoint is one folder, out_dir/checkpoints/<method>/, replaced atomically at each evaluation: the weights
-    # (safetensors; with --lora the adapters), config, tokenizer and trainer_state.pt (new_run lists what it holds).
-    # Ctrl-C, SIGTERM or SIGHUP only set a flag (runs.Stop): the step ends, a history entry (between evaluations without
-    # dev numbers) and a checkpoint holding the cut interval's losses are written, and the loop breaks; train_all marks
-    # the method interrupted and exits with 128 + the signal. A second Ctrl-C stops at once: the last checkpoint stays.
-    # --resume (refused unless the flags, data and model are the same: main): train_all skips the finished methods and
-    # loads this one's checkpoint; run.restore (above) drops the cut interval's entry, keeps its losses, and gives DiZO
-    # back its θ0 (in its state_dict): the anchor stays what it was.
+    # At each evaluation (run.record, run.checkpoint) results.json gets a history entry, such as zo's at step 100:
+    #   {"step": 100, "loss": 0.498 (the mean training loss since the last), "dev_acc": 0.79, "dev_loss": 0.456,
+    #    "forward_passes": 200, "wall_s": 6.1 (training time only)}
+    # and out_dir/checkpoints/<method>/ is replaced whole: model.safetensors (with --lora the adapters), config.json,
+    # the tokenizer and trainer_state.pt (optimizer, schedule, data orders, RNGs, this result: Run.state).
+    # Ctrl-C: 1. runs.Stop's handler only sets a flag; 2. the step ends; 3. run.stop_requested() (every rank agrees);
+    # 4. run.record writes an entry without dev numbers, run.checkpoint one keeping the cut interval's losses; 5. the
+    # loop breaks; 6. train_all marks the method "interrupted" and exits with 128 + the signal. A second Ctrl-C: at once.
+    # --resume: 1. main refuses other flags, data or base model; 2. train_all skips finished methods; 3. it loads this
+    # one's checkpoint (runs.load_checkpoint); 4. run.restore, above, drops the cut entry, keeps its losses, and gives
+    # DiZO back its θ0; 5. the loop goes on from the next step.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
@@ -300,13 +303,10 @@ def train_method(method, model, setup, cfg, folder, saved=None):
 
 
 def new_run(method, model, setup, cfg, folder, opt, batch_loss, parts):
-    """The method's entry in results.json, as the loop fills it in, and what its checkpoints hold. The entry: these
-    fields; zero_shot_acc and history's step 0 (Run.begin); an entry per later evaluation (Run.record: step, loss = the
-    mean training loss since the last, dev_acc, dev_loss, forward_passes, wall_s: training time, evaluations,
-    checkpoints and --phase_dev left out); with dizo, projection, one per phase (step, ratios, distances,
-    loss_before/after, dev_loss_before/after); at the end best_dev_acc (step 0 included), dev_loss, test_acc,
-    peak_mem_mb, device (train_method), world_size (folder.write). A checkpoint: the weights, and trainer_state.pt
-    (Run.state: each of `parts`, this entry, the unfinished interval's losses, the divergence anchor, the RNGs)."""
+    """The method's entry in results.json, and the Run that fills it in and checkpoints it (what is written: the
+    comment above the loop). The entry: these fields; zero_shot_acc and history's step 0 (Run.begin); with dizo,
+    projection, one per phase (step, ratios, distances, loss and dev_loss before and after); at the end best_dev_acc,
+    dev_loss, test_acc, peak_mem_mb, device (train_method), world_size (folder.write)."""
     r = {"method": method, "lr": cfg.lr_for(method), "status": "running", "history": [], "steps": 0,
          "forward_passes": 0, "wall_s": 0.0, "storage_dtype": cfg.storage_dtype(method), "compute_dtype": cfg.dtype,
          "trained_params": sum(p.numel() for g in opt.param_groups for p in g["params"]),
