@@ -284,10 +284,10 @@ class DiZO(ZOSGD):
 
     @torch.no_grad()
     def project(self, next_closure):
-        """One projection phase (§3): M iterations of clipped SPSA on r_l = γ_l / s_l (trainer.py's search on γ, divided
-        by s), then θ_l <- θ0_l + r_l Δ_l for good; a phase that fails is undone exactly. u_l ~ N(0, 1) is clipped to
-        ±bound_l, bound_l = τ s_l / ε_γ, so a trial γ_l ± ε_γ u_l is the ratio r_l ± δ_l, δ_l = ε_γ u_l / s_l, |δ_l|
-        <= τ (trials reach 1 ± 2τ; the accepted r_l stays in 1 ± τ); r_l - η_γ ĝ u_l = (γ_l - η_γ s_l ĝ u_l) / s_l.
+        """One projection phase (§3): M iterations of clipped SPSA on the ratios r_l = γ_l / s_l, then θ_l <- θ0_l +
+        r_l Δ_l for good; a phase that fails is undone exactly. trainer.py searches γ_l; each of its steps divided by s_l
+        is this one: a trial γ_l ± ε_γ u_l is r_l ± δ_l, δ_l = ε_γ u_l / s_l, and (γ_l - η_γ s_l ĝ u_l) / s_l = r_l -
+        η_γ ĝ u_l. u_l is clipped so that |δ_l| <= τ (trials reach 1 ± 2τ; the accepted r_l stays in [1 - τ, 1 + τ]).
         Batches: next_closure() gives iteration i's closure, on batch B_i, for ℓ+ and ℓ-; B_1 also gives loss_before
         and loss_after (`last_phase`): 2M + 2 forward passes (the released code has the 2M)."""
         start = [m.detach().to(a.device, copy=True) for m, a in zip(self.matrices, self.anchors)]  # θ_start
