@@ -163,7 +163,7 @@ class ZOSGD(torch.optim.Optimizer):
         for j, seed in enumerate(seeds):
             if j > 0:
                 self._perturb(seeds[j - 1], eps)                  # θ - εz_{j-1} back to θ
-            queried.append(self._query(closure, seed, eps))
+            queried.append(self._query(closure, seed, eps))       # g_j, ℓ+_j; θ left at θ - εz_j
         grads = [grad for grad, _ in queried]
         # eq. (2), the restore and the last query's update fused into one pass, from θ - εz_q:
         #   θ <- (θ - εz_q + εz_q)(1 - ηλ) - (η/q) g_q z_q              (λ on tensors of 2+ dimensions only)
@@ -285,7 +285,7 @@ class DiZO(ZOSGD):
     @torch.no_grad()
     def project(self, next_closure):
         """One projection phase (§3): M iterations of clipped SPSA on the ratios r_l = γ_l / s_l, then θ_l <- θ0_l +
-        r_l Δ_l for good; a phase that fails is undone exactly. trainer.py searches γ_l; each of its steps divided by s_l
+        r_l Δ_l for good; a phase that fails is undone exactly. The released code searches γ_l; each step divided by s_l
         is this one: a trial γ_l ± ε_γ u_l is r_l ± δ_l, δ_l = ε_γ u_l / s_l, and (γ_l - η_γ s_l ĝ u_l) / s_l = r_l -
         η_γ ĝ u_l. u_l is clipped so that |δ_l| <= τ (trials reach 1 ± 2τ; the accepted r_l stays in [1 - τ, 1 + τ]).
         Batches: next_closure() gives iteration i's closure, on batch B_i, for ℓ+ and ℓ-; B_1 also gives loss_before

@@ -3,8 +3,7 @@
     python train.py                                   # fo vs zo vs dizo on the embedded tiny model, offline
     python train.py --model facebook/opt-1.3b --task sst-2 --data_dir data/SST-2 --method dizo
 
-One iteration of each method (take_step). dizo.py does the same to rounding, in fewer passes over the weights (MeZO
-takes four: +εz, -2εz, +εz back, -lr·g·z; dizo.py fuses the last two), and test_dizo.py checks it against MeZO's:
+One iteration of each method (take_step; for zo and dizo the code is dizo.py's ZOSGD._zo_step, DiZO.project):
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
     dizo:  the zo step; then, at every κ-th step in the same opt.step call, it moves each K, V matrix l (with --lora
@@ -189,10 +188,10 @@ def take_step(method, opt, closure, step):
     """One step, where the methods' updates differ; returns the training loss it logs. closure() is the loss of this
     step's mini-batch: one forward pass (TrainLoss).
     fo:   forward and backward (in the closure), then AdamW; logs L(θ).
-    zo:   ZOSGD.step, eq. (1), (2), no backward: with q = 1 the four passes of dizo.py's "Check a step by hand" (θ + εz:
-          ℓ+; θ − εz: ℓ-; g = (ℓ+ − ℓ-)/2ε; θ back, then θ − lr·g·z), the last two fused in one; logs ℓ+ = L(θ + εz).
-    dizo: the same; then at every κ-th (--interval) step, in the same call, DiZO.project (§3): r found by M =
-          --proj_iters ZO iterations (its loop's comments give each formula) on batches of a second data order.
+    zo:   ZOSGD._zo_step (dizo.py), no backward: θ + εz: ℓ+; θ − εz: ℓ-; g = (ℓ+ − ℓ-)/2ε; θ back, then θ − lr·g·z
+          (MeZO's four passes; the last two are one there, to rounding, as test_dizo.py checks); logs ℓ+ = L(θ + εz).
+    dizo: the same; then at every κ-th (--interval) step, in the same call, DiZO.project: r found by M = --proj_iters
+          ZO iterations, one loop iteration each, on batches of a second data order; HeldOutDiZO only adds dev losses.
     The ZO closures run under torch.no_grad()."""
     if method != "fo":
         return opt.step(closure)  # ZO and DiZO: 2q forward passes (DiZO: + 2M + 2 at every κ-th step)
@@ -275,11 +274,12 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     # and out_dir/checkpoints/<method>/ is replaced whole: model.safetensors (with --lora the adapters), config.json,
     # the tokenizer and trainer_state.pt (optimizer, schedule, data orders, RNGs, this result: Run.state).
     # Ctrl-C: 1. runs.Stop's handler only sets a flag; 2. the step ends; 3. run.stop_requested() (every rank agrees);
-    # 4. run.record writes an entry without dev numbers, run.checkpoint one keeping the cut interval's losses; 5. the
-    # loop breaks; 6. train_all marks the method "interrupted" and exits with 128 + the signal. A second Ctrl-C: at once.
-    # --resume: 1. main refuses other flags, data or base model; 2. train_all skips finished methods; 3. it loads this
-    # one's checkpoint (runs.load_checkpoint); 4. run.restore, above, drops the cut entry, keeps its losses, and gives
-    # DiZO back its θ0; 5. the loop goes on from the next step.
+    # 4. run.record writes an entry without dev numbers; run.checkpoint(complete=False) saves the training losses
+    # logged since the last evaluation in trainer_state.pt; 5. the loop breaks; 6. train_all marks the method
+    # "interrupted" and exits with 128 + the signal. A second Ctrl-C: at once, the last checkpoint kept.
+    # --resume: 1. main refuses other flags, data or base model; 2. train_all skips finished methods and loads this
+    # one's checkpoint (runs.load_checkpoint); 3. run.restore, above, drops the entry without dev numbers, takes back
+    # those losses for the next entry's mean, and DiZO's θ0; 4. the loop goes on from the next step.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
