@@ -275,19 +275,19 @@ def open_folder(out_dir, settings, resume, overwrite, inputs):
 class Run:
     """One method's training as its folder records it: the result (its entry in results.json: history, cost,
     DiZO's phases) and what a checkpoint holds besides the weights (`parts`: optimizer, schedule, data orders;
-    the RNG; the divergence anchor). The loop calls log() after each step, record() and checkpoint() at each
+    the RNG; --track_divergence's W0, `tracked_w0`: not DiZO's θ0, which is in the optimizer's state). The loop calls log() after each step, record() and checkpoint() at each
     evaluation, and stop_requested() to end early."""
 
-    def __init__(self, folder, method, model, tokenizer, parts, passes, result, anchor=None, track=None):
+    def __init__(self, folder, method, model, tokenizer, parts, passes, result, tracked_w0=None, track=None):
         self.folder, self.method, self.model, self.tokenizer = folder, method, model, tokenizer
-        self.parts, self.passes, self.r, self.anchor, self.track = parts, passes, result, anchor, track
+        self.parts, self.passes, self.r, self.tracked_w0, self.track = parts, passes, result, tracked_w0, track
         self.window, self.bar, self.tic = [], None, time.perf_counter()
 
     def restore(self, state):
         """Continue from a checkpoint's `state`: the results so far, and the losses of an interval a signal cut."""
-        for k, part in self.parts.items():
+        for k, part in self.parts.items():  # DiZO's θ0 comes back with the optimizer's state_dict
             part.load_state_dict(state[k])
-        self.anchor, self.r = state["anchor"], state["result"]
+        self.tracked_w0, self.r = state["anchor"], state["result"]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -297,10 +297,10 @@ class Run:
             self.window = state["window"]
 
     def state(self, window):
-        """trainer_state.pt: each part's state_dict (optimizer, schedule, data orders), this result, the divergence
-        anchor, the losses of an interval a signal cut (`window`), the RNGs."""
+        """trainer_state.pt: each part's state_dict (optimizer, schedule, data orders), this result, tracked_w0 (saved
+        as "anchor"), the losses of an interval a signal cut (`window`), the RNGs."""
         return {k: part.state_dict() for k, part in self.parts.items()} | {
-            "result": self.r, "anchor": self.anchor, "window": window, "torch_rng": torch.get_rng_state(),
+            "result": self.r, "anchor": self.tracked_w0, "window": window, "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     @property
@@ -347,7 +347,7 @@ class Run:
         entry = {"step": self.step, "loss": sum(self.window) / len(self.window), "dev_acc": dev[0],
                  "dev_loss": dev[1], "forward_passes": self.r["forward_passes"], "wall_s": self.r["wall_s"]}
         if self.track is not None:
-            entry["divergence"] = self.track(self.anchor)
+            entry["divergence"] = self.track(self.tracked_w0)
         self.r["history"].append(entry)
 
     def checkpoint(self, complete):

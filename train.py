@@ -9,8 +9,8 @@ One iteration of each method (take_step; for zo and dizo the code is dizo.py's Z
     dizo:  the zo step; then, at every κ-th step in the same opt.step call, it moves each K, V matrix l (with --lora
            each adapter factor) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from,
            every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
-A forward pass is one training mini-batch's loss (one TrainLoss call); it is the methods' common cost: 1 per step for fo
-(plus a backward), 2 for zo and dizo (2q with --queries q), and 2M + 2 at each DiZO projection phase.
+A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; the model runs in data.PromptLoss.scores):
+1 a step for fo (plus a backward), 2 for zo and dizo (2q with --queries q), 2M + 2 a DiZO projection phase.
 
 Read it top to bottom: Config; load_model and trained_parameters; make_optimizer and take_step (where the updates
 differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop (the comment above it: what is written, Ctrl-C,
@@ -189,9 +189,9 @@ def take_step(method, opt, closure, step):
     step's mini-batch: one forward pass (TrainLoss).
     fo:   forward and backward (in the closure), then AdamW; logs L(θ).
     zo:   ZOSGD._zo_step (dizo.py), no backward: θ + εz: ℓ+; θ − εz: ℓ-; g = (ℓ+ − ℓ-)/2ε; θ back, then θ − lr·g·z
-          (MeZO's four passes; the last two are one there, to rounding, as test_dizo.py checks); logs ℓ+ = L(θ + εz).
-    dizo: the same; then at every κ-th (--interval) step, in the same call, DiZO.project: r found by M = --proj_iters
-          ZO iterations, one loop iteration each, on batches of a second data order; HeldOutDiZO only adds dev losses.
+          (MeZO sweeps the weights four times; dizo.py merges the last two sweeps, equal to rounding); logs ℓ+.
+    dizo: the same; then at every κ-th (--interval) step, inside this one call, DiZO.project: r found by M =
+          --proj_iters SPSA iterations, each on one batch of a second data order; HeldOutDiZO only adds dev losses.
     The ZO closures run under torch.no_grad()."""
     if method != "fo":
         return opt.step(closure)  # ZO and DiZO: 2q forward passes (DiZO: + 2M + 2 at every κ-th step)
@@ -318,12 +318,12 @@ def new_run(method, model, setup, cfg, folder, opt, batch_loss, parts):
         print(f"dizo: projecting {len(pairs)} matrices ({', '.join(roles).upper()}), "
               f"{sum(t.numel() for _, t in pairs):,} parameters, "
               f"anchor {sum(t.numel() * t.element_size() for _, t in pairs) / 2**20:.1f} MB")
-    anchor = track = None
+    w0 = track = None
     if cfg.track_divergence:  # ‖W - W0‖ of every attention matrix at each evaluation
-        anchor = {n: t.detach().clone() for n, t in projected_params(model, roles=ROLES)}
+        w0 = {n: t.detach().clone() for n, t in projected_params(model, roles=ROLES)}
         r["matrix_sizes"] = {role: [t.numel() for _, t in projected_params(model, roles=(role,))] for role in ROLES}
-        track = lambda anchor: divergence(model, anchor, ROLES)  # noqa: E731
-    return runs.Run(folder, method, model, setup.tokenizer, parts, batch_loss, r, anchor, track)
+        track = lambda w0: divergence(model, w0, ROLES)  # noqa: E731
+    return runs.Run(folder, method, model, setup.tokenizer, parts, batch_loss, r, w0, track)
 
 
 # ---------------------------------------------------------------------------------------------------------
