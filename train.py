@@ -7,7 +7,7 @@ One iteration of each method (take_step; for zo and dizo the code is dizo.py's Z
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
     dizo:  the zo step; then, at every κ-th step in the same opt.step call, it moves each K, V matrix l (with --lora
-           each adapter factor) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 the weights DiZO started from,
+           the adapters of the roles that have them) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 what DiZO started from,
            every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
 A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; the model runs in data.PromptLoss.scores):
 1 a step for fo (plus a backward), 2 for zo and dizo (2q with --queries q), 2M + 2 a DiZO projection phase.
@@ -204,9 +204,9 @@ def take_step(method, opt, closure, step):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The loss of a batch (one forward pass) and evaluation. The prompt-based loss itself is data.PromptLoss: the
-# cross-entropy over the task's label words (" great", " terrible": a softmax over the words, not the vocabulary),
-# each scored by the mean log-probability of its tokens after the prompt (causal LMs) or its logit at the mask.
+# The loss of a batch (one forward pass) and evaluation. The loss itself is data.PromptLoss; with one-token label
+# words (" great", " terrible") on a causal LM, prompts left-padded, it is (other cases: PromptLoss.scores)
+#   logits = model(**prompts).logits[:, -1]; F.cross_entropy(logits.log_softmax(-1)[:, word_ids], labels)
 
 class TrainLoss:
     """The loss of a training mini-batch (indices into `enc`, the training split): one forward pass, the unit of every
@@ -271,8 +271,8 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     # At each evaluation (run.record, run.checkpoint) results.json gets a history entry, such as zo's at step 100:
     #   {"step": 100, "loss": 0.498 (the mean training loss since the last), "dev_acc": 0.79, "dev_loss": 0.456,
     #    "forward_passes": 200, "wall_s": 6.1 (training time only)}
-    # and out_dir/checkpoints/<method>/ is replaced whole: model.safetensors (with --lora the adapters), config.json,
-    # the tokenizer and trainer_state.pt (optimizer, schedule, data orders, RNGs, this result: Run.state).
+    # and out_dir/checkpoints/<method>/ is replaced whole: save_pretrained's files (*.safetensors, config; with --lora
+    # the adapters'), the tokenizer, trainer_state.pt (optimizer, schedule, data orders, RNGs, this result: Run.state).
     # Ctrl-C: 1. runs.Stop's handler only sets a flag; 2. the step ends; 3. run.stop_requested() (every rank agrees);
     # 4. run.record writes an entry without dev numbers; run.checkpoint(complete=False) saves the training losses
     # logged since the last evaluation in trainer_state.pt; 5. the loop breaks; 6. train_all marks the method
