@@ -80,9 +80,8 @@ class ZOSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, queries=queries, direction=direction))
         self._seeds = torch.Generator().manual_seed(seed)  # one seed per step and query
         self.steps_done, self.projected_grad, self.projected_grads = 0, None, []
-        halves = [p for _, p in self._params() if p.dtype in (torch.bfloat16, torch.float16)]
-        if halves:  # as the released code does; fp32 rounds far finer (20 steps at lr 0 moved 87% of a 256x256 weight)
-            dtype, lr = halves[0].dtype, self.defaults["lr"]  # spacing near |θ|: |θ|·eps/2 to |θ|·eps
+        if halves := [p for _, p in self._params() if p.dtype in (torch.bfloat16, torch.float16)]:  # as released
+            dtype, lr = halves[0].dtype, self.defaults["lr"]  # fp32 rounds far finer; spacing near |θ|: |θ|·eps/2..eps
             warnings.warn(f"{sum(p.numel() for p in halves):,} {dtype} weights are stepped in place: at lr {lr:g} an "
                           f"update ηgz is lost where |g·z| < |θ|·{torch.finfo(dtype).eps / 4 / max(lr, 1e-300):.3g} (at "
                           f"most half a unit in θ's last place), yet each ±εz pass rounds, moving θ", stacklevel=2)
@@ -133,8 +132,9 @@ class ZOSGD(torch.optim.Optimizer):
                 p.add_(z, alpha=-alpha)
             raise
 
-    def _query(self, closure, seed, eps):
-        """From θ: ℓ± = L(θ ± εz), z from `seed`; returns g of eq. (1) and ℓ+, θ left at θ - εz (or put back)."""
+    def _query(self, closure, seed, eps, back):
+        """From θ: ℓ± = L(θ ± εz), z from `seed`; returns g of eq. (1) and ℓ+, θ left at θ - εz (back=True: at θ);
+        θ is put back if anything fails."""
         at = 0.0                                                  # θ stands at θ + at·z
         try:
             self._perturb(seed, eps)
@@ -143,8 +143,10 @@ class ZOSGD(torch.optim.Optimizer):
             self._perturb(seed, -2 * eps)
             at = -eps
             loss_minus = _scalar(closure(), "θ - εz")             # ℓ- = L(θ - εz), with ℓ+'s dropout masks
-            # g = (ℓ+ - ℓ-) / (2ε)                                                              eq. (1)
-            return _scalar((loss_plus - loss_minus) / (2 * eps), "g = (ℓ+ - ℓ-) / 2ε"), loss_plus
+            if back:                                              # θ - εz back to θ, for the next query
+                self._perturb(seed, eps)
+                at = 0.0
+            return _scalar((loss_plus - loss_minus) / (2 * eps), "g = (ℓ+ - ℓ-) / 2ε"), loss_plus  # g: eq. (1)
         except BaseException as error:
             self._perturb(seed, -at)
             restored = all(bool(torch.isfinite(p).all()) for _, p in self._params())
@@ -159,23 +161,23 @@ class ZOSGD(torch.optim.Optimizer):
             raise TypeError(f"step(closure) needs a function returning the loss, got {type(closure).__name__}")
         eps, q = self.param_groups[0]["eps"], self.param_groups[0]["queries"]
         seeds = [int(torch.randint(0, 2**62, (1,), generator=self._seeds)) for _ in range(q)]
-        queried = []
-        for j, seed in enumerate(seeds):
-            if j > 0:
-                self._perturb(seeds[j - 1], eps)                  # θ - εz_{j-1} back to θ
-            queried.append(self._query(closure, seed, eps))       # g_j, ℓ+_j; θ left at θ - εz_j
+        # g_j and ℓ+_j of each query from θ; θ left at θ - εz_q, the last query's restore being fused below
+        queried = [self._query(closure, seed, eps, back=j < q - 1) for j, seed in enumerate(seeds)]
         grads = [grad for grad, _ in queried]
-        # eq. (2), the restore and the last query's update fused into one pass, from θ - εz_q:
-        #   θ <- (θ - εz_q + εz_q)(1 - ηλ) - (η/q) g_q z_q              (λ on tensors of 2+ dimensions only)
-        for group, p, z in self._zs(seeds[-1]):
-            lr, decay = group["lr"], group["weight_decay"] if p.dim() >= 2 else 0.0
-            if decay == 0.0:
-                p.add_(z, alpha=eps - lr * grads[-1] / q)
-            else:
-                p.add_(z, alpha=eps).mul_(1 - lr * decay).add_(z, alpha=-lr * grads[-1] / q)
-        for seed, grad in zip(seeds[:-1], grads[:-1]):            # θ <- θ - (η/q) g_j z_j for j < q
-            for group, p, z in self._zs(seed):
-                p.add_(z, alpha=-group["lr"] * grad / q)
+        try:  # eq. (2), the restore and the last query's update fused into one pass, from θ - εz_q:
+            #   θ <- (θ - εz_q + εz_q)(1 - ηλ) - (η/q) g_q z_q          (λ on tensors of 2+ dimensions only)
+            for group, p, z in self._zs(seeds[-1]):
+                lr, decay = group["lr"], group["weight_decay"] if p.dim() >= 2 else 0.0
+                if decay == 0.0:
+                    p.add_(z, alpha=eps - lr * grads[-1] / q)
+                else:
+                    p.add_(z, alpha=eps).mul_(1 - lr * decay).add_(z, alpha=-lr * grads[-1] / q)
+            for seed, grad in zip(seeds[:-1], grads[:-1]):        # θ <- θ - (η/q) g_j z_j for j < q
+                for group, p, z in self._zs(seed):
+                    p.add_(z, alpha=-group["lr"] * grad / q)
+        except BaseException as error:  # out of memory drawing z, Ctrl-C: some tensors are updated, some not
+            error.add_note(f"ZO step {self.steps_done + 1} stopped in its update: θ is neither old nor new, reload it")
+            raise
         self.steps_done += 1
         self.projected_grads, self.projected_grad = grads, sum(grads) / q
         return queried[0][1]  # ℓ+ of the first query
@@ -199,9 +201,8 @@ class DiZO(ZOSGD):
     """ZO-SGD plus DiZO's projection (§3): every κ ZO steps, each projected matrix's distance from its anchor θ0 is
     rescaled by a searched ratio r_l = γ_l / s_l:
         θ_l <- θ0_l + r_l Δ_l,   Δ_l = θ_l - θ0_l,   s_l = ||Δ_l||_F,   r_l in [1 - τ, 1 + τ]
-    θ0 is the projected matrices as the first step finds them (DiZO built, then a checkpoint loaded: the checkpoint's),
-    copied when DiZO is built (project() before a step uses that) and again, in place, at the first step; a resumed
-    run keeps the saved θ0.
+    θ0: the projected matrices as the first step finds them (a checkpoint loaded after DiZO is built: its matrices),
+    copied at construction (a project() before any step uses that) and again at the first step; a resume keeps its θ0.
 
     Arguments beyond ZOSGD's (defaults: Skilteee/DiZO's large_models/trainer.py and README):
         projected     the matrices, as projected_params(model) gives: trained parameters or views (re-taken at use).
@@ -341,8 +342,7 @@ class DiZO(ZOSGD):
 
 
 def _linear(module, name):  # module.<name> if it is an nn.Linear, inside a PEFT LoRA wrapper or not; else None
-    m = getattr(module, name, None)
-    m = getattr(m, "base_layer", m)
+    m = getattr(m := getattr(module, name, None), "base_layer", m)
     return m if isinstance(m, torch.nn.Linear) else None
 
 

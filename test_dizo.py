@@ -822,26 +822,49 @@ def test_a_failing_query_is_undone_and_dizo_takes_2q_passes_per_step():
         assert len(calls) - n == 2 * 2 + (2 * 3 + 2 if step % 2 == 0 else 0)
 
 
-@pytest.mark.parametrize("failing_draw", [3, 5])
-def test_a_pass_that_fails_part_way_moves_back_the_tensors_it_moved(monkeypatch, failing_draw):
-    """An error while drawing z (out of memory at the k-th tensor of the -2εz pass, or of the first pass)
-    leaves θ as the step found it: the tensors already moved are moved back, then the earlier passes."""
+@pytest.mark.parametrize("failing_draw, queries", [(3, 1), (5, 1), (7, 2)])
+def test_a_pass_that_fails_part_way_moves_back_the_tensors_it_moved(monkeypatch, failing_draw, queries):
+    """An error while drawing z (out of memory at the k-th tensor of the first pass, of the -2εz pass, or of the
+    pass that puts θ back between two queries) leaves θ as the step found it: the tensors already moved are moved
+    back, then the earlier passes."""
     model = tiny_opt()
     params, n = list(model.parameters()), len(list(model.parameters()))
     before, draws, randn = weights(params), [], torch.randn
 
     def failing_randn(*args, **kwargs):
         draws.append(1)
-        if len(draws) == failing_draw + (n if failing_draw == 5 else 0):
+        if len(draws) == failing_draw + {3: 0, 5: n, 7: 2 * n}[failing_draw]:
             raise RuntimeError("out of memory (simulated)")
         return randn(*args, **kwargs)
 
     monkeypatch.setattr(torch, "randn", failing_randn)
     with pytest.raises(RuntimeError, match="out of memory") as info:
-        ZOSGD(params, lr=1e-2, seed=0).step(lm_closure(model))
+        ZOSGD(params, lr=1e-2, seed=0, queries=queries).step(lm_closure(model))
     assert "θ was put back by replaying z" in " ".join(info.value.__notes__)
     for p, b in zip(params, before):
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("queries", [1, 2])
+def test_a_failure_in_the_update_says_theta_is_neither_old_nor_new(monkeypatch, queries):
+    """Out of memory (or Ctrl-C) while the update draws z: the error says the weights must be reloaded, and the step
+    is not counted. Without the note a caller could save a model with some tensors updated and others at θ - εz."""
+    model = tiny_opt()
+    params, n = list(model.parameters()), len(list(model.parameters()))
+    draws, randn = [], torch.randn
+
+    def failing_randn(*args, **kwargs):
+        draws.append(1)
+        if len(draws) == (3 * queries - 1) * n + 2:  # the 2nd tensor of the update's first pass
+            raise RuntimeError("out of memory (simulated)")
+        return randn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", failing_randn)
+    opt = ZOSGD(params, lr=1e-2, seed=0, queries=queries)
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        opt.step(lm_closure(model))
+    assert "ZO step 1 stopped in its update: θ is neither old nor new, reload it" in info.value.__notes__
+    assert opt.steps_done == 0 and opt.projected_grad is None
 
 
 @pytest.mark.parametrize("eps, says", [(1e38, "could NOT be put back"), (1e-3, "was put back")])
