@@ -102,17 +102,14 @@ class ZOSGD(torch.optim.Optimizer):
     def _params(self):
         return [(group, p) for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def _devices(self):
-        return list(dict.fromkeys(p.device for _, p in self._params()))
-
     def _forked(self, closure, where):
         """The closure's loss, the global RNG (CPU, CUDA) put back after it: the next pass has the same dropout."""
-        with torch.random.fork_rng(devices=[d for d in self._devices() if d.type == "cuda"]):
+        with torch.random.fork_rng(devices=list({p.device for _, p in self._params() if p.device.type == "cuda"})):
             return _scalar(closure(), where)
 
     def _zs(self, seed):
         """(group, p, z) for every trained tensor in order, z regenerated from `seed` (one generator per device)."""
-        gens = {device: torch.Generator(device).manual_seed(seed) for device in self._devices()}
+        gens = {p.device: torch.Generator(p.device).manual_seed(seed) for _, p in self._params()}
         for group, p in self._params():
             gen, like = gens[p.device], dict(size=p.shape, device=p.device, dtype=p.dtype)
             if group["direction"] == "rademacher":
@@ -133,8 +130,7 @@ class ZOSGD(torch.optim.Optimizer):
             raise
 
     def _query(self, closure, seed, eps, back):
-        """From θ: ℓ± = L(θ ± εz), z from `seed`; returns g of eq. (1) and ℓ+, θ left at θ - εz (back=True: at θ);
-        θ is put back if anything fails."""
+        """From θ: ℓ± = L(θ ± εz), z from `seed`; returns g (eq. (1)) and ℓ+, θ at θ - εz (back: at θ) or put back."""
         at = 0.0                                                  # θ stands at θ + at·z
         try:
             self._perturb(seed, eps)
@@ -148,8 +144,12 @@ class ZOSGD(torch.optim.Optimizer):
                 at = 0.0
             return _scalar((loss_plus - loss_minus) / (2 * eps), "g = (ℓ+ - ℓ-) / 2ε"), loss_plus  # g: eq. (1)
         except BaseException as error:
-            self._perturb(seed, -at)
-            restored = all(bool(torch.isfinite(p).all()) for _, p in self._params())
+            try:  # θ put back by replaying z; an ε that overflowed leaves it non-finite
+                if at:
+                    self._perturb(seed, -at)
+                restored = all(bool(torch.isfinite(p).all()) for _, p in self._params())
+            except BaseException:  # out of memory again, Ctrl-C: θ stays where the failure left it
+                restored = False
             error.add_note(f"ZO step {self.steps_done + 1} stopped; θ " + ("was put back by replaying z" if restored
                                                                           else "could NOT be put back: reload it"))
             raise

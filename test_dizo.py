@@ -845,6 +845,25 @@ def test_a_pass_that_fails_part_way_moves_back_the_tensors_it_moved(monkeypatch,
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
 
 
+def test_a_restore_that_fails_too_says_so_and_keeps_the_first_error(monkeypatch):
+    """Out of memory in the -2εz pass, and again when θ is put back: the first error is the one raised, and its
+    note says θ could not be put back (θ stays at θ + εz), rather than the second error with no note."""
+    model = tiny_opt()
+    params, n = list(model.parameters()), len(list(model.parameters()))
+    draws, randn = [], torch.randn
+
+    def failing_randn(*args, **kwargs):  # draws: +εz 1..n, -2εz n+1.., its undo n+3, the restore n+4..
+        draws.append(1)
+        if len(draws) in (n + 2, n + 4):
+            raise RuntimeError("out of memory (simulated, " + ("first" if len(draws) == n + 2 else "second") + ")")
+        return randn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", failing_randn)
+    with pytest.raises(RuntimeError, match="first") as info:
+        ZOSGD(params, lr=1e-2, seed=0).step(lm_closure(model))
+    assert "ZO step 1 stopped; θ could NOT be put back: reload it" in info.value.__notes__
+
+
 @pytest.mark.parametrize("queries", [1, 2])
 def test_a_failure_in_the_update_says_theta_is_neither_old_nor_new(monkeypatch, queries):
     """Out of memory (or Ctrl-C) while the update draws z: the error says the weights must be reloaded, and the step
