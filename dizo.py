@@ -63,9 +63,8 @@ def _wide(t):  # the dtype in which a difference of two values of t's dtype keep
 
 class ZOSGD(torch.optim.Optimizer):
     """ZO-SGD with MeZO's seed replay: two forward passes per step (2q with q queries), no gradient, no state.
-    step(closure) calls the closure (one scalar loss, differentiable or not, under torch.no_grad()) 2q times, each ±
-    pair from one global RNG state (dropout masks agree; θ put back by replaying z if it fails); it returns ℓ+ =
-    L(θ + εz) of the first query (what MeZO logs as the training loss), not L(θ).
+    step(closure) calls the closure (one scalar loss, under torch.no_grad()) 2q times, each ± pair from one global RNG
+    state (dropout masks agree); returns ℓ+ = L(θ + εz) of the first query, not L(θ); an error says if θ was put back.
 
     Arguments (defaults: MeZO's and DiZO's released code):
         lr            η of eq. (2), per group (released 1e-6 for OPT; small models take far more: sweep it).
@@ -109,7 +108,7 @@ class ZOSGD(torch.optim.Optimizer):
 
     def _zs(self, seed):
         """(group, p, z) for every trained tensor in order, z regenerated from `seed` (one generator per device)."""
-        gens = {p.device: torch.Generator(p.device).manual_seed(seed) for _, p in self._params()}
+        gens = {d: torch.Generator(d).manual_seed(seed) for d in {p.device for _, p in self._params()}}
         for group, p in self._params():
             gen, like = gens[p.device], dict(size=p.shape, device=p.device, dtype=p.dtype)
             if group["direction"] == "rademacher":
@@ -118,15 +117,18 @@ class ZOSGD(torch.optim.Optimizer):
                 yield group, p, torch.randn(generator=gen, **like)                          # z ~ N(0, I)
 
     def _perturb(self, seed, alpha):
-        """θ <- θ + alpha·z; a pass that fails part-way (out of memory drawing z) undoes the tensors it did."""
+        """θ <- θ + alpha·z; a pass that fails part-way undoes what it did (if that fails too: error.theta_lost)."""
         done = 0
         try:
             for _, p, z in self._zs(seed):
                 p.add_(z, alpha=alpha)
                 done += 1
-        except BaseException:
-            for _, (_, p, z) in zip(range(done), self._zs(seed)):
-                p.add_(z, alpha=-alpha)
+        except BaseException as error:
+            try:
+                for _, (_, p, z) in zip(range(done), self._zs(seed)):
+                    p.add_(z, alpha=-alpha)
+            except BaseException:
+                error.theta_lost = True
             raise
 
     def _query(self, closure, seed, eps, back):
@@ -145,9 +147,10 @@ class ZOSGD(torch.optim.Optimizer):
             return _scalar((loss_plus - loss_minus) / (2 * eps), "g = (ℓ+ - ℓ-) / 2ε"), loss_plus  # g: eq. (1)
         except BaseException as error:
             try:  # θ put back by replaying z; an ε that overflowed leaves it non-finite
-                if at:
+                lost = getattr(error, "theta_lost", False)  # a pass failed and so did its undo: θ is not known
+                if at and not lost:
                     self._perturb(seed, -at)
-                restored = all(bool(torch.isfinite(p).all()) for _, p in self._params())
+                restored = not lost and all(bool(torch.isfinite(p).all()) for _, p in self._params())
             except BaseException:  # out of memory again, Ctrl-C: θ stays where the failure left it
                 restored = False
             error.add_note(f"ZO step {self.steps_done + 1} stopped; θ " + ("was put back by replaying z" if restored
@@ -161,7 +164,6 @@ class ZOSGD(torch.optim.Optimizer):
             raise TypeError(f"step(closure) needs a function returning the loss, got {type(closure).__name__}")
         eps, q = self.param_groups[0]["eps"], self.param_groups[0]["queries"]
         seeds = [int(torch.randint(0, 2**62, (1,), generator=self._seeds)) for _ in range(q)]
-        # g_j and ℓ+_j of each query from θ; θ left at θ - εz_q, the last query's restore being fused below
         queried = [self._query(closure, seed, eps, back=j < q - 1) for j, seed in enumerate(seeds)]
         grads = [grad for grad, _ in queried]
         try:  # eq. (2), the restore and the last query's update fused into one pass, from θ - εz_q:
@@ -201,8 +203,8 @@ class DiZO(ZOSGD):
     """ZO-SGD plus DiZO's projection (§3): every κ ZO steps, each projected matrix's distance from its anchor θ0 is
     rescaled by a searched ratio r_l = γ_l / s_l:
         θ_l <- θ0_l + r_l Δ_l,   Δ_l = θ_l - θ0_l,   s_l = ||Δ_l||_F,   r_l in [1 - τ, 1 + τ]
-    θ0: the projected matrices as the first step finds them (a checkpoint loaded after DiZO is built: its matrices),
-    copied at construction (a project() before any step uses that) and again at the first step; a resume keeps its θ0.
+    θ0: the projected matrices as the first step finds them (after a checkpoint is loaded: its matrices), copied at
+    construction and again at the first step unless a project() ran before it; a resume keeps its saved θ0.
 
     Arguments beyond ZOSGD's (defaults: Skilteee/DiZO's large_models/trainer.py and README):
         projected     the matrices, as projected_params(model) gives: trained parameters or views (re-taken at use).
@@ -286,11 +288,10 @@ class DiZO(ZOSGD):
     @torch.no_grad()
     def project(self, next_closure):
         """One projection phase (§3): M iterations of clipped SPSA on the ratios r_l = γ_l / s_l, then θ_l <- θ0_l +
-        r_l Δ_l for good; a phase that fails is undone exactly. The released code searches γ_l; each step divided by s_l
-        is this one: a trial γ_l ± ε_γ u_l is r_l ± δ_l, δ_l = ε_γ u_l / s_l, and (γ_l - η_γ s_l ĝ u_l) / s_l = r_l -
-        η_γ ĝ u_l. u_l is clipped so that |δ_l| <= τ (trials reach 1 ± 2τ; the accepted r_l stays in [1 - τ, 1 + τ]).
-        Batches: next_closure() gives iteration i's closure, on batch B_i, for ℓ+ and ℓ-; B_1 also gives loss_before
-        and loss_after (`last_phase`): 2M + 2 forward passes (the released code has the 2M)."""
+        r_l Δ_l for good; a phase that fails is undone exactly. The released code searches γ_l; divided by s_l, its
+        trial γ_l ± ε_γ u_l is r_l ± δ_l (δ_l = ε_γ u_l / s_l, |δ_l| <= τ: trials reach 1 ± 2τ, the accepted r_l stays
+        in [1 - τ, 1 + τ]) and its step the one below. next_closure() gives iteration i's closure, on batch B_i, for ℓ±;
+        B_1 also gives loss_before and loss_after (`last_phase`): 2M + 2 forward passes (the released code's 2M)."""
         start = [m.detach().to(a.device, copy=True) for m, a in zip(self.matrices, self.anchors)]  # θ_start
         s = self.distances()                      # s_l = ||θ_l - θ0_l||, fixed for the phase (trials start at θ_start)
         r = torch.ones_like(s)                    # re-initialisation: γ_l = s_l, r_l = 1, the identity
@@ -363,13 +364,12 @@ def _attention(module):
 
 
 def projected_params(model, roles=("k", "v")):
-    """The trained attention matrices DiZO projects, as (name, tensor) pairs in module order.
-
-    Default K and V, as the released code (OPT's k_proj and v_proj); any of "q", "k", "v", "o", found by the structure
-    of each family's attention block (none found: an error). A view is named after its parameter + [role]. Under PEFT
-    LoRA a matrix gives its active adapters' trained A and B (roles=("q", "v") is the released); GPT-2's fused c_attn,
-    the rows of B of each role (B anchored at 0, r_l rescales that role's update B_l A alone; A, shared by q, k and v,
-    is not projected). A frozen matrix without adapters is left out, with a warning naming it."""
+    """The trained attention matrices DiZO projects, as (name, tensor) pairs in module order. Default K and V, as the
+    released code (OPT's k_proj and v_proj); any of "q", "k", "v", "o", found by the structure of each family's
+    attention block (none found: an error). A view is named after its parameter + [role]. Under PEFT LoRA a matrix
+    gives its active adapters' trained A and B (roles=("q", "v") is the released); GPT-2's fused c_attn, the rows of B
+    of each role (B anchored at 0, r_l rescales that role's update B_l A alone; A, shared by q, k and v, is not
+    projected). A frozen matrix without adapters is left out, with a warning naming it."""
     _check("roles", roles, roles and set(roles) <= {"q", "k", "v", "o"}, "a non-empty subset of q, k, v, o")
     names = {id(p): n.replace("_orig_mod.", "") for n, p in model.named_parameters()}
     lora = {id(getattr(m.base_layer, "weight", None)): m for m in model.modules()  # PEFT LoRA wrappers

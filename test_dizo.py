@@ -845,23 +845,27 @@ def test_a_pass_that_fails_part_way_moves_back_the_tensors_it_moved(monkeypatch,
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
 
 
-def test_a_restore_that_fails_too_says_so_and_keeps_the_first_error(monkeypatch):
-    """Out of memory in the -2εz pass, and again when θ is put back: the first error is the one raised, and its
-    note says θ could not be put back (θ stays at θ + εz), rather than the second error with no note."""
+@pytest.mark.parametrize("second", ["undo", "restore"])
+def test_a_restore_that_fails_too_says_so_and_keeps_the_first_error(monkeypatch, second):
+    """Out of memory at the 2nd tensor of the -2εz pass, and again when that pass undoes its 1st tensor, or when θ is
+    then put back from θ + εz: the first error is the one raised, and its note says θ could not be put back (it
+    is not), rather than the second error with no note, or a note saying θ was put back."""
     model = tiny_opt()
     params, n = list(model.parameters()), len(list(model.parameters()))
-    draws, randn = [], torch.randn
+    before, draws, randn = weights(params), [], torch.randn
+    fails = (n + 2, n + 3 if second == "undo" else n + 4)  # +εz: 1..n; -2εz: n+1, n+2; its undo: n+3; restore n+4..
 
-    def failing_randn(*args, **kwargs):  # draws: +εz 1..n, -2εz n+1.., its undo n+3, the restore n+4..
+    def failing_randn(*args, **kwargs):
         draws.append(1)
-        if len(draws) in (n + 2, n + 4):
-            raise RuntimeError("out of memory (simulated, " + ("first" if len(draws) == n + 2 else "second") + ")")
+        if len(draws) in fails:
+            raise RuntimeError("out of memory (simulated, " + ("first" if len(draws) == fails[0] else "second") + ")")
         return randn(*args, **kwargs)
 
     monkeypatch.setattr(torch, "randn", failing_randn)
     with pytest.raises(RuntimeError, match="first") as info:
         ZOSGD(params, lr=1e-2, seed=0).step(lm_closure(model))
     assert "ZO step 1 stopped; θ could NOT be put back: reload it" in info.value.__notes__
+    assert max(float((p.detach() - b).abs().max()) for p, b in zip(params, before)) > 1e-4  # θ really moved
 
 
 @pytest.mark.parametrize("queries", [1, 2])
