@@ -274,9 +274,9 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     # and out_dir/checkpoints/<method>/ is replaced whole: save_pretrained's files (*.safetensors, config; with --lora
     # the adapters'), the tokenizer, trainer_state.pt (optimizer, schedule, data orders, RNGs, this result: Run.state).
     # Ctrl-C: 1. runs.Stop's handler only sets a flag; 2. the step ends; 3. run.stop_requested() (every rank agrees);
-    # 4. run.record writes an entry without dev numbers; run.checkpoint(complete=False) saves the training losses
-    # logged since the last evaluation in trainer_state.pt; 5. the loop breaks; 6. train_all marks the method
-    # "interrupted" and exits with 128 + the signal. A second Ctrl-C: at once, the last checkpoint kept.
+    # 4. between evaluations, run.record writes an entry without dev numbers, and run.checkpoint(complete=False) saves
+    # the training losses logged since the last one in trainer_state.pt; 5. the loop breaks; 6. train_all marks the
+    # method "interrupted" and exits with 128 + the signal. A second Ctrl-C: at once, the last checkpoint kept.
     # --resume: 1. main refuses other flags, data or base model; 2. train_all skips finished methods and loads this
     # one's checkpoint (runs.load_checkpoint); 3. run.restore, above, drops the entry without dev numbers, takes back
     # those losses for the next entry's mean, and DiZO's θ0; 4. the loop goes on from the next step.
