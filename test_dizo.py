@@ -845,6 +845,27 @@ def test_a_pass_that_fails_part_way_moves_back_the_tensors_it_moved(monkeypatch,
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
 
 
+def test_a_g_that_overflows_after_theta_is_back_says_so_truthfully():
+    """With q = 2 the first query puts θ back before it computes g; a g that overflows (ℓ± = ±1e308, finite) then
+    fails with θ already back: the note says it was put back, and it was, bit for bit."""
+    model = tiny_opt()
+    params = list(model.parameters())
+    before, calls = weights(params), []
+
+    def closure():
+        calls.append(1)
+        return torch.tensor(1e308 if len(calls) == 1 else -1e308, dtype=torch.float64)
+
+    with pytest.raises(FloatingPointError, match="g = ") as info:
+        ZOSGD(params, lr=1e-2, seed=0, queries=2).step(closure)
+    assert "ZO step 1 stopped; θ was put back by replaying z" in info.value.__notes__ and len(calls) == 2
+    expected = [b.clone() for b in before]
+    for alpha in (1e-3, -2e-3, 1e-3):
+        for e, z in zip(expected, reference_z(before, reference_seeds(0, 2)[0])):
+            e.add_(z, alpha=alpha)
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
+
+
 @pytest.mark.parametrize("second", ["undo", "restore"])
 def test_a_restore_that_fails_too_says_so_and_keeps_the_first_error(monkeypatch, second):
     """Out of memory at the 2nd tensor of the -2εz pass, and again when that pass undoes its 1st tensor, or when θ is
