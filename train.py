@@ -40,7 +40,7 @@ from runs import RANKS
 # Settings: one dataclass, the command line built from it (config.py); model-dependent defaults set in __post_init__.
 
 # Real models: the released READMEs' commands. MeZO / DiZO: ZO lr 1e-6, eps 1e-3, batch 16, constant lr, 20,000 steps;
-# MeZO's fine-tuning (finetune.sh): AdamW lr 1e-5, 625 steps: 5 epochs of 1,000 at batch 8 (here 16: --batch_size 8).
+# MeZO's fine-tuning (finetune.sh): AdamW lr 1e-5, 625 steps, 5 epochs of 1,000 at its batch 8 (--batch_size 8).
 REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 625, "zo": 20000, "dizo": 20000},
                      eval_every=500, trained="all", lr_schedule="constant")
 # The embedded tiny model: 0.6M parameters take a far larger ZO lr; FO's dev accuracy peaks within 300 steps, ZO's dev
@@ -130,7 +130,7 @@ class Config:
                                                    anchor_device=self.anchor_device)
 
     def storage_dtype(self, method):
-        """How the weights are held: fp32, or with --half_weights in --dtype (not FO's: its AdamW needs fp32)."""
+        """How the weights are held: fp64 with --dtype fp64; else fp32, or with --half_weights in --dtype (not FO's)."""
         return self.dtype if self.dtype == "fp64" or self.half_weights and method != "fo" else "fp32"
 
 
@@ -247,9 +247,9 @@ def evaluate(model, setup, split, count=None):
 
 def train_method(method, model, setup, cfg, folder, saved=None):
     """Train one method; returns its result: status done, running (a signal stopped it) or diverged (a non-finite
-    loss or weight). Evaluated before training (zero-shot test accuracy; dev), every --eval_every steps and at the
-    last (dev), and at the end (test); each later dev evaluation adds a history entry to results.json (training loss
-    since the last, dev accuracy and loss, forward passes, time) and a checkpoint. --resume: `saved`, the last one."""
+    loss or weight). Evaluated before training (zero-shot test accuracy; dev; not on --resume), every --eval_every
+    steps and at the last (dev), and at the end (test); each later dev evaluation adds a history entry to results.json
+    (training loss since the last, dev accuracy and loss, forward passes, time) and a checkpoint. saved: --resume's."""
     memory = runs.PeakMemory.start(setup.device)
     torch.manual_seed(cfg.seed)  # FO's dropout; ZO methods run in eval mode and own their generators
     n_train, steps = len(setup.splits["train"].labels), cfg.steps_for(method)
