@@ -69,8 +69,7 @@ class Config:
     eval_every: int | None = flag(None, "steps between dev evaluations and checkpoints (builtin 100, real 500)", int)
     out_dir: str = flag("runs/default", "where results.json, plots, checkpoints and --save go")
     dtype: str | None = flag(None, "fp32; bf16 / fp16 (fp16: GPU only): fp32 weights, every forward under autocast; "
-                             "fp64. Default: the embedded model fp64 (the same numbers on any CPU), real models bf16 "
-                             "on a GPU, else fp32", str)
+                             "fp64. Default: fp64 for the embedded model; real models bf16 on a GPU, else fp32", str)
     half_weights: bool = flag(False, "store the weights in --dtype and step them in place (MeZO, the released "
                                      "--load_float16): 2 bytes per parameter, ZO steps round; FO keeps fp32")
     save: bool = flag(False, "save the final model(s) to out_dir/model/")
@@ -271,8 +270,9 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     # At each evaluation (run.record, run.checkpoint) results.json gets a history entry, such as zo's at step 100:
     #   {"step": 100, "loss": 0.498 (the mean training loss since the last), "dev_acc": 0.79, "dev_loss": 0.456,
     #    "forward_passes": 200, "wall_s": 6.1 (training time only)}
-    # and out_dir/checkpoints/<method>/ is replaced whole: save_pretrained's files (*.safetensors, config; with --lora
-    # the adapters'), the tokenizer, trainer_state.pt (optimizer, schedule, data orders, RNGs, this result: Run.state).
+    # and out_dir/checkpoints/<method>/ is replaced whole: save_pretrained's files (*.safetensors, config; --lora: the
+    # adapters'), the tokenizer, trainer_state.pt: {"optimizer", "schedule", "batches", "fresh": `parts` above (DiZO's
+    # state holds θ0), "result": this entry, "window", "torch_rng", "cuda_rng", "anchor": --track_divergence's W0}.
     # Ctrl-C: 1. runs.Stop's handler only sets a flag; 2. the step ends; 3. run.stop_requested() (every rank agrees);
     # 4. between evaluations, run.record writes an entry without dev numbers, and run.checkpoint(complete=False) saves
     # the training losses logged since the last one in trainer_state.pt; 5. the loop breaks; 6. train_all marks the
