@@ -11,13 +11,12 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-
-from dizo import DiZO
 
 
 class RunError(ValueError):
@@ -235,6 +234,14 @@ def save_final_model(cfg, out_dir, method, model, tokenizer):
     save_model(model, tokenizer, folder)
 
 
+def save_from_checkpoint(cfg, out_dir, method, model, tokenizer):
+    """--save given when resuming a run whose `method` had finished: its model (`model`, freshly loaded) from its
+    final checkpoint."""
+    if load_checkpoint(out_dir, method, model) is None:
+        raise RunError(f"--save: {method} finished without a checkpoint to save it from; run it again")
+    save_final_model(cfg, out_dir, method, model, tokenizer)
+
+
 def model_hash(model):
     """A fingerprint of the pretrained weights (LoRA adapters left out): names, shapes and up to 4096 entries of
     each tensor, so that a resume from a different base model is refused."""
@@ -366,28 +373,6 @@ class Run:
         return self.r | {"status": "diverged", "error": note, "forward_passes": self.passes.calls}
 
 
-class HeldOutDiZO(DiZO):
-    """DiZO that also measures each phase on held-out data: held_out() (the loss on the first --phase_dev dev
-    examples) before and after it, in last_phase as dev_loss_before/after. The search's own before/after is on
-    its first batch, which it used to choose r; these passes are not training (not counted; time in held_out_s)."""
-
-    def __init__(self, *args, held_out, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.held_out, self.held_out_s = held_out, 0.0
-
-    def _timed_held_out(self):
-        tic = time.perf_counter()
-        loss = self.held_out()
-        self.held_out_s += time.perf_counter() - tic
-        return loss
-
-    @torch.no_grad()
-    def project(self, next_closure):
-        before = self._timed_held_out()
-        super().project(next_closure)
-        self.last_phase |= {"dev_loss_before": before, "dev_loss_after": self._timed_held_out()}
-
-
 # ------------------------------------------------------------------------------- processes, signals, memory
 # torchrun's process group. Every rank draws the same global mini-batch (same seed) and evaluates its share,
 # idx[rank::world]; one all-reduce of (Σ loss, count) gives every rank the global mean, so ZO's ℓ± (and the γ
@@ -447,6 +432,16 @@ class Ranks:
 
 
 RANKS = Ranks()
+
+
+def lost_other_ranks(error):
+    """Under torchrun a collective fails when another process of the run died: one line, exit code 1. A run of one
+    process re-raises the error: it is not that."""
+    if RANKS.world == 1:
+        raise error
+    print(f"error: rank {RANKS.rank} lost the other processes ({first_line(error)[:120]}); the last checkpoint is "
+          "kept, continue with --resume", file=sys.stderr)
+    return 1
 
 
 def split_loss(loss_fn, enc, model, idx, micro, backward):

@@ -44,7 +44,7 @@ def test_held_out_phase_losses_are_measured_around_each_phase_and_leave_the_run_
     model, twin, plain = tiny_opt(), tiny_opt(), tiny_opt()
     held_out = {m: lm_closure(m, seed=9) for m in (model, twin)}  # data the search never sees
     kw = dict(lr=1e-2, interval=3, proj_iters=3, search_data=lambda: 0)
-    opt = runs.HeldOutDiZO(model.parameters(), projected_params(model), **kw, held_out=lambda: float(
+    opt = train.HeldOutDiZO(model.parameters(), projected_params(model), **kw, held_out=lambda: float(
         held_out[model]()), search_loss=lambda b: lm_closure(model, seed=5)())
     base = DiZO(plain.parameters(), projected_params(plain), **kw, search_loss=lambda b: lm_closure(plain, seed=5)())
     reference = ZOSGD(twin.parameters(), lr=1e-2)  # the same ZO steps, no phase: θ at the phase's start

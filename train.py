@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def trained_parameters(model, cfg):
 # The methods: AdamW, ZO-SGD (MeZO) and DiZO, and take_step, where their updates differ.
 
 def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
-    """fo: AdamW. zo: ZOSGD. dizo: by default runs.HeldOutDiZO, which is DiZO plus the dev loss before and after each
+    """fo: AdamW. zo: ZOSGD. dizo: by default HeldOutDiZO (below main), DiZO plus the dev loss before and after each
     projection phase (--phase_dev examples, not training passes; --phase_dev 0: DiZO itself). DiZO projects every κ
     steps the K and V matrices (dizo_roles; with --lora the adapters of each attention role that has them: PEFT's
     default on OPT, Q and V), its γ search on batches of its own. All three train trained_parameters."""
@@ -179,7 +180,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     search = dict(search_data=search_batches.next, search_loss=batch_loss)
     if not cfg.phase_dev:
         return DiZO(params, pairs, **cfg.zo_settings(method), **search)
-    return runs.HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
+    return HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
                             held_out=lambda: evaluate(model, setup, "dev", cfg.phase_dev)[1])
 
 
@@ -349,13 +350,8 @@ def main(argv=None):
         restore_signals = runs.Stop.install()
         try:
             return train_all(cfg, setup, folder, model)
-        except RuntimeError as e:
-            if RANKS.world == 1:
-                raise
-            # under torchrun, a collective fails when another process of the run died
-            print(f"error: rank {RANKS.rank} lost the other processes ({runs.first_line(e)[:120]}); the last "
-                  "checkpoint is kept, continue with --resume", file=sys.stderr)
-            return 1
+        except RuntimeError as e:  # under torchrun: another process of the run died (one process: re-raised)
+            return runs.lost_other_ranks(e)
         finally:
             restore_signals()
             folder.close()
@@ -382,7 +378,7 @@ def train_all(cfg, setup, folder, model):
             return 1
         if previous is not None and previous["status"] == "done":
             if cfg.save and RANKS.main and not runs.saved_model_dir(cfg, folder.out_dir, method).exists():
-                save_from_checkpoint(cfg, setup, folder.out_dir, method)  # --save added on resume
+                runs.save_from_checkpoint(cfg, folder.out_dir, method, load_model(cfg, setup, method), setup.tokenizer)
             model = None
             continue
         # the model main() loaded is the first method's; a later one (e.g. after a resume) loads its own dtype
@@ -438,12 +434,26 @@ def prepare(cfg):
     return setup
 
 
-def save_from_checkpoint(cfg, setup, out_dir, method):
-    """--save given when resuming a run whose `method` had finished: its model from its final checkpoint."""
-    model = load_model(cfg, setup, method)
-    if runs.load_checkpoint(out_dir, method, model) is None:
-        raise runs.RunError(f"--save: {method} finished without a checkpoint to save it from; run it again")
-    runs.save_final_model(cfg, out_dir, method, model, setup.tokenizer)
+class HeldOutDiZO(DiZO):
+    """DiZO that also measures each phase on held-out data: held_out() (the loss on the first --phase_dev dev
+    examples) before and after it, in last_phase as dev_loss_before/after. The search's own before/after is on
+    its first batch, which it used to choose r; these passes are not training (not counted; time in held_out_s)."""
+
+    def __init__(self, *args, held_out, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held_out, self.held_out_s = held_out, 0.0
+
+    def _timed_held_out(self):
+        tic = time.perf_counter()
+        loss = self.held_out()
+        self.held_out_s += time.perf_counter() - tic
+        return loss
+
+    @torch.no_grad()
+    def project(self, next_closure):
+        before = self._timed_held_out()
+        super().project(next_closure)
+        self.last_phase |= {"dev_loss_before": before, "dev_loss_after": self._timed_held_out()}
 
 
 if __name__ == "__main__":
