@@ -434,6 +434,14 @@ class Ranks:
 RANKS = Ranks()
 
 
+def report_divergence(out_dir, method, error):
+    """A method stopped by a non-finite loss or weight: one line that says where its last good checkpoint is; 1."""
+    kept = checkpoint_dir(out_dir, method)
+    where = f"the last good checkpoint is in {kept}" if kept.exists() else "no checkpoint was reached"
+    print(f"error: {method} diverged: {error}; {where}", file=sys.stderr)
+    return 1
+
+
 def lost_other_ranks(error):
     """Under torchrun a collective fails when another process of the run died: one line, exit code 1. A run of one
     process re-raises the error: it is not that."""

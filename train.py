@@ -100,10 +100,9 @@ class Config:
     trust_remote_code: bool = flag(False, "allow a model's own Python code to run")
 
     def __post_init__(self):
-        defaults = self.defaults
         for name in ("trained", "lr_schedule", "eval_every"):
             if getattr(self, name) is None:
-                setattr(self, name, defaults[name])
+                setattr(self, name, self.defaults[name])
         if self.dtype is None:  # on a GPU bf16: fp32 weights (4 bytes a parameter), bf16 forwards, fp32 ZO steps
             self.dtype = "fp64" if self.builtin else "bf16" if torch.cuda.is_available() else "fp32"
         self.task = self.task or ("toy" if self.builtin or self.data_dir is None else None)
@@ -304,21 +303,18 @@ def train_method(method, model, setup, cfg, folder, saved=None):
 
 
 def new_run(method, model, setup, cfg, folder, opt, batch_loss, parts):
-    """The method's entry in results.json, and the Run that fills it in and checkpoints it (what is written: the
-    comment above the loop). The entry: these fields; zero_shot_acc and history's step 0 (Run.begin); with dizo,
-    projection, one per phase (step, ratios, distances, loss and dev_loss before and after); at the end best_dev_acc,
-    dev_loss, test_acc, peak_mem_mb, device (train_method), world_size (folder.write)."""
+    """The method's entry in results.json and the Run that fills it in: these fields; zero_shot_acc and history's step 0
+    (Run.begin); with dizo, projection, one per phase (step, ratios, distances, loss and dev_loss before and after); at
+    the end best_dev_acc, dev_loss, test_acc, peak_mem_mb, device (train_method), world_size (folder.write)."""
     r = {"method": method, "lr": cfg.lr_for(method), "status": "running", "history": [], "steps": 0,
          "forward_passes": 0, "wall_s": 0.0, "storage_dtype": cfg.storage_dtype(method), "compute_dtype": cfg.dtype,
          "trained_params": sum(p.numel() for g in opt.param_groups for p in g["params"]),
          "loss_is": "L(θ)" if method == "fo" else "L(θ+εz)"}  # the training loss logged: ZO's first pass, as MeZO
     if method == "dizo":
         r |= {"projected": list(opt.names), "projection": []}
-        roles = dizo_roles(cfg, model)
-        pairs = projected_params(model, roles=roles)
-        print(f"dizo: projecting {len(pairs)} matrices ({', '.join(roles).upper()}), "
-              f"{sum(t.numel() for _, t in pairs):,} parameters, "
-              f"anchor {sum(t.numel() * t.element_size() for _, t in pairs) / 2**20:.1f} MB")
+        roles, ms = dizo_roles(cfg, model), opt.matrices  # the projected matrices, the anchor θ0 their copy
+        print(f"dizo: projecting {len(ms)} matrices ({', '.join(roles).upper()}), {sum(t.numel() for t in ms):,} "
+              f"parameters, anchor {sum(t.numel() * t.element_size() for t in ms) / 2**20:.1f} MB")
     w0 = track = None
     if cfg.track_divergence:  # ‖W - W0‖ of every attention matrix at each evaluation
         w0 = {n: t.detach().clone() for n, t in projected_params(model, roles=ROLES)}
@@ -331,8 +327,7 @@ def new_run(method, model, setup, cfg, folder, opt, batch_loss, parts):
 # Main: check everything, claim the run's folder, train each method in turn, print the table.
 
 def main(argv=None):
-    """Command-line entry point; returns the exit code (0 ok, 1 diverged or a write failed, 2 bad input,
-    128+n signal n)."""
+    """The command line; returns the exit code: 0 ok, 1 diverged or a failed write, 2 bad input, 128+n signal n."""
     transformers.utils.logging.disable_progress_bar()  # ours is the one that matters
     cfg = parse_config(Config, argv, __doc__.split("\n\n")[0])
     try:
@@ -396,10 +391,7 @@ def train_all(cfg, setup, folder, model):
                 plots.plot_run(folder.results, folder.out_dir)
         model = None
         if r["status"] == "diverged":
-            kept = runs.checkpoint_dir(folder.out_dir, method)
-            where = f"the last good checkpoint is in {kept}" if kept.exists() else "no checkpoint was reached"
-            print(f"error: {method} diverged: {r['error']}; {where}", file=sys.stderr)
-            return 1
+            return runs.report_divergence(folder.out_dir, method, r["error"])  # one line, exit code 1
         if r["status"] == "interrupted" or RANKS.agree(runs.Stop.signum is not None):
             if RANKS.main:  # one line for the run, not one per process
                 print(f"interrupted at {method} step {r['steps']}: results and a checkpoint are in "
@@ -412,8 +404,7 @@ def train_all(cfg, setup, folder, model):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Below main: the data and tokenizer, DiZO's held-out telemetry, --save on resume. The command line and the
-# checks that refuse bad input before anything is written are in config.py.
+# Below main: prepare (data, tokenizer, loss) and HeldOutDiZO (dizo's default); the command line's checks: config.py.
 
 def prepare(cfg):
     """The task's splits, the model's tokenizer and kind, and the loss, checked before anything is written."""
@@ -435,17 +426,15 @@ def prepare(cfg):
 
 
 class HeldOutDiZO(DiZO):
-    """DiZO that also measures each phase on held-out data: held_out() (the loss on the first --phase_dev dev
-    examples) before and after it, in last_phase as dev_loss_before/after. The search's own before/after is on
-    its first batch, which it used to choose r; these passes are not training (not counted; time in held_out_s)."""
+    """DiZO that also measures each phase on held-out data: held_out(), the loss on the first --phase_dev dev examples,
+    before and after it (last_phase's dev_loss_before/after). Not training: not counted, their time in held_out_s."""
 
     def __init__(self, *args, held_out, **kwargs):
         super().__init__(*args, **kwargs)
         self.held_out, self.held_out_s = held_out, 0.0
 
     def _timed_held_out(self):
-        tic = time.perf_counter()
-        loss = self.held_out()
+        tic, loss = time.perf_counter(), self.held_out()
         self.held_out_s += time.perf_counter() - tic
         return loss
 
