@@ -14,8 +14,9 @@ A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; the
 
 Read it top to bottom: Config; load_model and trained_parameters; make_optimizer and take_step (where the updates
 differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop (the comment above it: what is written, Ctrl-C,
---resume); main and train_all. What it calls: dizo.py the optimizers (its docstring maps each equation to its function),
-data.py the data, models and PromptLoss, runs.py the run folder and processes, config.py flags, plots.py figures.
+--resume); main and train_all; below them prepare and HeldOutDiZO. What it calls: dizo.py the optimizers (its docstring
+maps each equation to its function), data.py the data, models and PromptLoss, runs.py the run folder and processes,
+config.py flags, plots.py figures.
 """
 
 import math
