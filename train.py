@@ -39,7 +39,7 @@ from dizo import DiZO, ZOSGD, divergence, projected_params
 from runs import RANKS
 
 # ---------------------------------------------------------------------------------------------------------
-# Settings: one dataclass, the command line built from it (config.py); model-dependent defaults set in __post_init__.
+# Settings: one dataclass, the command line built from it (config.py); model-dependent defaults: the dicts below.
 
 # Real models: the released READMEs' commands. MeZO / DiZO: ZO lr 1e-6, eps 1e-3, batch 16, constant lr, 20,000 steps;
 # MeZO's fine-tuning (finetune.sh): AdamW lr 1e-5, 625 steps, 5 epochs of 1,000 at its batch 8 (--batch_size 8).
@@ -247,7 +247,7 @@ def evaluate(model, setup, split, count=None):
 
 def train_method(method, model, setup, cfg, folder, saved=None):
     """Train one method; returns its result: status done, running (a signal stopped it) or diverged (a non-finite
-    loss or weight). Evaluated before training (zero-shot test accuracy; dev; not on --resume), every --eval_every
+    loss or weight). Evaluated before training (zero-shot test accuracy; dev; not from a checkpoint), every --eval_every
     steps and at the last (dev), and at the end (test); each later dev evaluation adds a history entry to results.json
     (training loss since the last, dev accuracy and loss, forward passes, time) and a checkpoint. saved: --resume's."""
     memory = runs.PeakMemory.start(setup.device)
