@@ -12,11 +12,11 @@ One iteration of each method (take_step; for zo and dizo the code is dizo.py's Z
 A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; the model runs in data.PromptLoss.scores):
 1 a step for fo (plus a backward), 2 for zo and dizo (2q with --queries q), 2M + 2 a DiZO projection phase.
 
-Read it top to bottom: Config; load_model and trained_parameters; make_optimizer and take_step (where the updates
-differ); TrainLoss (a batch's loss) and evaluate; train_method, the loop (the comment above it: what is written, Ctrl-C,
---resume); main and train_all; below them prepare and HeldOutDiZO. What it calls: dizo.py the optimizers (its docstring
-maps each equation to its function), data.py the data, models and PromptLoss, runs.py the run folder and processes,
-config.py flags, plots.py figures.
+It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look: the loop, train_method;
+one step of each method, take_step (ZO, DiZO: dizo.py's ZOSGD._zo_step, DiZO.project); the optimizers and what each
+trains, make_optimizer, trained_parameters; a batch's loss, TrainLoss (data.PromptLoss.scores); evaluation, evaluate;
+what is written, Ctrl-C, --resume: the comment above the loop (runs.Run.record/checkpoint/restore, runs.Stop). Below
+main: prepare, HeldOutDiZO. Elsewhere: runs.py the run folder, data.py data, models, config.py flags, plots.py figures.
 """
 
 import math
