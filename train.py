@@ -5,7 +5,7 @@
 
 One iteration of each method (take_step; for zo and dizo the code is dizo.py's ZOSGD._zo_step, DiZO.project):
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
-    zo:    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
+    zo:    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
     dizo:  the zo step; then, at every κ-th step in the same opt.step call, it moves each K, V matrix l (with --lora
            the adapters of the roles that have them) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 what DiZO started from,
            every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
@@ -273,14 +273,14 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #    "forward_passes": 200, "wall_s": 6.1 (training time only)}
     # and out_dir/checkpoints/<method>/ is replaced whole: save_pretrained's files (*.safetensors, config; --lora: the
     # adapters'), the tokenizer, trainer_state.pt: {"optimizer", "schedule", "batches", "fresh": `parts` above (DiZO's
-    # state holds θ0), "result": this entry, "window", "torch_rng", "cuda_rng", "anchor": --track_divergence's W0}.
+    # state holds θ0), "result": the method's entry, "window", "torch_rng", "cuda_rng", "anchor": the divergence's W0}.
     # Ctrl-C: 1. runs.Stop's handler only sets a flag; 2. the step ends; 3. run.stop_requested() (every rank agrees);
     # 4. between evaluations, run.record writes an entry without dev numbers, and run.checkpoint(complete=False) saves
     # the training losses logged since the last one in trainer_state.pt; 5. the loop breaks; 6. train_all marks the
     # method "interrupted" and exits with 128 + the signal. A second Ctrl-C: at once, the last checkpoint kept.
-    # --resume: 1. main refuses other flags, data or base model; 2. train_all skips finished methods and loads this
-    # one's checkpoint (runs.load_checkpoint); 3. run.restore, above, drops the entry without dev numbers, takes back
-    # those losses for the next entry's mean, and DiZO's θ0; 4. the loop goes on from the next step.
+    # --resume: 1. main refuses other flags, data, base model or process count; 2. train_all skips finished methods
+    # and loads this one's checkpoint (runs.load_checkpoint); 3. run.restore, above, drops the entry without dev
+    # numbers, takes back those losses for the next entry's mean, and DiZO's θ0; 4. the loop goes on from the next step.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
@@ -328,7 +328,7 @@ def new_run(method, model, setup, cfg, folder, opt, batch_loss, parts):
 # Main: check everything, claim the run's folder, train each method in turn, print the table.
 
 def main(argv=None):
-    """The command line; returns the exit code: 0 ok, 1 diverged or a failed write, 2 bad input, 128+n signal n."""
+    """The command line; exit code 0 ok, 1 diverged, a failed write or a lost process, 2 bad input, 128+n signal n."""
     transformers.utils.logging.disable_progress_bar()  # ours is the one that matters
     cfg = parse_config(Config, argv, __doc__.split("\n\n")[0])
     try:
