@@ -22,8 +22,8 @@ class UsageError(Exception):
 
 # --recipe released: what the released DiZO code ran for OPT on SST-2 (its script, its logs' learning-rate
 # decay, MeZO's 1000/500/1000 sampling); fp16 weights where there is a GPU, as its --load_float16. It leaves lr and
-# steps unset: ZO's and DiZO's real-model defaults are its 1e-6 and 20,000 (train.REAL_DEFAULTS); FO keeps its own
-# (1e-5, 625), and the embedded model its own.
+# steps unset: ZO's and DiZO's real-model defaults are its 1e-6 and MeZO's 20,000 (train.REAL_DEFAULTS); FO keeps its
+# own (1e-5, 625), and the embedded model its own.
 RECIPES = {"released": dict(trained="no_embed", lr_schedule="linear", eps=1e-3, batch_size=16, interval=50,
                             proj_iters=10, proj_eps=0.1, proj_lr=2.0, tau=0.2, eval_every=500, num_train=1000,
                             num_dev=500, num_test=1000)}

@@ -181,7 +181,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     if not cfg.phase_dev:
         return DiZO(params, pairs, **cfg.zo_settings(method), **search)
     return HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
-                            held_out=lambda: evaluate(model, setup, "dev", cfg.phase_dev)[1])
+                       held_out=lambda: evaluate(model, setup, "dev", cfg.phase_dev)[1])
 
 
 def take_step(method, opt, closure, step):
