@@ -629,6 +629,7 @@ def test_non_finite_loss_stops_with_diverged_results_and_keeps_checkpoint(assets
     assert run_train(assets, out, "--method", method, "--steps", "20", "--eval_every", "1") == 1
     err = capsys.readouterr().err
     assert "diverged" in err and "step" in err
+    assert err.strip().endswith(f"the last good checkpoint is in {out / 'checkpoints' / method}")
     r = json.loads((out / "results.json").read_text())["methods"][method]
     assert r["status"] == "diverged" and "non-finite loss" in r["error"]
     state = torch.load(out / "checkpoints" / method / "trainer_state.pt", weights_only=True)
@@ -942,6 +943,19 @@ def test_a_resume_after_fo_trains_each_method_in_its_own_dtype(assets, tmp_path,
     for method, dtype in (("fo", torch.float32), ("zo", torch.bfloat16), ("dizo", torch.bfloat16)):
         a, b = (load_file(str(tmp_path / run / "model" / method / "model.safetensors")) for run in ("full", "cut"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == dtype for k in a), method
+
+
+def test_save_added_at_resume_without_a_checkpoint_to_save_from_is_one_line(assets, tmp_path, capsys):
+    """--save given when resuming a run whose method finished, but whose checkpoint is gone: refused in one line, and
+    no model folder is written."""
+    out = tmp_path / "out"
+    assert run_train(assets, out, "--method", "zo", "--steps", "2") == 0
+    shutil.rmtree(out / "checkpoints" / "zo")
+    capsys.readouterr()
+    assert run_train(assets, out, "--method", "zo", "--steps", "2", "--save", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --save: zo finished without a checkpoint to save it from; run it again"
+    assert not (out / "model").exists()
 
 
 @pytest.mark.parametrize("fault", ["symlinked_checkpoints", "interrupted_while_moving", "interrupted_deleting"])
