@@ -1328,3 +1328,17 @@ def test_the_embedded_run_prints_the_same_numbers_as_another_cpu_would(tmp_path,
     for name, (other_table, other_history, other_losses) in printed.items():
         assert (other_table, other_history) == (table, history), name
         assert other_losses == pytest.approx(losses, rel=1e-12, abs=0), name
+
+
+def test_the_reading_map_in_train_py_points_at_the_lines_it_names():
+    """train.py's docstring sends a reader to `name (file.py:N)`; line N of that file must define that name (a class
+    method: the first def of that name after its class), so an edit that moves a function must move its pointer."""
+    root = Path(train.__file__).parent
+    refs = re.findall(r"([\w.]+) \((\w+\.py):(\d+)\)", train.__doc__)
+    assert {file for _, file, _ in refs} == {"train.py", "dizo.py", "data.py", "runs.py"} and len(refs) >= 12
+    for name, file, line in refs:
+        lines = (root / file).read_text().splitlines()
+        *owner, last = name.split(".")
+        start = [i for i, text in enumerate(lines) if re.match(rf"class {owner[0]}\b", text)][0] if owner else 0
+        defined = [i + 1 for i, text in enumerate(lines) if i >= start and re.match(rf"\s*(def|class) {last}\b", text)]
+        assert defined[:1] == [int(line)], f"{name} ({file}:{line}) is defined at line {defined[:1]}"

@@ -3,20 +3,25 @@
     python train.py                                   # fo vs zo vs dizo on the embedded tiny model, offline
     python train.py --model facebook/opt-1.3b --task sst-2 --data_dir data/SST-2 --method dizo
 
-One iteration of each method (take_step; for zo and dizo the code is dizo.py's ZOSGD._zo_step, DiZO.project):
+One iteration of each method (take_step, below):
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
     dizo:  the zo step; then, at every κ-th step in the same opt.step call, it moves each K, V matrix l (with --lora
            the adapters of the roles that have them) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 what DiZO started from,
            every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
-A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; the model runs in data.PromptLoss.scores):
+A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call):
 1 a step for fo (plus a backward), 2 for zo and dizo (2q with --queries q), 2M + 2 a DiZO projection phase.
 
-It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look: the loop, train_method;
-one step of each method, take_step (ZO, DiZO: dizo.py's ZOSGD._zo_step, DiZO.project); the optimizers and what each
-trains, make_optimizer, trained_parameters; a batch's loss, TrainLoss (data.PromptLoss.scores); evaluation, evaluate;
-what is written, Ctrl-C, --resume: the comment above the loop (runs.Run.record/checkpoint/restore, runs.Stop). Below
-main: prepare, HeldOutDiZO. Elsewhere: runs.py the run folder, data.py data, models, config.py flags, plots.py figures.
+It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
+- the loop: train_method (train.py:248); one step: take_step (train.py:192); for zo and dizo, in dizo.py,
+  ZOSGD._zo_step (dizo.py:161) and DiZO.project (dizo.py:289)
+- the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162),
+  HeldOutDiZO (train.py:429)
+- a batch's loss: TrainLoss (train.py:211), its forward pass in PromptLoss.scores (data.py:361)
+- evaluation: evaluate (train.py:232), its history entry Run.record (runs.py:348)
+- what is written, Ctrl-C, --resume: the comment above the loop; Run.checkpoint (runs.py:360), Stop (runs.py:474),
+  check_out_dir (runs.py:132), Run.restore (runs.py:293)
+Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
 """
 
 import math
@@ -185,14 +190,9 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
 
 
 def take_step(method, opt, closure, step):
-    """One step, where the methods' updates differ; returns the training loss it logs. closure() is the loss of this
-    step's mini-batch: one forward pass (TrainLoss).
-    fo:   forward and backward (in the closure), then AdamW; logs L(θ).
-    zo:   ZOSGD._zo_step (dizo.py), no backward: θ + εz: ℓ+; θ − εz: ℓ-; g = (ℓ+ − ℓ-)/2ε; θ back, then θ − lr·g·z
-          (MeZO sweeps the weights four times; dizo.py merges the last two sweeps, equal to rounding); logs ℓ+.
-    dizo: the same; then at every κ-th (--interval) step, inside this one call, DiZO.project: r found by M =
-          --proj_iters SPSA iterations, each on one batch of a second data order; HeldOutDiZO only adds dev losses.
-    The ZO closures run under torch.no_grad()."""
+    """One step, where the methods' updates differ (the module's docstring shows each); returns the training loss it
+    logs: fo L(θ), zo and dizo ℓ+ = L(θ + εz). closure() is this step's mini-batch loss, one forward pass (TrainLoss);
+    ZOSGD and DiZO call it 2q times under torch.no_grad(), DiZO 2M + 2 more at every κ-th (--interval) step."""
     if method != "fo":
         return opt.step(closure)  # ZO and DiZO: 2q forward passes (DiZO: + 2M + 2 at every κ-th step)
     opt.zero_grad(set_to_none=True)
@@ -278,9 +278,9 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     # 4. between evaluations, run.record writes an entry without dev numbers, and run.checkpoint(complete=False) saves
     # the training losses logged since the last one in trainer_state.pt; 5. the loop breaks; 6. train_all marks the
     # method "interrupted" and exits with 128 + the signal. A second Ctrl-C: at once, the last checkpoint kept.
-    # --resume: 1. main refuses other flags, data, base model or process count; 2. train_all skips finished methods
-    # and loads this one's checkpoint (runs.load_checkpoint); 3. run.restore, above, drops the entry without dev
-    # numbers, takes back those losses for the next entry's mean, and DiZO's θ0; 4. the loop goes on from the next step.
+    # --resume: 1. in main, runs.check_out_dir refuses other flags, data, base model or process count; 2. train_all
+    # skips finished methods and loads this one's checkpoint (runs.load_checkpoint); 3. run.restore, above, drops the
+    # entry without dev numbers, takes back those losses for the next entry's mean, and DiZO's θ0; 4. the loop goes on.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
