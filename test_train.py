@@ -1278,9 +1278,11 @@ STAND_INS = {  # ATen's kernels without vector instructions and MKL's oldest pat
               "OMP_NUM_THREADS": "1"},  # CPU's best kernels on two); on a CPU with AVX-512, also AVX2 on two
     **({"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "2"}} if NATIVE not in ("avx2", "default") else {}),
 }
-QUICK_RUN = ["--steps", "10", "--batch_size", "4", "--interval", "5", "--proj_iters", "3", "--eval_every", "5",
+QUICK_RUN = ["--steps", "6", "--batch_size", "4", "--interval", "3", "--proj_iters", "3", "--eval_every", "3",
              "--phase_dev", "0", "--task", "toy"]
-UNDRAWN = "import sys, plots, train; plots.plot_run = lambda results, folder: []; sys.exit(train.main())"
+# the stand-in: no figures; what the imports made is frozen, not walked by each method's gc.collect (runs.PeakMemory)
+UNDRAWN = ("import gc, sys, plots, train; plots.plot_run = lambda results, folder: []; gc.collect(); gc.freeze(); "
+           "sys.exit(train.main())")
 
 
 def printed_numbers(stdout, results):
@@ -1296,10 +1298,10 @@ def printed_numbers(stdout, results):
 
 @pytest.mark.slow
 def test_the_embedded_run_prints_the_same_numbers_as_another_cpu_would(tmp_path, capsys):
-    """The quick start, short (10 steps of 4 examples, 2 projection phases of M = 3; dev and test cut to 16 examples,
+    """The quick start, short (6 steps of 4 examples, 2 projection phases of M = 3; dev and test cut to 16 examples,
     whose evaluations would take most of the time), on this CPU's best kernels and two threads here, and in stand-ins
     for other CPUs (subprocesses: kernels are chosen at import). Add --dtype fp32 to QUICK_RUN and this test fails
-    (on a 2-core AMD EPYC their zo and dizo dev losses then differ by up to 1e-6, relative); in float64 they agree
+    (on a 2-core AMD EPYC their zo and dizo dev losses then differ by up to 4e-7, relative); in float64 they agree
     within the 1e-12 asserted."""
     splits = data.builtin_splits(data.TINY["seed"])
     (tmp_path / "data").mkdir()
