@@ -1333,10 +1333,11 @@ def test_the_embedded_run_prints_the_same_numbers_as_another_cpu_would(tmp_path,
 
 
 def test_the_reading_map_in_train_py_points_at_the_lines_it_names():
-    """train.py's docstring sends a reader to `name (file.py:N)`; line N of that file must define that name (a class
-    method: the first def of that name after its class), so an edit that moves a function must move its pointer."""
+    """train.py sends a reader to `name (file.py:N)`, in its docstring and above the loop; line N of that file must
+    define that name (a class method: the first def of that name after its class), so an edit that moves a function
+    must move its pointer."""
     root = Path(train.__file__).parent
-    refs = re.findall(r"([\w.]+) \((\w+\.py):(\d+)\)", train.__doc__)
+    refs = re.findall(r"([\w.]+) \((\w+\.py):(\d+)\)", (root / "train.py").read_text())
     assert {file for _, file, _ in refs} == {"train.py", "dizo.py", "data.py", "runs.py"} and len(refs) >= 12
     for name, file, line in refs:
         lines = (root / file).read_text().splitlines()

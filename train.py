@@ -13,14 +13,13 @@ A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call):
 1 a step for fo (plus a backward), 2 for zo and dizo (2q with --queries q), 2M + 2 a DiZO projection phase.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
-- the loop: train_method (train.py:248); one step: take_step (train.py:192); for zo and dizo, in dizo.py,
+- the loop: train_method (train.py:247); one step: take_step (train.py:191); for zo and dizo, in dizo.py,
   ZOSGD._zo_step (dizo.py:161) and DiZO.project (dizo.py:289)
-- the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162),
-  HeldOutDiZO (train.py:429)
-- a batch's loss: TrainLoss (train.py:211), its forward pass in PromptLoss.scores (data.py:361)
-- evaluation: evaluate (train.py:232), its history entry Run.record (runs.py:348)
-- what is written, Ctrl-C, --resume: the comment above the loop; Run.checkpoint (runs.py:360), Stop (runs.py:474),
-  check_out_dir (runs.py:132), Run.restore (runs.py:293)
+- the optimizers and what each trains: make_optimizer (train.py:173), trained_parameters (train.py:161),
+  HeldOutDiZO (train.py:426)
+- a batch's loss: TrainLoss (train.py:210), its forward pass in PromptLoss.scores (data.py:361)
+- evaluation: evaluate (train.py:231), its history entry Run.record (runs.py:348)
+- what is written, Ctrl-C, --resume: the comment above train_method's loop, with the functions it calls
 Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
 """
 
@@ -268,19 +267,17 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
-    # At each evaluation (run.record, run.checkpoint) results.json gets a history entry, such as zo's at step 100:
+    # Each evaluation: Run.record (runs.py:348) adds a history entry to results.json, such as zo's at step 100:
     #   {"step": 100, "loss": 0.498 (the mean training loss since the last), "dev_acc": 0.79, "dev_loss": 0.456,
     #    "forward_passes": 200, "wall_s": 6.1 (training time only)}
-    # and out_dir/checkpoints/<method>/ is replaced whole: save_pretrained's files (*.safetensors, config; --lora: the
-    # adapters'), the tokenizer, trainer_state.pt: {"optimizer", "schedule", "batches", "fresh": `parts` above (DiZO's
-    # state holds θ0), "result": the method's entry, "window", "torch_rng", "cuda_rng", "anchor": the divergence's W0}.
-    # Ctrl-C: 1. runs.Stop's handler only sets a flag; 2. the step ends; 3. run.stop_requested() (every rank agrees);
-    # 4. between evaluations, run.record writes an entry without dev numbers, and run.checkpoint(complete=False) saves
-    # the training losses logged since the last one in trainer_state.pt; 5. the loop breaks; 6. train_all marks the
-    # method "interrupted" and exits with 128 + the signal. A second Ctrl-C: at once, the last checkpoint kept.
-    # --resume: 1. in main, runs.check_out_dir refuses other flags, data, base model or process count; 2. train_all
-    # skips finished methods and loads this one's checkpoint (runs.load_checkpoint); 3. run.restore, above, drops the
-    # entry without dev numbers, takes back those losses for the next entry's mean, and DiZO's θ0; 4. the loop goes on.
+    # then Run.checkpoint (runs.py:360) replaces out_dir/checkpoints/<method>/ whole: save_pretrained's files, the
+    # tokenizer, and trainer_state.pt: `parts` above (DiZO's optimizer state holds θ0), the result, the RNGs.
+    # Ctrl-C: the handler of Stop (runs.py:474) only sets a flag; the step ends, run.stop_requested() says stop, an
+    # entry without dev numbers and a checkpoint (with the losses since the last entry) are written, the loop breaks,
+    # and train_all exits with 128 + the signal. A second Ctrl-C stops at once; the last checkpoint is kept.
+    # --resume: in main, check_out_dir (runs.py:132) refuses other flags, data, base model or process count; train_all
+    # skips finished methods and loads the checkpoint; Run.restore (runs.py:293) drops the entry without dev numbers
+    # and takes back its losses; the loop goes on from the next step.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
