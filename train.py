@@ -9,17 +9,16 @@ One iteration of each method (take_step, below):
     dizo:  the zo step; then, at every κ-th step in the same opt.step call, it moves each K, V matrix l (with --lora
            the adapters of the roles that have them) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 what DiZO started from,
            every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
-A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call):
-1 a step for fo (plus a backward), 2 for zo and dizo (2q with --queries q), 2M + 2 a DiZO projection phase.
+A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --grad_accum's micro-batches count as one):
+1 a fo step (and a backward), 2 a zo or dizo step (2q with --queries q), 2M + 2 a DiZO phase (+2: loss before, after).
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
-- the loop: train_method (train.py:247); one step: take_step (train.py:191); for zo and dizo, in dizo.py,
+- the loop: train_method (train.py:248); one step: take_step (train.py:193); for zo and dizo, in dizo.py,
   ZOSGD._zo_step (dizo.py:161) and DiZO.project (dizo.py:289)
-- the optimizers and what each trains: make_optimizer (train.py:173), trained_parameters (train.py:161),
-  HeldOutDiZO (train.py:426)
-- a batch's loss: TrainLoss (train.py:210), its forward pass in PromptLoss.scores (data.py:361)
-- evaluation: evaluate (train.py:231), its history entry Run.record (runs.py:348)
-- what is written, Ctrl-C, --resume: the comment above train_method's loop, with the functions it calls
+- the optimizers and what each trains: make_optimizer (train.py:172), trained_parameters (train.py:160)
+- a batch's loss: TrainLoss (train.py:211), its forward pass in PromptLoss.scores (data.py:361)
+- evaluation: evaluate (train.py:232), its history entry Run.record (runs.py:348)
+- what is written, Ctrl-C, --resume: the comment above the loop in train_method, and the functions it names
 Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
 """
 
@@ -171,10 +170,13 @@ def trained_parameters(model, cfg):
 # The methods: AdamW, ZO-SGD (MeZO) and DiZO, and take_step, where their updates differ.
 
 def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
-    """fo: AdamW. zo: ZOSGD. dizo: by default HeldOutDiZO (below main), DiZO plus the dev loss before and after each
-    projection phase (--phase_dev examples, not training passes; --phase_dev 0: DiZO itself). DiZO projects every κ
-    steps the K and V matrices (dizo_roles; with --lora the adapters of each attention role that has them: PEFT's
-    default on OPT, Q and V), its γ search on batches of its own. All three train trained_parameters."""
+    """Each method's optimizer; all three train trained_parameters.
+        fo    torch.optim.AdamW, no weight decay
+        zo    ZOSGD (dizo.py)
+        dizo  DiZO (dizo.py): every κ steps it projects the K and V matrices (dizo_roles; with --lora the adapters of
+              the attention roles that have them: PEFT's default on OPT, Q and V), its γ search on batches of its own.
+              By default HeldOutDiZO (train.py:429), which adds each phase's dev loss before and after (--phase_dev
+              examples, not training passes; --phase_dev 0: DiZO itself)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
@@ -189,13 +191,12 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
 
 
 def take_step(method, opt, closure, step):
-    """One step, where the methods' updates differ (the module's docstring shows each); returns the training loss it
-    logs: fo L(θ), zo and dizo ℓ+ = L(θ + εz). closure() is this step's mini-batch loss, one forward pass (TrainLoss);
-    ZOSGD and DiZO call it 2q times under torch.no_grad(), DiZO 2M + 2 more at every κ-th (--interval) step."""
+    """One step, where the methods' updates differ (the module's docstring shows each); returns the loss it logs: fo
+    L(θ), zo and dizo ℓ+ = L(θ + εz). closure(): this step's mini-batch loss (TrainLoss), under no_grad for ZO."""
     if method != "fo":
         return opt.step(closure)  # ZO and DiZO: 2q forward passes (DiZO: + 2M + 2 at every κ-th step)
     opt.zero_grad(set_to_none=True)
-    loss = closure()  # FO: forward and backward, micro-batch by micro-batch
+    loss = closure()  # FO: forward and backward (with --grad_accum or torchrun, micro-batch by micro-batch)
     if not math.isfinite(float(loss)):
         raise FloatingPointError(f"non-finite loss {float(loss)} at FO step {step}")
     opt.step()
@@ -204,7 +205,7 @@ def take_step(method, opt, closure, step):
 
 # ---------------------------------------------------------------------------------------------------------
 # The loss of a batch (one forward pass) and evaluation. The loss itself is data.PromptLoss; with one-token label
-# words (" great", " terrible") on a causal LM, prompts left-padded, it is (other cases: PromptLoss.scores)
+# words (" great", " terrible") on a causal LM, prompts left-padded, it is, in at least fp32 (else: PromptLoss.scores)
 #   logits = model(**prompts).logits[:, -1]; F.cross_entropy(logits.log_softmax(-1)[:, word_ids], labels)
 
 class TrainLoss:
@@ -214,8 +215,8 @@ class TrainLoss:
     the loss is still the whole batch's mean. Evaluation and --phase_dev are not counted."""
 
     def __init__(self, loss_fn, enc, model, micro=1, backward=False):
-        self.loss_fn, self.enc, self.model, self.micro, self.backward, self.calls = (loss_fn, enc, model, micro,
-                                                                                     backward, 0)
+        self.loss_fn, self.enc, self.model, self.micro, self.backward = loss_fn, enc, model, micro, backward
+        self.calls = 0
 
     def __call__(self, idx):
         self.calls += 1
@@ -267,17 +268,19 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
-    # Each evaluation: Run.record (runs.py:348) adds a history entry to results.json, such as zo's at step 100:
-    #   {"step": 100, "loss": 0.498 (the mean training loss since the last), "dev_acc": 0.79, "dev_loss": 0.456,
-    #    "forward_passes": 200, "wall_s": 6.1 (training time only)}
-    # then Run.checkpoint (runs.py:360) replaces out_dir/checkpoints/<method>/ whole: save_pretrained's files, the
-    # tokenizer, and trainer_state.pt: `parts` above (DiZO's optimizer state holds θ0), the result, the RNGs.
-    # Ctrl-C: the handler of Stop (runs.py:474) only sets a flag; the step ends, run.stop_requested() says stop, an
-    # entry without dev numbers and a checkpoint (with the losses since the last entry) are written, the loop breaks,
-    # and train_all exits with 128 + the signal. A second Ctrl-C stops at once; the last checkpoint is kept.
-    # --resume: in main, check_out_dir (runs.py:132) refuses other flags, data, base model or process count; train_all
-    # skips finished methods and loads the checkpoint; Run.restore (runs.py:293) drops the entry without dev numbers
-    # and takes back its losses; the loop goes on from the next step.
+    # What the run writes, and what Ctrl-C and --resume do (the functions are runs.py's):
+    #   each evaluation  Run.record (runs.py:348) adds a history entry to results.json, such as zo's at step 100:
+    #                    {"step": 100, "loss": 0.498 (mean training loss since the last), "dev_acc": 0.79,
+    #                     "dev_loss": 0.456, "forward_passes": 200, "wall_s": 6.1 (training time only)};
+    #                    then Run.checkpoint (runs.py:360) replaces checkpoints/<method>/ whole: save_pretrained's
+    #                    files, the tokenizer, trainer_state.pt (`parts` above, DiZO's θ0 in its optimizer state;
+    #                    the result; the RNGs)
+    #   Ctrl-C           Stop (runs.py:474) only sets a flag; the step ends; run.stop_requested() is true; an entry
+    #                    without dev numbers and a checkpoint (with the losses since the last entry) are written;
+    #                    the loop breaks; train_all exits with 128 + the signal. A second Ctrl-C stops at once
+    #   --resume         check_out_dir (runs.py:132) refuses other flags or process count (in main), and other data
+    #                    or base model (in open_folder); train_all skips finished methods and loads the checkpoint;
+    #                    Run.restore (runs.py:293) drops the entry without dev numbers and takes back its losses
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
