@@ -117,7 +117,7 @@ class ZOSGD(torch.optim.Optimizer):
                 yield group, p, torch.randn(generator=gen, **like)                          # z ~ N(0, I)
 
     def _perturb(self, seed, alpha):
-        """θ <- θ + alpha·z; a pass that fails part-way undoes what it did (if that fails too: error.theta_lost)."""
+        """θ <- θ + alpha·z, added to self._at[seed]; a pass failing part-way undoes itself (else: theta_lost)."""
         done = 0
         try:
             for _, p, z in self._zs(seed):
@@ -130,32 +130,29 @@ class ZOSGD(torch.optim.Optimizer):
             except BaseException:
                 error.theta_lost = True
             raise
+        self._at[seed] = self._at.get(seed, 0.0) + alpha  # θ stands at θ + Σ at·z (for _put_back)
 
     def _query(self, closure, seed, eps, back):
-        """From θ: ℓ± = L(θ ± εz), z from `seed`; returns g (eq. (1)) and ℓ+, θ at θ - εz (back: at θ) or put back."""
-        at = 0.0                                                  # θ stands at θ + at·z
-        try:
+        """From θ: ℓ± = L(θ ± εz), z from `seed`; returns g (eq. (1)) and ℓ+, and leaves θ at θ - εz (back: at θ)."""
+        self._perturb(seed, eps)                                  # θ + εz
+        loss_plus = self._forked(closure, "θ + εz")               # ℓ+ = L(θ + εz)
+        self._perturb(seed, -2 * eps)                             # θ - εz
+        loss_minus = _scalar(closure(), "θ - εz")                 # ℓ- = L(θ - εz), with ℓ+'s dropout masks
+        if back:                                                  # θ - εz back to θ, for the next query
             self._perturb(seed, eps)
-            at = eps
-            loss_plus = self._forked(closure, "θ + εz")           # ℓ+ = L(θ + εz)
-            self._perturb(seed, -2 * eps)
-            at = -eps
-            loss_minus = _scalar(closure(), "θ - εz")             # ℓ- = L(θ - εz), with ℓ+'s dropout masks
-            if back:                                              # θ - εz back to θ, for the next query
-                self._perturb(seed, eps)
-                at = 0.0
-            return _scalar((loss_plus - loss_minus) / (2 * eps), "g = (ℓ+ - ℓ-) / 2ε"), loss_plus  # g: eq. (1)
-        except BaseException as error:
-            try:  # θ put back by replaying z; an ε that overflowed leaves it non-finite
-                lost = getattr(error, "theta_lost", False)  # a pass failed and so did its undo: θ is not known
-                if at and not lost:
-                    self._perturb(seed, -at)
-                restored = not lost and all(bool(torch.isfinite(p).all()) for _, p in self._params())
-            except BaseException:  # out of memory again, Ctrl-C: θ stays where the failure left it
-                restored = False
-            error.add_note(f"ZO step {self.steps_done + 1} stopped; θ " + ("was put back by replaying z" if restored
-                                                                          else "could NOT be put back: reload it"))
-            raise
+        return _scalar((loss_plus - loss_minus) / (2 * eps), "g = (ℓ+ - ℓ-) / 2ε"), loss_plus  # g: eq. (1)
+
+    def _put_back(self, error):
+        """After a failed query, θ put back where the step began: each z still applied replayed; a note says if."""
+        try:
+            lost = getattr(error, "theta_lost", False)  # a pass failed and so did its undo: θ is not known
+            for seed, at in [] if lost else [(seed, at) for seed, at in self._at.items() if at]:
+                self._perturb(seed, -at)
+            restored = not lost and all(bool(torch.isfinite(p).all()) for _, p in self._params())
+        except BaseException:  # out of memory again, Ctrl-C: θ stays where the failure left it
+            restored = False
+        error.add_note(f"ZO step {self.steps_done + 1} stopped; θ " + ("was put back by replaying z" if restored
+                                                                      else "could NOT be put back: reload it"))
 
     @torch.no_grad()
     def _zo_step(self, closure=None):
@@ -163,9 +160,12 @@ class ZOSGD(torch.optim.Optimizer):
         if not callable(closure):
             raise TypeError(f"step(closure) needs a function returning the loss, got {type(closure).__name__}")
         eps, q = self.param_groups[0]["eps"], self.param_groups[0]["queries"]
-        seeds = [int(torch.randint(0, 2**62, (1,), generator=self._seeds)) for _ in range(q)]
-        queried = [self._query(closure, seed, eps, back=j < q - 1) for j, seed in enumerate(seeds)]
-        grads = [grad for grad, _ in queried]
+        seeds, self._at = [int(torch.randint(0, 2**62, (1,), generator=self._seeds)) for _ in range(q)], {}
+        try:
+            grads, losses = zip(*[self._query(closure, seed, eps, back=j < q - 1) for j, seed in enumerate(seeds)])
+        except BaseException as error:  # out of memory, Ctrl-C, a non-finite loss or g: θ put back if it can be
+            self._put_back(error)
+            raise
         try:  # eq. (2), the restore and the last query's update fused into one pass, from θ - εz_q:
             #   θ <- (θ - εz_q + εz_q)(1 - ηλ) - (η/q) g_q z_q          (λ on tensors of 2+ dimensions only)
             for group, p, z in self._zs(seeds[-1]):
@@ -181,8 +181,8 @@ class ZOSGD(torch.optim.Optimizer):
             error.add_note(f"ZO step {self.steps_done + 1} stopped in its update: θ is neither old nor new, reload it")
             raise
         self.steps_done += 1
-        self.projected_grads, self.projected_grad = grads, sum(grads) / q
-        return queried[0][1]  # ℓ+ of the first query
+        self.projected_grads, self.projected_grad = list(grads), sum(grads) / q
+        return losses[0]  # ℓ+ of the first query
 
     def step(self, closure=None):  # torch.optim wraps `step` in its hooks; DiZO.step calls _zo_step: they run once
         return self._zo_step(closure)

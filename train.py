@@ -14,7 +14,7 @@ A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --g
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
 - the loop: train_method (train.py:248); one step: take_step (train.py:193); for zo and dizo, in dizo.py,
-  ZOSGD._zo_step (dizo.py:161) and DiZO.project (dizo.py:289)
+  ZOSGD._zo_step (dizo.py:158) and DiZO.project (dizo.py:289)
 - the optimizers and what each trains: make_optimizer (train.py:172), trained_parameters (train.py:160)
 - a batch's loss: TrainLoss (train.py:211), its forward pass in PromptLoss.scores (data.py:361)
 - evaluation: evaluate (train.py:232), its history entry Run.record (runs.py:348)
