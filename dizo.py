@@ -117,7 +117,7 @@ class ZOSGD(torch.optim.Optimizer):
                 yield group, p, torch.randn(generator=gen, **like)                          # z ~ N(0, I)
 
     def _perturb(self, seed, alpha):
-        """θ <- θ + alpha·z, added to self._at[seed]; a pass failing part-way undoes itself (else: theta_lost)."""
+        """θ <- θ + alpha·z, alpha added to _offsets[seed]; a pass failing part-way undoes itself (else: theta_lost)."""
         done = 0
         try:
             for _, p, z in self._zs(seed):
@@ -130,7 +130,7 @@ class ZOSGD(torch.optim.Optimizer):
             except BaseException:
                 error.theta_lost = True
             raise
-        self._at[seed] = self._at.get(seed, 0.0) + alpha  # θ stands at θ + Σ at·z (for _put_back)
+        self._offsets[seed] = self._offsets.get(seed, 0.0) + alpha  # scalars: θ is at θ + Σ offset·z, no z kept
 
     def _query(self, closure, seed, eps, back):
         """From θ: ℓ± = L(θ ± εz), z from `seed`; returns g (eq. (1)) and ℓ+, and leaves θ at θ - εz (back: at θ)."""
@@ -146,8 +146,8 @@ class ZOSGD(torch.optim.Optimizer):
         """After a failed query, θ put back where the step began: each z still applied replayed; a note says if."""
         try:
             lost = getattr(error, "theta_lost", False)  # a pass failed and so did its undo: θ is not known
-            for seed, at in [] if lost else [(seed, at) for seed, at in self._at.items() if at]:
-                self._perturb(seed, -at)
+            for seed, offset in [] if lost else [(seed, a) for seed, a in self._offsets.items() if a]:
+                self._perturb(seed, -offset)
             restored = not lost and all(bool(torch.isfinite(p).all()) for _, p in self._params())
         except BaseException:  # out of memory again, Ctrl-C: θ stays where the failure left it
             restored = False
@@ -160,7 +160,7 @@ class ZOSGD(torch.optim.Optimizer):
         if not callable(closure):
             raise TypeError(f"step(closure) needs a function returning the loss, got {type(closure).__name__}")
         eps, q = self.param_groups[0]["eps"], self.param_groups[0]["queries"]
-        seeds, self._at = [int(torch.randint(0, 2**62, (1,), generator=self._seeds)) for _ in range(q)], {}
+        seeds, self._offsets = [int(torch.randint(0, 2**62, (1,), generator=self._seeds)) for _ in range(q)], {}
         try:
             grads, losses = zip(*[self._query(closure, seed, eps, back=j < q - 1) for j, seed in enumerate(seeds)])
         except BaseException as error:  # out of memory, Ctrl-C, a non-finite loss or g: θ put back if it can be
