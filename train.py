@@ -9,16 +9,18 @@ One iteration of each method (take_step, below):
     dizo:  the zo step; then, at every κ-th step in the same opt.step call, it moves each K, V matrix l (with --lora
            the adapters of the roles that have them) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 what DiZO started from,
            every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
-A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --grad_accum's micro-batches count as one):
-1 a fo step (and a backward), 2 a zo or dizo step (2q with --queries q), 2M + 2 a DiZO phase (+2: loss before, after).
+A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --grad_accum's micro-batches count as one).
+A fo step takes 1 (and a backward), a zo or dizo step 2 (2q with --queries q), a DiZO phase, every κ = --interval steps,
+2M + 2 (M = --proj_iters): 2 per γ-search iteration, and the loss before and after the phase.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
-- the loop: train_method (train.py:248); one step: take_step (train.py:193); for zo and dizo, in dizo.py,
-  ZOSGD._zo_step (dizo.py:158) and DiZO.project (dizo.py:289)
-- the optimizers and what each trains: make_optimizer (train.py:172), trained_parameters (train.py:160)
-- a batch's loss: TrainLoss (train.py:211), its forward pass in PromptLoss.scores (data.py:361)
-- evaluation: evaluate (train.py:232), its history entry Run.record (runs.py:348)
-- what is written, Ctrl-C, --resume: the comment above the loop in train_method, and the functions it names
+- the loop: train_method (train.py:248); one step: take_step (train.py:194), then in dizo.py
+  ZOSGD._zo_step (dizo.py:158), DiZO.step (dizo.py:252), DiZO.project (dizo.py:289)
+- the optimizers and what each trains: make_optimizer (train.py:173), trained_parameters (train.py:161)
+- a batch's loss: TrainLoss (train.py:212), its forward pass in PromptLoss.scores (data.py:361)
+- evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:348)
+- what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:360), Stop (runs.py:474),
+  check_out_dir (runs.py:132), Run.restore (runs.py:293)
 Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
 """
 
@@ -112,8 +114,7 @@ class Config:
         self.task = self.task or ("toy" if self.builtin or self.data_dir is None else None)
         if self.task is not None and self.task.lower() in data.TASKS:  # sst-2 and SST-2 are the same task
             self.task = self.task.lower()
-        if self.data_dir:  # data/SST-2/ and data/SST-2 are the same folder
-            self.data_dir = os.path.normpath(self.data_dir)
+        self.data_dir = self.data_dir and os.path.normpath(self.data_dir)  # data/SST-2/ and data/SST-2: one folder
 
     builtin = property(lambda self: self.model == BUILTIN)
     defaults = property(lambda self: BUILTIN_DEFAULTS if self.builtin else REAL_DEFAULTS)
@@ -230,8 +231,7 @@ class TrainLoss:
 
 
 def evaluate(model, setup, split, count=None):
-    """(accuracy, mean loss) on a split, or on its first `count` examples (each rank scores its share), in eval
-    mode; the model's mode is put back after."""
+    """(accuracy, mean loss) on a split or its first `count` examples (each rank scores its share), in eval mode."""
     enc, was_training = setup.splits[split], model.training
     n = len(enc.labels) if count is None else min(count, len(enc.labels))
     model.eval()
@@ -273,8 +273,8 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #                    {"step": 100, "loss": 0.498 (mean training loss since the last), "dev_acc": 0.79,
     #                     "dev_loss": 0.456, "forward_passes": 200, "wall_s": 6.1 (training time only)};
     #                    then Run.checkpoint (runs.py:360) replaces checkpoints/<method>/ whole: save_pretrained's
-    #                    files, the tokenizer, trainer_state.pt (`parts` above, DiZO's θ0 in its optimizer state;
-    #                    the result; the RNGs)
+    #                    files, the tokenizer, trainer_state.pt (Run.state: `parts` above, DiZO's θ0 in its optimizer
+    #                    state; the result; a cut interval's losses; the RNGs; --track_divergence's W0, "anchor")
     #   Ctrl-C           Stop (runs.py:474) only sets a flag; the step ends; run.stop_requested() is true; an entry
     #                    without dev numbers and a checkpoint (with the losses since the last entry) are written;
     #                    the loop breaks; train_all exits with 128 + the signal. A second Ctrl-C stops at once
