@@ -2,7 +2,8 @@
 
 Torch only: copy it into any project. Read it beside the papers and released code (the README: where it departs):
   MeZO  Malladi et al., arXiv 2305.17333; princeton-nlp/MeZO, large_models/trainer.py.
-  DiZO  Tan et al., "Harmony in Divergence", arXiv 2502.03304 (NeurIPS 2025); Skilteee/DiZO, the same file.
+  DiZO  Tan et al., "Harmony in Divergence", arXiv 2502.03304 (NeurIPS 2025); Skilteee/DiZO (b05e73d), the same file:
+        zo_step, zo_update (eq. (1), (2)), dizo_trainer.dizo_zo_iters (a phase), DiZO.zo_forward (a γ-search step).
 
 Equation map (the DiZO paper's sections)                                      where
   z ~ N(0, I), regenerated from its query's seed at every pass (seed replay)   ZOSGD._zs         MeZO
@@ -13,8 +14,7 @@ Equation map (the DiZO paper's sections)                                      wh
   every κ ZO steps, M iterations of SPSA on γ; the accepted r_l in [1-τ, 1+τ]  DiZO.project      §3
   which matrices: attention K and V (or their LoRA factors)                     projected_params  trainer.py
 Tests check the rows against references (pytest -k NAME): test_fused_step_equals_the_four_pass_reference (MeZO),
-test_q_queries_follow_the_direct_computation, test_the_projection_phase_follows_the_released_gamma_search (a port),
-test_projection_step_calls_closure_2_plus_2m_times_with_fresh_batches (a phase's 2M + 2 forward passes).
+test_q_queries_follow_the_direct_computation, test_the_projection_phase_follows_the_released_gamma_search (a port).
 
 Usage (ZOSGD: the same without the matrices, search_data and search_loss); the closure: ONE mini-batch's loss:
     opt = DiZO(model.parameters(), projected_params(model), lr=1e-6, search_data=batches, search_loss=loss_fn)
