@@ -1090,6 +1090,10 @@ def test_lora_run_resumes_bit_for_bit(assets, tmp_path, monkeypatch):
     assert run_train(assets, tmp_path / "cut", *flags, "--resume") == 0
     a, b = (load_file(str(p / "model" / "adapter_model.safetensors")) for p in (tmp_path / "full", tmp_path / "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from peft import PeftModel, get_peft_model_state_dict  # what --save wrote loads as the README says
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        assets["causal"]), tmp_path / "full" / "model"))
+    assert loaded.keys() == a.keys() and all(torch.equal(loaded[k], a[k]) for k in a)
 
 
 def test_no_embed_freezes_the_token_embedding_and_its_tied_head(assets, tmp_path):
