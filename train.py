@@ -197,7 +197,7 @@ def take_step(method, opt, closure, step):
     if method != "fo":
         return opt.step(closure)  # ZO and DiZO: 2q forward passes (DiZO: + 2M + 2 at every κ-th step)
     opt.zero_grad(set_to_none=True)
-    loss = closure()  # FO: forward and backward (with --grad_accum or torchrun, micro-batch by micro-batch)
+    loss = closure()  # FO: forward and backward (--grad_accum: micro-batch by micro-batch; torchrun: each rank's share)
     if not math.isfinite(float(loss)):
         raise FloatingPointError(f"non-finite loss {float(loss)} at FO step {step}")
     opt.step()
@@ -269,15 +269,15 @@ def train_method(method, model, setup, cfg, folder, saved=None):
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
     # What the run writes, and what Ctrl-C and --resume do (the functions are runs.py's):
-    #   each evaluation  Run.record (runs.py:348) adds a history entry to results.json, such as zo's at step 100:
+    #   each evaluation  Run.record (runs.py:348) adds a history entry to the method's result, such as zo's at 100:
     #                    {"step": 100, "loss": 0.498 (mean training loss since the last), "dev_acc": 0.79,
-    #                     "dev_loss": 0.456, "forward_passes": 200, "wall_s": 6.1 (training time only)};
-    #                    then Run.checkpoint (runs.py:360) replaces checkpoints/<method>/ whole: save_pretrained's
-    #                    files, the tokenizer, trainer_state.pt (Run.state: `parts` above, DiZO's θ0 in its optimizer
-    #                    state; the result; a cut interval's losses; the RNGs; --track_divergence's W0, "anchor")
-    #   Ctrl-C           Stop (runs.py:474) only sets a flag; the step ends; run.stop_requested() is true; an entry
-    #                    without dev numbers and a checkpoint (with the losses since the last entry) are written;
-    #                    the loop breaks; train_all exits with 128 + the signal. A second Ctrl-C stops at once
+    #                     "dev_loss": 0.456, "forward_passes": 200, "wall_s": 6.1 (training time only)}; then
+    #                    Run.checkpoint (runs.py:360) replaces checkpoints/<method>/ whole: save_pretrained's files, the
+    #                    tokenizer, trainer_state.pt (Run.state: `parts` above, DiZO's θ0 in its optimizer's; the
+    #                    result; a cut interval's losses; the RNGs; W0); only then does it write results.json
+    #   Ctrl-C           Stop (runs.py:474) only sets a flag; the step ends; run.stop_requested() is true; between
+    #                    evaluations an entry without dev numbers and a checkpoint (with the losses since the last) are
+    #                    written; the loop breaks; train_all exits with 128 + the signal (a second Ctrl-C: at once)
     #   --resume         check_out_dir (runs.py:132) refuses other flags or process count (in main), and other data
     #                    or base model (in open_folder); train_all skips finished methods and loads the checkpoint;
     #                    Run.restore (runs.py:293) drops the entry without dev numbers and takes back its losses
