@@ -130,10 +130,10 @@ class ZOSGD(torch.optim.Optimizer):
             except BaseException:
                 error.theta_lost = True
             raise
-        self._offsets[seed] = self._offsets.get(seed, 0.0) + alpha  # scalars: θ is at θ + Σ offset·z, no z kept
+        self._offsets[seed] = self._offsets.get(seed, 0.0) + alpha  # scalars, no z: θ_step + Σ offset·z, in queries
 
     def _query(self, closure, seed, eps, back):
-        """From θ: ℓ± = L(θ ± εz), z from `seed`; returns g (eq. (1)) and ℓ+, and leaves θ at θ - εz (back: at θ)."""
+        """ℓ± = L(θ ± εz), z of `seed`; returns g (eq. (1)) and ℓ+; leaves θ - εz (back: θ; failing: _offsets says)."""
         self._perturb(seed, eps)                                  # θ + εz
         loss_plus = self._forked(closure, "θ + εz")               # ℓ+ = L(θ + εz)
         self._perturb(seed, -2 * eps)                             # θ - εz
