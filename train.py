@@ -5,7 +5,7 @@
 
 One iteration of each method (take_step, below):
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
-    zo:    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  (z redrawn, not stored)
+    zo:    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z (q queries: their mean)
     dizo:  the zo step; then, at every κ-th step in the same opt.step call, it moves each K, V matrix l (with --lora
            the adapters of the roles that have them) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 what DiZO started from,
            every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
@@ -184,7 +184,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     if method == "zo":
         return ZOSGD(params, **cfg.zo_settings(method))
     pairs = projected_params(model, roles=dizo_roles(cfg, model))
-    search = dict(search_data=search_batches.next, search_loss=batch_loss)
+    search = dict(search_data=search_batches.next, search_loss=batch_loss)  # its passes are counted, as training's
     if not cfg.phase_dev:
         return DiZO(params, pairs, **cfg.zo_settings(method), **search)
     return HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
@@ -195,7 +195,7 @@ def take_step(method, opt, closure, step):
     """One step, where the methods' updates differ (the module's docstring shows each); returns the loss it logs: fo
     L(θ), zo and dizo ℓ+ = L(θ + εz). closure(): this step's mini-batch loss (TrainLoss), under no_grad for ZO."""
     if method != "fo":
-        return opt.step(closure)  # ZO and DiZO: 2q forward passes (DiZO: + 2M + 2 at every κ-th step)
+        return opt.step(closure)  # ZOSGD.step (dizo.py:187), or DiZO.step (dizo.py:252): + a phase every κ-th step
     opt.zero_grad(set_to_none=True)
     loss = closure()  # FO: forward and backward (--grad_accum: micro-batch by micro-batch; torchrun: each rank's share)
     if not math.isfinite(float(loss)):
