@@ -580,7 +580,7 @@ def load_model(name, kind, dtype, device, trust_remote_code, device_map=None):
         raise DataError(f"--model {name}: its weight {bad} holds NaN or inf; a damaged checkpoint")
     if getattr(model, "hf_quantizer", None) is not None:
         raise DataError(f"--model {name} is quantised ({model.hf_quantizer.quantization_config.quant_method}); "
-                        "dequantise it to an ordinary float checkpoint first (see the SmolLM2 recipe in README)")
+                        "dequantise it to an ordinary float checkpoint first (see the SmolLM2 recipe in RESULTS.md)")
     return (model if device_map else model.to(device)).eval()
 
 
