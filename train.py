@@ -20,7 +20,7 @@ It reads top to bottom: Config, the model, the methods, the loss, the loop, main
 - a batch's loss: TrainLoss (train.py:212), its forward pass in PromptLoss.scores (data.py:361)
 - evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:348)
 - what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:360), Stop (runs.py:474),
-  check_out_dir (runs.py:132), Run.restore (runs.py:293)
+  check_out_dir (runs.py:132), load_checkpoint (runs.py:99), Run.restore (runs.py:293)
 Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
 """
 
@@ -206,7 +206,7 @@ def take_step(method, opt, closure, step):
 
 # ---------------------------------------------------------------------------------------------------------
 # The loss of a batch (one forward pass) and evaluation. The loss itself is data.PromptLoss; with one-token label
-# words (" great", " terrible") on a causal LM, prompts left-padded, it is, in at least fp32 (else: PromptLoss.scores)
+# words (" great", " terrible") on a causal LM, prompts left-padded, it is, in at least fp32 (others: PromptLoss.scores)
 #   logits = model(**prompts).logits[:, -1]; F.cross_entropy(logits.log_softmax(-1)[:, word_ids], labels)
 
 class TrainLoss:
@@ -275,12 +275,13 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #                    Run.checkpoint (runs.py:360) replaces checkpoints/<method>/ whole: save_pretrained's files, the
     #                    tokenizer, trainer_state.pt (Run.state: `parts` above, DiZO's θ0 in its optimizer's; the
     #                    result; a cut interval's losses; the RNGs; W0); only then does it write results.json
-    #   Ctrl-C           Stop (runs.py:474) only sets a flag; the step ends; run.stop_requested() is true; between
+    #   Ctrl-C, SIGTERM  Stop (runs.py:474) only sets a flag; the step ends; run.stop_requested() is true; between
     #                    evaluations an entry without dev numbers and a checkpoint (with the losses since the last) are
     #                    written; the loop breaks; train_all exits with 128 + the signal (a second Ctrl-C: at once)
     #   --resume         check_out_dir (runs.py:132) refuses other flags or process count (in main), and other data
-    #                    or base model (in open_folder); train_all skips finished methods and loads the checkpoint;
-    #                    Run.restore (runs.py:293) drops the entry without dev numbers and takes back its losses
+    #                    or base model (in open_folder); train_all skips finished methods; load_checkpoint (runs.py:99)
+    #                    reads the weights back; Run.restore (runs.py:293) drops the entry without dev numbers and takes
+    #                    back its losses
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
@@ -364,8 +365,7 @@ def main(argv=None):
 
 
 def train_all(cfg, setup, folder, model):
-    """Train each method (skipping those a resumed run finished), the first on `model`, each later one on a
-    freshly loaded copy; returns the exit code."""
+    """Train each method (not those a resumed run finished), the first on `model`, later ones anew; the exit code."""
     for method in cfg.methods:
         previous = folder.results["methods"].get(method)
         if previous is not None and previous["status"] == "diverged":  # it would diverge again
