@@ -205,8 +205,8 @@ def take_step(method, opt, closure, step):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The loss of a batch (one forward pass) and evaluation. The loss itself is data.PromptLoss; with one-token label
-# words (" great", " terrible") on a causal LM, prompts left-padded, it is, in at least fp32 (others: PromptLoss.scores)
+# The loss of a batch (one forward pass) and evaluation. The loss is data.PromptLoss; with one-token label words
+# (" great", " terrible") on a causal LM, prompts left-padded, it is, in at least fp32 (other cases: PromptLoss.scores)
 #   logits = model(**prompts).logits[:, -1]; F.cross_entropy(logits.log_softmax(-1)[:, word_ids], labels)
 
 class TrainLoss:
@@ -275,13 +275,13 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #                    Run.checkpoint (runs.py:360) replaces checkpoints/<method>/ whole: save_pretrained's files, the
     #                    tokenizer, trainer_state.pt (Run.state: `parts` above, DiZO's θ0 in its optimizer's; the
     #                    result; a cut interval's losses; the RNGs; W0); only then does it write results.json
-    #   Ctrl-C, SIGTERM  Stop (runs.py:474) only sets a flag; the step ends; run.stop_requested() is true; between
-    #                    evaluations an entry without dev numbers and a checkpoint (with the losses since the last) are
-    #                    written; the loop breaks; train_all exits with 128 + the signal (a second Ctrl-C: at once)
+    #   Ctrl-C           (and SIGTERM, SIGHUP) Stop (runs.py:474) only sets a flag; the step ends; stop_requested();
+    #                    between evaluations an entry without dev numbers and a checkpoint (with the losses since the
+    #                    last) are written; the loop breaks; train_all exits with 128 + the signal (a second: at once)
     #   --resume         check_out_dir (runs.py:132) refuses other flags or process count (in main), and other data
     #                    or base model (in open_folder); train_all skips finished methods; load_checkpoint (runs.py:99)
-    #                    reads the weights back; Run.restore (runs.py:293) drops the entry without dev numbers and takes
-    #                    back its losses
+    #                    loads the weights and returns trainer_state.pt; Run.restore (runs.py:293) puts back what it
+    #                    holds (optimizer with θ0, schedule, data orders, RNGs, results), less the cut interval's entry
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
@@ -365,7 +365,7 @@ def main(argv=None):
 
 
 def train_all(cfg, setup, folder, model):
-    """Train each method (not those a resumed run finished), the first on `model`, later ones anew; the exit code."""
+    """Train each method not yet finished (--resume), the first on `model`, later ones anew; returns the exit code."""
     for method in cfg.methods:
         previous = folder.results["methods"].get(method)
         if previous is not None and previous["status"] == "diverged":  # it would diverge again
