@@ -82,9 +82,9 @@ def make_batch(model, batch, seq, gen):
 
 
 def loss_fn(model, batch, autocast=None):
-    """Cross-entropy of the logits against the labels, under torch.autocast(autocast) unless None; flatten is a
-    view, the upcast a no-op in fp32."""
-    with torch.autocast(model.device.type, dtype=autocast, enabled=autocast is not None):
+    """Cross-entropy of the logits against the labels, under torch.autocast(autocast) unless None, without its cast
+    cache as data.PromptLoss; flatten is a view, the upcast a no-op in fp32."""
+    with torch.autocast(model.device.type, dtype=autocast, enabled=autocast is not None, cache_enabled=False):
         logits = model(input_ids=batch["input_ids"]).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
 

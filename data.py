@@ -361,7 +361,9 @@ class PromptLoss:
     def scores(self, model, prompts):
         """[batch, candidates] scores; the forward pass is the only model call."""
         first = [w[0] for w in self.words]
-        with torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext():
+        # no cast cache: it would keep a half copy of every trained weight until the forward ends (2 bytes a parameter)
+        half = torch.autocast(self.device.type, self.autocast, cache_enabled=False) if self.autocast else None
+        with half or contextlib.nullcontext():
             if self.kind == "masked":
                 inputs = self._padded(prompts)
                 at = (inputs["input_ids"] == self.tok.mask_token_id).long().argmax(1)

@@ -1256,6 +1256,22 @@ def test_training_at_learning_rate_zero_leaves_the_weights_as_they_were(assets, 
     assert 0 < drift["fp32"] < 1e-6 and drift["autocast"] < 1e-6 and drift["half"] > 100 * drift["fp32"], drift
 
 
+def test_a_forward_under_autocast_keeps_no_half_copy_of_the_weights(assets):
+    """--dtype bf16 runs every forward under torch.autocast without its cast cache, which would keep a bf16 copy of
+    every trained weight until the forward ends: 2 bytes a parameter that no ZO pass reuses (bench.py measures it).
+    The losses are those of the cache: the same casts."""
+    task, model = data.get_task("sst-2"), AutoModelForCausalLM.from_pretrained(assets["causal"]).requires_grad_(True)
+    loss_fn = data.PromptLoss(task, data.load_tokenizer(assets["causal"], False), "causal", torch.device("cpu"))
+    enc, loss_fn.autocast, cached = loss_fn.encode(data.load_splits(assets["data"], task)["dev"]), torch.bfloat16, []
+    model.register_forward_pre_hook(lambda module, args: cached.append(torch.is_autocast_cache_enabled()))
+    with torch.no_grad():
+        loss = loss_fn.loss(model, enc, [0, 1, 2])
+        loss_fn.autocast = None
+        with torch.autocast("cpu", torch.bfloat16):  # the same forward, with the cache
+            reference = loss_fn.loss(model, enc, [0, 1, 2])
+    assert cached == [False, True] and torch.equal(loss, reference)
+
+
 def test_a_process_that_dies_stops_the_whole_data_parallel_run(assets, tmp_path):
     """SIGKILL one of two processes after the first checkpoint: the run ends (no process left waiting), the
     survivor says so in one line, and results.json and the checkpoint are those of the last evaluation."""
