@@ -117,23 +117,14 @@ class ZOSGD(torch.optim.Optimizer):
                 yield group, p, torch.randn(generator=gen, **like)                          # z ~ N(0, I)
 
     def _perturb(self, seed, alpha):
-        """θ <- θ + alpha·z, alpha added to _offsets[seed]; a pass failing part-way undoes itself (else: theta_lost)."""
-        done = 0
-        try:
-            for _, p, z in self._zs(seed):
-                p.add_(z, alpha=alpha)
-                done += 1
-        except BaseException as error:
-            try:
-                for _, (_, p, z) in zip(range(done), self._zs(seed)):
-                    p.add_(z, alpha=-alpha)
-            except BaseException:
-                error.theta_lost = True
-            raise
-        self._offsets[seed] = self._offsets.get(seed, 0.0) + alpha  # scalars, no z: θ_step + Σ offset·z, in queries
+        """θ <- θ + alpha·z, tensor by tensor; _cut and _offsets (scalars, no z) say how far, for _put_back."""
+        for i, (_, p, z) in enumerate(self._zs(seed)):
+            p.add_(z, alpha=alpha)
+            self._cut = (seed, alpha, i + 1)  # if the pass stops here: its first i + 1 tensors moved
+        self._cut, self._offsets[seed] = None, self._offsets.get(seed, 0.0) + alpha  # θ_step + Σ offset·z
 
     def _query(self, closure, seed, eps, back):
-        """ℓ± = L(θ ± εz), z of `seed`; returns g (eq. (1)) and ℓ+; leaves θ - εz (back: θ; failing: _offsets says)."""
+        """ℓ± = L(θ ± εz), z of `seed`; returns g (eq. (1)) and ℓ+; leaves θ - εz (back: θ; failing: see _put_back)."""
         self._perturb(seed, eps)                                  # θ + εz
         loss_plus = self._forked(closure, "θ + εz")               # ℓ+ = L(θ + εz)
         self._perturb(seed, -2 * eps)                             # θ - εz
@@ -143,12 +134,17 @@ class ZOSGD(torch.optim.Optimizer):
         return _scalar((loss_plus - loss_minus) / (2 * eps), "g = (ℓ+ - ℓ-) / 2ε"), loss_plus  # g: eq. (1)
 
     def _put_back(self, error):
-        """After a failed query, θ put back where the step began: each z still applied replayed; a note says if."""
+        """After a failed query, θ put back where the step began by replaying z: first the tensors a pass cut short had
+        moved, then each whole pass still applied; a note says whether it was."""
         try:
-            lost = getattr(error, "theta_lost", False)  # a pass failed and so did its undo: θ is not known
-            for seed, offset in [] if lost else [(seed, a) for seed, a in self._offsets.items() if a]:
+            if self._cut:
+                seed, alpha, moved = self._cut
+                for _, (_, p, z) in zip(range(moved), self._zs(seed)):
+                    p.add_(z, alpha=-alpha)
+                self._cut = None
+            for seed, offset in [(seed, a) for seed, a in self._offsets.items() if a]:
                 self._perturb(seed, -offset)
-            restored = not lost and all(bool(torch.isfinite(p).all()) for _, p in self._params())
+            restored = all(bool(torch.isfinite(p).all()) for _, p in self._params())  # an ε that overflowed: no
         except BaseException:  # out of memory again, Ctrl-C: θ stays where the failure left it
             restored = False
         error.add_note(f"ZO step {self.steps_done + 1} stopped; θ " + ("was put back by replaying z" if restored
@@ -160,7 +156,8 @@ class ZOSGD(torch.optim.Optimizer):
         if not callable(closure):
             raise TypeError(f"step(closure) needs a function returning the loss, got {type(closure).__name__}")
         eps, q = self.param_groups[0]["eps"], self.param_groups[0]["queries"]
-        seeds, self._offsets = [int(torch.randint(0, 2**62, (1,), generator=self._seeds)) for _ in range(q)], {}
+        seeds = [int(torch.randint(0, 2**62, (1,), generator=self._seeds)) for _ in range(q)]
+        self._offsets, self._cut = {}, None  # where θ stands, for _put_back
         try:
             grads, losses = zip(*[self._query(closure, seed, eps, back=j < q - 1) for j, seed in enumerate(seeds)])
         except BaseException as error:  # out of memory, Ctrl-C, a non-finite loss or g: θ put back if it can be
