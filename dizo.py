@@ -79,6 +79,7 @@ class ZOSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, queries=queries, direction=direction))
         self._seeds = torch.Generator().manual_seed(seed)  # one seed per step and query
         self.steps_done, self.projected_grad, self.projected_grads = 0, None, []
+        self._offsets, self._cut = {}, None  # where θ stands during a step's queries, for _put_back
         if halves := [p for _, p in self._params() if p.dtype in (torch.bfloat16, torch.float16)]:  # as released
             dtype, lr = halves[0].dtype, self.defaults["lr"]  # fp32 rounds far finer; spacing near |θ|: |θ|·eps/2..eps
             warnings.warn(f"{sum(p.numel() for p in halves):,} {dtype} weights are stepped in place: at lr {lr:g} an "
@@ -121,7 +122,7 @@ class ZOSGD(torch.optim.Optimizer):
         for i, (_, p, z) in enumerate(self._zs(seed)):
             p.add_(z, alpha=alpha)
             self._cut = (seed, alpha, i + 1)  # if the pass stops here: its first i + 1 tensors moved
-        self._cut, self._offsets[seed] = None, self._offsets.get(seed, 0.0) + alpha  # θ_step + Σ offset·z
+        self._cut, self._offsets[seed] = None, self._offsets.get(seed, 0.0) + alpha  # θ_step + Σ offset·z, in queries
 
     def _query(self, closure, seed, eps, back):
         """ℓ± = L(θ ± εz), z of `seed`; returns g (eq. (1)) and ℓ+; leaves θ - εz (back: θ; failing: see _put_back)."""
@@ -134,8 +135,8 @@ class ZOSGD(torch.optim.Optimizer):
         return _scalar((loss_plus - loss_minus) / (2 * eps), "g = (ℓ+ - ℓ-) / 2ε"), loss_plus  # g: eq. (1)
 
     def _put_back(self, error):
-        """After a failed query, θ put back where the step began by replaying z: first the tensors a pass cut short had
-        moved, then each whole pass still applied; a note says whether it was."""
+        """After a failed query, θ put back where the step began (to rounding) by replaying z: first the tensors a pass
+        cut short had moved, then each whole pass still applied; a note says whether it was (θ finite)."""
         try:
             if self._cut:
                 seed, alpha, moved = self._cut
@@ -145,7 +146,7 @@ class ZOSGD(torch.optim.Optimizer):
             for seed, offset in [(seed, a) for seed, a in self._offsets.items() if a]:
                 self._perturb(seed, -offset)
             restored = all(bool(torch.isfinite(p).all()) for _, p in self._params())  # an ε that overflowed: no
-        except BaseException:  # out of memory again, Ctrl-C: θ stays where the failure left it
+        except BaseException:  # out of memory again, Ctrl-C: θ stays where this failure left it, even part-way
             restored = False
         error.add_note(f"ZO step {self.steps_done + 1} stopped; θ " + ("was put back by replaying z" if restored
                                                                       else "could NOT be put back: reload it"))
@@ -157,7 +158,7 @@ class ZOSGD(torch.optim.Optimizer):
             raise TypeError(f"step(closure) needs a function returning the loss, got {type(closure).__name__}")
         eps, q = self.param_groups[0]["eps"], self.param_groups[0]["queries"]
         seeds = [int(torch.randint(0, 2**62, (1,), generator=self._seeds)) for _ in range(q)]
-        self._offsets, self._cut = {}, None  # where θ stands, for _put_back
+        self._offsets, self._cut = {}, None
         try:
             grads, losses = zip(*[self._query(closure, seed, eps, back=j < q - 1) for j, seed in enumerate(seeds)])
         except BaseException as error:  # out of memory, Ctrl-C, a non-finite loss or g: θ put back if it can be
