@@ -11,7 +11,8 @@ Equation map (the DiZO paper's sections)                                      wh
   θ <- θ - η ((1/q) Σ_j g_j z_j + λθ), λθ MeZO's weight decay, not the paper's  ZOSGD._zo_step    §2.1 eq. (2)
   s_l = ||θ_l - θ0_l||_F, the layer-wise divergence                             DiZO.distances    §2.2
   θ_l <- θ0_l + (γ_l / s_l)(θ_l - θ0_l) = θ0_l + r_l Δ_l                         DiZO._set_ratios  §3
-  every κ ZO steps, M iterations of SPSA on γ; the accepted r_l in [1-τ, 1+τ]  DiZO.project      §3
+  a phase after every κ-th ZO step (released: in zo_update)                     DiZO.step         §3
+  M iterations of SPSA on γ, batches from _search_closure; r_l in [1-τ, 1+τ]    DiZO.project      §3
   which matrices: attention K and V (or their LoRA factors)                     projected_params  trainer.py
 Tests check the rows against references (pytest -k NAME): test_fused_step_equals_the_four_pass_reference (MeZO),
 test_q_queries_follow_the_direct_computation, test_the_projection_phase_follows_the_released_gamma_search (a port).

@@ -15,7 +15,7 @@ A fo step takes 1 (and a backward), a zo or dizo step 2 (2q with --queries q), a
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
 - the loop: train_method (train.py:248); one step: take_step (train.py:194), then in dizo.py
-  ZOSGD._zo_step (dizo.py:155), DiZO.step (dizo.py:250), DiZO.project (dizo.py:287)
+  ZOSGD._zo_step (dizo.py:156), DiZO.step (dizo.py:251), DiZO.project (dizo.py:288)
 - the optimizers and what each trains: make_optimizer (train.py:173), trained_parameters (train.py:161)
 - a batch's loss: TrainLoss (train.py:212), its forward pass in PromptLoss.scores (data.py:361)
 - evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:348)
@@ -195,7 +195,7 @@ def take_step(method, opt, closure, step):
     """One step, where the methods' updates differ (the module's docstring shows each); returns the loss it logs: fo
     L(θ), zo and dizo ℓ+ = L(θ + εz). closure(): this step's mini-batch loss (TrainLoss), under no_grad for ZO."""
     if method != "fo":
-        return opt.step(closure)  # ZOSGD.step (dizo.py:185), or DiZO.step (dizo.py:250): + a phase every κ-th step
+        return opt.step(closure)  # ZOSGD.step (dizo.py:186), or DiZO.step (dizo.py:251): + a phase every κ-th step
     opt.zero_grad(set_to_none=True)
     loss = closure()  # FO: forward and backward (--grad_accum: micro-batch by micro-batch; torchrun: each rank's share)
     if not math.isfinite(float(loss)):
