@@ -294,7 +294,7 @@ class Run:
         """Continue from a checkpoint's `state`: the results so far, and the losses of an interval a signal cut."""
         for k, part in self.parts.items():  # DiZO's θ0 comes back with the optimizer's state_dict
             part.load_state_dict(state[k])
-        self.tracked_w0, self.r = state["anchor"], state["result"]
+        self.tracked_w0, self.r = state["tracked_w0"], state["result"]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -304,10 +304,10 @@ class Run:
             self.window = state["window"]
 
     def state(self, window):
-        """trainer_state.pt: each part's state_dict (optimizer, schedule, data orders), this result, tracked_w0 (saved
-        as "anchor"), the losses of an interval a signal cut (`window`), the RNGs."""
+        """trainer_state.pt: each part's state_dict (optimizer, schedule, data orders), this result, tracked_w0, the
+        losses of an interval a signal cut (`window`), the RNGs."""
         return {k: part.state_dict() for k, part in self.parts.items()} | {
-            "result": self.r, "anchor": self.tracked_w0, "window": window, "torch_rng": torch.get_rng_state(),
+            "result": self.r, "tracked_w0": self.tracked_w0, "window": window, "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     @property
@@ -357,11 +357,11 @@ class Run:
             entry["divergence"] = self.track(self.tracked_w0)
         self.r["history"].append(entry)
 
-    def checkpoint(self, complete):
+    def checkpoint(self, cut_short):
         """Rank 0 replaces out_dir/checkpoints/<method>/ (save_model: weights, config, tokenizer; state():
         trainer_state.pt), then writes results.json, which never names a step the checkpoint has not reached. An
-        incomplete interval's losses go with the checkpoint, for a resume to go on with them."""
-        window, self.window = ([] if complete else self.window), []
+        interval cut short by a signal: its losses go with the checkpoint, for a resume to go on with them."""
+        window, self.window = (self.window if cut_short else []), []
         if RANKS.main:
             folder = own_folder(self.folder.out_dir, "checkpoints") / self.method
             save_model(self.model, self.tokenizer, folder, self.state(window))
@@ -475,8 +475,8 @@ class Stop:
     """SIGINT (Ctrl-C), SIGTERM or SIGHUP set a flag; the loop finishes its step, checkpoints, and exits non-zero. A
     second Ctrl-C interrupts at once (KeyboardInterrupt; the last checkpoint, written atomically, stays). The path of
     one: the handler sets Stop.signum -> Run.stop_requested() after the step (every rank agrees) -> Run.record, and
-    Run.checkpoint(complete=False) keeps the cut interval's losses -> the loop breaks -> train.train_all marks the
-    method interrupted, writes results.json and the figures, returns 128 + signal. Then --resume: check_out_dir (the
+    Run.checkpoint(cut_short=True) keeps the cut interval's losses -> the loop breaks, the method interrupted ->
+    train.train_all writes results.json and the figures, returns 128 + signal. Then --resume: check_out_dir (the
     same flags, data and model) -> train_all skips finished methods -> load_checkpoint -> Run.restore."""
     signum = None
 

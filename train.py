@@ -14,11 +14,12 @@ A fo step takes 1 (and a backward), a zo or dizo step 2 (2q with --queries q), a
 2M + 2 (M = --proj_iters): 2 per γ-search iteration, and the loss before and after the phase.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
-- the loop: train_method (train.py:248); one step: take_step (train.py:194), then in dizo.py
-  ZOSGD._zo_step (dizo.py:156), DiZO.step (dizo.py:251), DiZO.project (dizo.py:288)
-- the optimizers and what each trains: make_optimizer (train.py:173), trained_parameters (train.py:161)
-- a batch's loss: TrainLoss (train.py:212), its forward pass in PromptLoss.scores (data.py:361)
-- evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:348)
+- the loop: train_method (train.py:249); one step: take_step (train.py:195), then in dizo.py
+  ZOSGD._zo_step (dizo.py:156), DiZO.step (dizo.py:251), DiZO.project (dizo.py:288); dizo's default optimizer,
+  HeldOutDiZO (train.py:427), also scores each projection phase on dev data (HeldOutDiZO.project, train.py:443)
+- the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
+- a batch's loss: TrainLoss (train.py:213), its forward pass in PromptLoss.scores (data.py:361)
+- evaluation: evaluate (train.py:234), its history entry Run.record (runs.py:348)
 - what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:360), Stop (runs.py:474),
   check_out_dir (runs.py:132), load_checkpoint (runs.py:99), Run.restore (runs.py:293)
 Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
@@ -176,7 +177,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
         zo    ZOSGD (dizo.py)
         dizo  DiZO (dizo.py): every κ steps it projects the K and V matrices (dizo_roles; with --lora the adapters of
               the attention roles that have them: PEFT's default on OPT, Q and V), its γ search on batches of its own.
-              By default HeldOutDiZO (train.py:429), which adds each phase's dev loss before and after (--phase_dev
+              By default HeldOutDiZO (train.py:427), which adds each phase's dev loss before and after (--phase_dev
               examples, not training passes; --phase_dev 0: DiZO itself)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
@@ -246,7 +247,7 @@ def evaluate(model, setup, split, count=None):
 # The training loop: one method, from the pretrained model or, with --resume, from its last checkpoint.
 
 def train_method(method, model, setup, cfg, folder, saved=None):
-    """Train one method; returns its result: status done, running (a signal stopped it) or diverged (a non-finite
+    """Train one method; returns its result: status done, interrupted (a signal stopped it) or diverged (a non-finite
     loss or weight). Evaluated before training (zero-shot test accuracy; dev; not from a checkpoint), every --eval_every
     steps and at the last (dev), and at the end (test); each later dev evaluation adds a history entry to results.json
     (training loss since the last, dev accuracy and loss, forward passes, time) and a checkpoint. saved: --resume's."""
@@ -261,27 +262,26 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     opt = make_optimizer(method, model, setup, cfg, batch_loss, search_batches)
     decay = 0.5 if cfg.lr_schedule == "linear" else 0.0  # linear: from lr to lr/2 over the run, as the released logs
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / max(1, steps))
-    run = new_run(method, model, setup, cfg, folder, opt, batch_loss, {"optimizer": opt, "schedule": schedule,
-                                                                       "batches": batches, "fresh": search_batches})
+    parts = {"optimizer": opt, "schedule": schedule, "batches": batches, "search_batches": search_batches}
+    run = new_run(method, model, setup, cfg, folder, opt, batch_loss, parts)  # parts: what a checkpoint holds
     if saved is not None:  # --resume: the optimizer, schedule, data orders, RNGs and results of the checkpoint
         run.restore(saved)  # (less a cut interval's entry); the steps go on after its last
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
-    # What the run writes, and what Ctrl-C and --resume do (the functions are runs.py's):
-    #   each evaluation  Run.record (runs.py:348) adds a history entry to the method's result, such as zo's at 100:
-    #                    {"step": 100, "loss": 0.498 (mean training loss since the last), "dev_acc": 0.79,
-    #                     "dev_loss": 0.456, "forward_passes": 200, "wall_s": 6.1 (training time only)}; then
-    #                    Run.checkpoint (runs.py:360) replaces checkpoints/<method>/ whole: save_pretrained's files, the
-    #                    tokenizer, trainer_state.pt (Run.state: `parts` above, DiZO's θ0 in its optimizer's; the
-    #                    result; a cut interval's losses; the RNGs; W0); only then does it write results.json
-    #   Ctrl-C           (and SIGTERM, SIGHUP) Stop (runs.py:474) only sets a flag; the step ends; stop_requested();
-    #                    between evaluations an entry without dev numbers and a checkpoint (with the losses since the
-    #                    last) are written; the loop breaks; train_all exits with 128 + the signal (a second: at once)
-    #   --resume         check_out_dir (runs.py:132) refuses other flags or process count (in main), and other data
-    #                    or base model (in open_folder); train_all skips finished methods; load_checkpoint (runs.py:99)
-    #                    loads the weights and returns trainer_state.pt; Run.restore (runs.py:293) puts back what it
-    #                    holds (optimizer with θ0, schedule, data orders, RNGs, results), less the cut interval's entry
+    # What the run writes, and what a signal and --resume do (the functions are runs.py's):
+    #   each evaluation  Run.record (runs.py:348) adds a history entry, such as zo's at step 100: {"step": 100, "loss":
+    #                    0.498 (the mean since the last entry), "dev_acc": 0.79, "dev_loss": 0.456, "forward_passes":
+    #                    200, "wall_s": 6.1}; Run.checkpoint (runs.py:360) replaces checkpoints/<method>/ whole:
+    #                    config.json, model.safetensors, the tokenizer's files, trainer_state.pt (`parts` above, DiZO's
+    #                    θ0 in the optimizer's; result, window, tracked_w0, torch_rng, cuda_rng); then results.json
+    #   first Ctrl-C     (or SIGTERM, SIGHUP) Stop (runs.py:474) sets a flag; the step ends; an entry without dev
+    #                    numbers and a checkpoint keeping the losses since the last entry (window) are written; the
+    #                    loop breaks; train_all exits with 128 + the signal
+    #   second Ctrl-C    KeyboardInterrupt: main exits at once with 130; the last checkpoint stays
+    #   --resume         check_out_dir (runs.py:132) refuses other flags, process count, data or model; train_all skips
+    #                    finished methods; load_checkpoint (runs.py:99) loads the weights; Run.restore (runs.py:293)
+    #                    the rest of trainer_state.pt, dropping the entry without dev numbers
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
@@ -292,16 +292,16 @@ def train_method(method, model, setup, cfg, folder, saved=None):
             stopping = run.stop_requested()  # a signal reached this process or another rank (see above)
             if evaluating or stopping:
                 run.record(evaluate(model, setup, "dev") if evaluating else (None, None))  # a history entry
-                run.checkpoint(complete=evaluating)  # checkpoints/<method>/ (weights, state), then results.json
+                run.checkpoint(cut_short=not evaluating)  # checkpoints/<method>/ (weights, state), then results.json
         except FloatingPointError as e:
             return run.diverged(e)
         if stopping:
             break
-    if run.step == steps:
-        run.r |= {"best_dev_acc": max(h["dev_acc"] for h in run.r["history"] if h["dev_acc"] is not None),
-                  "dev_loss": run.r["history"][-1]["dev_loss"], "test_acc": evaluate(model, setup, "test")[0],
-                  "peak_mem_mb": memory.peak() / 2**20, "device": runs.device_name(setup.device), "status": "done"}
-    return run.r
+    if run.step < steps:  # a signal stopped it
+        return run.r | {"status": "interrupted"}
+    return run.r | {"best_dev_acc": max(h["dev_acc"] for h in run.r["history"] if h["dev_acc"] is not None),
+                    "dev_loss": run.r["history"][-1]["dev_loss"], "test_acc": evaluate(model, setup, "test")[0],
+                    "peak_mem_mb": memory.peak() / 2**20, "device": runs.device_name(setup.device), "status": "done"}
 
 
 def new_run(method, model, setup, cfg, folder, opt, batch_loss, parts):
@@ -382,8 +382,6 @@ def train_all(cfg, setup, folder, model):
         # a checkpoint is written before results.json names it: a run killed in between resumes from it
         saved = runs.load_checkpoint(folder.out_dir, method, model) if cfg.resume else None
         r = train_method(method, model, setup, cfg, folder, saved)
-        if r["status"] == "running":  # stopped by a signal before its last step
-            r["status"] = "interrupted"
         if RANKS.main:
             if r["status"] == "done" and cfg.save:  # before results.json says done, and before a signal is obeyed
                 runs.save_final_model(cfg, folder.out_dir, method, model, setup.tokenizer)
