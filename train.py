@@ -10,8 +10,8 @@ One iteration of each method (take_step, below):
            the adapters of the roles that have them) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 what DiZO started from,
            every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
 A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --grad_accum's micro-batches count as one).
-A fo step takes 1 (and a backward), a zo or dizo step 2 (2q with --queries q), a DiZO phase, every κ = --interval steps,
-2M + 2 (M = --proj_iters): 2 per γ-search iteration, and the loss before and after the phase.
+Its cost: a fo step 1 (and a backward); a zo or dizo step 2 (2q with --queries q); a DiZO phase, every κ = --interval
+steps, 2M + 2 (M = --proj_iters): 2 for each of the γ search's M trials, and the loss before and after the phase.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
 - the loop: train_method (train.py:249); one step: take_step (train.py:195), then in dizo.py
@@ -185,7 +185,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     if method == "zo":
         return ZOSGD(params, **cfg.zo_settings(method))
     pairs = projected_params(model, roles=dizo_roles(cfg, model))
-    search = dict(search_data=search_batches.next, search_loss=batch_loss)  # its passes are counted, as training's
+    search = dict(search_data=search_batches.next, search_loss=batch_loss)  # a γ-search batch's loss: training's too
     if not cfg.phase_dev:
         return DiZO(params, pairs, **cfg.zo_settings(method), **search)
     return HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
