@@ -16,10 +16,10 @@ steps, 2M + 2 (M = --proj_iters): 2 for each of the γ search's M trials, and th
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
 - the loop: train_method (train.py:249); one step: take_step (train.py:195), then in dizo.py
   ZOSGD._zo_step (dizo.py:156), DiZO.step (dizo.py:251), DiZO.project (dizo.py:288); dizo's default optimizer,
-  HeldOutDiZO (train.py:427), also scores each projection phase on dev data (HeldOutDiZO.project, train.py:443)
+  HeldOutDiZO (train.py:428), also scores each phase on dev data: HeldOutDiZO.project (train.py:442)
 - the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
 - a batch's loss: TrainLoss (train.py:213), its forward pass in PromptLoss.scores (data.py:361)
-- evaluation: evaluate (train.py:234), its history entry Run.record (runs.py:348)
+- evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:348)
 - what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:360), Stop (runs.py:474),
   check_out_dir (runs.py:132), load_checkpoint (runs.py:99), Run.restore (runs.py:293)
 Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
@@ -177,7 +177,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
         zo    ZOSGD (dizo.py)
         dizo  DiZO (dizo.py): every κ steps it projects the K and V matrices (dizo_roles; with --lora the adapters of
               the attention roles that have them: PEFT's default on OPT, Q and V), its γ search on batches of its own.
-              By default HeldOutDiZO (train.py:427), which adds each phase's dev loss before and after (--phase_dev
+              By default HeldOutDiZO (train.py:428), which adds each phase's dev loss before and after (--phase_dev
               examples, not training passes; --phase_dev 0: DiZO itself)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
@@ -211,10 +211,9 @@ def take_step(method, opt, closure, step):
 #   logits = model(**prompts).logits[:, -1]; F.cross_entropy(logits.log_softmax(-1)[:, word_ids], labels)
 
 class TrainLoss:
-    """The loss of a training mini-batch (indices into `enc`, the training split): one forward pass, the unit of every
-    method's cost, counted in `calls`. With backward=True (FO) the loss is also backpropagated. Under torchrun or with
-    --grad_accum the batch is split (runs.split_loss: this process's share, in micro-batches, one backward each);
-    the loss is still the whole batch's mean. Evaluation and --phase_dev are not counted."""
+    """The loss of a training mini-batch (indices into `enc`, the training split): one forward pass, the unit of cost,
+    counted in `calls`; with backward=True (FO) also backpropagated. Under torchrun or --grad_accum the batch is split
+    (runs.split_loss: this rank's share, in micro-batches, a backward each), still the batch's mean loss."""
 
     def __init__(self, loss_fn, enc, model, micro=1, backward=False):
         self.loss_fn, self.enc, self.model, self.micro, self.backward = loss_fn, enc, model, micro, backward
@@ -232,7 +231,8 @@ class TrainLoss:
 
 
 def evaluate(model, setup, split, count=None):
-    """(accuracy, mean loss) on a split or its first `count` examples (each rank scores its share), in eval mode."""
+    """(accuracy, mean loss) on a split or its first `count` examples (each rank scores its share), in eval mode.
+    Called before training, at each evaluation and at the end (train_method), and by HeldOutDiZO."""
     enc, was_training = setup.splits[split], model.training
     n = len(enc.labels) if count is None else min(count, len(enc.labels))
     model.eval()
@@ -273,15 +273,16 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #   each evaluation  Run.record (runs.py:348) adds a history entry, such as zo's at step 100: {"step": 100, "loss":
     #                    0.498 (the mean since the last entry), "dev_acc": 0.79, "dev_loss": 0.456, "forward_passes":
     #                    200, "wall_s": 6.1}; Run.checkpoint (runs.py:360) replaces checkpoints/<method>/ whole:
-    #                    config.json, model.safetensors, the tokenizer's files, trainer_state.pt (`parts` above, DiZO's
-    #                    θ0 in the optimizer's; result, window, tracked_w0, torch_rng, cuda_rng); then results.json
-    #   first Ctrl-C     (or SIGTERM, SIGHUP) Stop (runs.py:474) sets a flag; the step ends; an entry without dev
-    #                    numbers and a checkpoint keeping the losses since the last entry (window) are written; the
-    #                    loop breaks; train_all exits with 128 + the signal
+    #                    save_pretrained's files (with --lora the adapters'), the tokenizer's, trainer_state.pt
+    #                    (`parts`, DiZO's θ0 in the optimizer's; result, window, tracked_w0, RNGs); then results.json
+    #   first Ctrl-C     (or SIGTERM, SIGHUP) Stop (runs.py:474) sets a flag; the step ends; between evaluations an
+    #                    entry without dev numbers and a checkpoint keeping the losses since the last entry (window)
+    #                    are written; the loop breaks; train_all exits with 128 + the signal
     #   second Ctrl-C    KeyboardInterrupt: main exits at once with 130; the last checkpoint stays
-    #   --resume         check_out_dir (runs.py:132) refuses other flags, process count, data or model; train_all skips
-    #                    finished methods; load_checkpoint (runs.py:99) loads the weights; Run.restore (runs.py:293)
-    #                    the rest of trainer_state.pt, dropping the entry without dev numbers
+    #   --resume         check_out_dir (runs.py:132) refuses other flags or process count (in main), other data or
+    #                    model (open_folder); train_all skips finished methods; load_checkpoint (runs.py:99) loads
+    #                    the weights; Run.restore (runs.py:293) the rest of trainer_state.pt, less an entry without
+    #                    dev numbers
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
