@@ -4,7 +4,7 @@ Methods: inference (one forward), a MeZO-style reference step, ZOSGD, DiZO and F
 
     python bench.py                            # CPU fp32, tiny, opt-125m, roberta-base: ~7 min on 2 idle cores
     python bench.py --device cuda --dtype bf16 --shapes opt-1.3b --repeats 5
-    python bench.py --precision                # ZO with fp32 / bf16 weights / bf16 autocast: ~30 s on 1 core
+    python bench.py --precision                # ZO with fp32 / half weights / half autocast: ~30 s on 1 core
     python bench.py --gpu-check                # the GPU measurements in one run (--dry-run: tiny shape, CPU)
 
 Models are randomly initialised from a config; the loss is next-token (OPT) or masked-LM (RoBERTa, 15% of positions)
@@ -12,7 +12,7 @@ cross-entropy on a random batch. Time: median s/step over --repeats rounds in wh
 model in one process (CUDA synchronised around each step); DiZO: median ordinary step + one timed projection phase
 (2M + 2 forward passes) / κ. Memory: a fresh process per method; CPU: peak RSS (VmHWM) reset after building the model
 and one forward, extra = peak - RSS then, tracked = peak of the method's own tensors; CUDA: max_memory_allocated.
---precision (fp32; bf16, and fp16 on CUDA, "plain": weights stored, stepped in place and computed in it; "autocast":
+--precision (fp32; bf16 and fp16, "plain": weights stored, stepped in place and computed in it; "autocast":
 fp32 weights, forward under torch.autocast; weight std 0.02 and 0.05): drift of T ZO steps at lr 0 on the tiny OPT,
 their g against fp32's; one step with g = 10: the change applied against -ηgz, (θ+ - θ-)/2 against εz."""
 
@@ -549,9 +549,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.gpu_check:
         return gpu_check(args)
-    if args.precision:  # on the CPU without fp16: its matmuls are slow or missing there
+    if args.precision:
         torch.set_num_threads(args.threads)
-        rows = precision_study(half_precisions(("bf16", "fp16") if args.device == "cuda" else ("bf16",)), args)
+        rows = precision_study(half_precisions(("bf16", "fp16")), args)
         info = machine(args)
         print(f"\n{args.device}, torch {info['torch']}, {args.threads} threads ({info.get('gpu', info['cpu'])})\n")
         print(precision_tables(rows))
