@@ -185,7 +185,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     if method == "zo":
         return ZOSGD(params, **cfg.zo_settings(method))
     pairs = projected_params(model, roles=dizo_roles(cfg, model))
-    search = dict(search_data=search_batches.next, search_loss=batch_loss)  # a γ-search batch's loss: training's too
+    search = dict(search_data=search_batches.next, search_loss=batch_loss)  # counted as training's passes
     if not cfg.phase_dev:
         return DiZO(params, pairs, **cfg.zo_settings(method), **search)
     return HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
@@ -255,12 +255,12 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     torch.manual_seed(cfg.seed)  # FO's dropout; ZO methods run in eval mode and own their generators
     n_train, steps = len(setup.splits["train"].labels), cfg.steps_for(method)
     batches = data.Batches(n_train, cfg.batch_size, cfg.seed)  # the order of the training examples
-    search_batches = data.Batches(n_train, cfg.batch_size, cfg.seed + 1)  # DiZO's γ search: a second pass
+    search_batches = data.Batches(n_train, cfg.batch_size, cfg.seed + 1)  # DiZO's γ search: an order of its own
     # FO under torchrun: DistributedDataParallel averages the gradients across ranks
     ddp = torch.nn.parallel.DistributedDataParallel(model) if method == "fo" and RANKS.world > 1 else model
     batch_loss = TrainLoss(setup.loss_fn, setup.splits["train"], ddp, cfg.grad_accum, backward=method == "fo")
     opt = make_optimizer(method, model, setup, cfg, batch_loss, search_batches)
-    decay = 0.5 if cfg.lr_schedule == "linear" else 0.0  # linear: from lr to lr/2 over the run, as the released logs
+    decay = 0.5 if cfg.lr_schedule == "linear" else 0.0  # linear: from lr down toward lr/2, as the released logs
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / max(1, steps))
     parts = {"optimizer": opt, "schedule": schedule, "batches": batches, "search_batches": search_batches}
     run = new_run(method, model, setup, cfg, folder, opt, batch_loss, parts)  # parts: what a checkpoint holds
@@ -278,19 +278,19 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #   first Ctrl-C     (or SIGTERM, SIGHUP) Stop (runs.py:474) sets a flag; the step ends; between evaluations an
     #                    entry without dev numbers and a checkpoint keeping the losses since the last entry (window)
     #                    are written; the loop breaks; train_all exits with 128 + the signal
-    #   second Ctrl-C    KeyboardInterrupt: main exits at once with 130; the last checkpoint stays
+    #   second Ctrl-C    KeyboardInterrupt: main returns 130 at once (its cleanup runs); the last checkpoint stays
     #   --resume         check_out_dir (runs.py:132) refuses other flags or process count (in main), other data or
     #                    model (open_folder); train_all skips finished methods; load_checkpoint (runs.py:99) loads
     #                    the weights; Run.restore (runs.py:293) the rest of trainer_state.pt, less an entry without
     #                    dev numbers
-    for step in run.steps(steps):  # 1..steps, or from the restored step + 1
+    for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:323)
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
             train_loss = take_step(method, opt, lambda: batch_loss(idx), step)
-            run.log(train_loss, opt)  # the losses since the last evaluation, forward passes, DiZO's phase
+            run.log(train_loss, opt)  # losses, forward passes, DiZO's phase: Run.log (runs.py:329)
             schedule.step()
             evaluating = step % cfg.eval_every == 0 or step == steps
-            stopping = run.stop_requested()  # a signal reached this process or another rank (see above)
+            stopping = run.stop_requested()  # a signal, here or on another rank: Run.stop_requested (runs.py:344)
             if evaluating or stopping:
                 run.record(evaluate(model, setup, "dev") if evaluating else (None, None))  # a history entry
                 run.checkpoint(cut_short=not evaluating)  # checkpoints/<method>/ (weights, state), then results.json
