@@ -292,6 +292,9 @@ class Run:
 
     def restore(self, state):
         """Continue from a checkpoint's `state`: the results so far, and the losses of an interval a signal cut."""
+        if missing := [k for k in [*self.parts, "result", "tracked_w0", "window"] if k not in state]:
+            raise RunError(f"--resume: the checkpoint of {self.method} was written by an earlier train.py, without "
+                           f"{', '.join(missing)}; finish the run with that version, or start again with --overwrite")
         for k, part in self.parts.items():  # DiZO's θ0 comes back with the optimizer's state_dict
             part.load_state_dict(state[k])
         self.tracked_w0, self.r = state["tracked_w0"], state["result"]

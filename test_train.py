@@ -875,6 +875,7 @@ def test_masked_lm_resumes_bit_for_bit(assets, tmp_path, monkeypatch, capsys):
     ("lora", "flags differ from the saved run: lora (saved 4, now 0)"),
     ("defaults", "flags differ from the saved run: steps_per_method (saved {'zo': 2}, now {'zo': 3})"),
     ("earlier", "written by an earlier train.py, which did not record steps_per_method, lr_per_method; finish"),
+    ("state", "was written by an earlier train.py, without search_batches, tracked_w0; finish the run with"),
 ])
 def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys, monkeypatch, damage, message):
     task, model = tmp_path / "task", tmp_path / "model"
@@ -911,6 +912,11 @@ def test_resume_of_damaged_or_changed_runs_is_one_line(assets, tmp_path, capsys,
     elif damage == "earlier":  # results.json of a train.py that did not record the steps and lr per method
         del r["config"]["steps_per_method"], r["config"]["lr_per_method"]
         (out / "results.json").write_text(json.dumps(r))
+    elif damage == "state":  # trainer_state.pt of a train.py that named two of its parts otherwise
+        path = out / "checkpoints" / "zo" / "trainer_state.pt"
+        state = torch.load(path, weights_only=True)
+        state["fresh"], state["anchor"] = state.pop("search_batches"), state.pop("tracked_w0")
+        torch.save(state, path)
     elif damage == "lora":
         argv = argv[:argv.index("--lora")]
     elif damage == "defaults":
