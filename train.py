@@ -19,8 +19,8 @@ It reads top to bottom: Config, the model, the methods, the loss, the loop, main
   HeldOutDiZO (train.py:428), also scores each phase on dev data: HeldOutDiZO.project (train.py:442)
 - the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
 - a batch's loss: TrainLoss (train.py:213), its forward pass in PromptLoss.scores (data.py:361)
-- evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:348)
-- what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:360), Stop (runs.py:474),
+- evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:351)
+- what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:363), Stop (runs.py:477),
   check_out_dir (runs.py:132), load_checkpoint (runs.py:99), Run.restore (runs.py:293)
 Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
 """
@@ -270,12 +270,12 @@ def train_method(method, model, setup, cfg, folder, saved=None):
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
     # What the run writes, and what a signal and --resume do (the functions are runs.py's):
-    #   each evaluation  Run.record (runs.py:348) adds a history entry, such as zo's at step 100: {"step": 100, "loss":
+    #   each evaluation  Run.record (runs.py:351) adds a history entry, such as zo's at step 100: {"step": 100, "loss":
     #                    0.498 (the mean since the last entry), "dev_acc": 0.79, "dev_loss": 0.456, "forward_passes":
-    #                    200, "wall_s": 6.1}; Run.checkpoint (runs.py:360) replaces checkpoints/<method>/ whole:
+    #                    200, "wall_s": 6.1}; Run.checkpoint (runs.py:363) replaces checkpoints/<method>/ whole:
     #                    save_pretrained's files (with --lora the adapters'), the tokenizer's, trainer_state.pt
     #                    (`parts`, DiZO's θ0 in the optimizer's; result, window, tracked_w0, RNGs); then results.json
-    #   first Ctrl-C     (or SIGTERM, SIGHUP) Stop (runs.py:474) sets a flag; the step ends; between evaluations an
+    #   first Ctrl-C     (or SIGTERM, SIGHUP) Stop (runs.py:477) sets a flag; the step ends; between evaluations an
     #                    entry without dev numbers and a checkpoint keeping the losses since the last entry (window)
     #                    are written; the loop breaks; train_all exits with 128 + the signal
     #   second Ctrl-C    KeyboardInterrupt: main returns 130 at once (its cleanup runs); the last checkpoint stays
@@ -283,14 +283,14 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #                    model (open_folder); train_all skips finished methods; load_checkpoint (runs.py:99) loads
     #                    the weights; Run.restore (runs.py:293) the rest of trainer_state.pt, less an entry without
     #                    dev numbers
-    for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:323)
+    for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:326)
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
             train_loss = take_step(method, opt, lambda: batch_loss(idx), step)
-            run.log(train_loss, opt)  # losses, forward passes, DiZO's phase: Run.log (runs.py:329)
+            run.log(train_loss, opt)  # losses, forward passes, DiZO's phase: Run.log (runs.py:332)
             schedule.step()
             evaluating = step % cfg.eval_every == 0 or step == steps
-            stopping = run.stop_requested()  # a signal, here or on another rank: Run.stop_requested (runs.py:344)
+            stopping = run.stop_requested()  # a signal, here or on another rank: Run.stop_requested (runs.py:347)
             if evaluating or stopping:
                 run.record(evaluate(model, setup, "dev") if evaluating else (None, None))  # a history entry
                 run.checkpoint(cut_short=not evaluating)  # checkpoints/<method>/ (weights, state), then results.json
