@@ -1324,15 +1324,15 @@ def printed_numbers(stdout, results):
 
 @pytest.mark.slow
 def test_the_embedded_run_prints_the_same_numbers_as_another_cpu_would(tmp_path, capsys):
-    """The quick start, short (6 steps of 4 examples, 2 projection phases of M = 3; dev and test cut to 16 examples,
+    """The quick start, short (6 steps of 4 examples, 2 projection phases of M = 3; dev and test cut to 8 examples,
     whose evaluations would take most of the time), on this CPU's best kernels and two threads here, and in stand-ins
     for other CPUs (subprocesses: kernels are chosen at import). Add --dtype fp32 to QUICK_RUN and this test fails
-    (on a 2-core AMD EPYC their zo and dizo dev losses then differ by up to 4e-7, relative); in float64 they agree
-    within the 1e-12 asserted."""
+    (on a 2-core AMD EPYC a printed dizo dev loss then differs in its last digit, 0.4048 against 0.4047); in float64
+    the dev losses agree within the 1e-12 asserted."""
     splits = data.builtin_splits(data.TINY["seed"])
     (tmp_path / "data").mkdir()
     for split, examples in splits.items():
-        rows = [f"{ex.texts[0]}\t{ex.label}\n" for ex in (examples if split == "train" else examples[:16])]
+        rows = [f"{ex.texts[0]}\t{ex.label}\n" for ex in (examples if split == "train" else examples[:8])]
         (tmp_path / "data" / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(rows))
     run = [*QUICK_RUN, "--data_dir", str(tmp_path / "data")]
     procs = {name: subprocess.Popen([sys.executable, "-c", UNDRAWN, *run, "--out_dir", str(tmp_path / name)],
