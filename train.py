@@ -6,18 +6,17 @@
 One iteration of each method (take_step, below):
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z (q queries: their mean)
-    dizo:  the zo step; then, at every κ-th step in the same opt.step call, it moves each K, V matrix l (with --lora
-           the adapters of the roles that have them) to θ_l <- θ0_l + r_l(θ_l - θ0_l): θ0 what DiZO started from,
-           every r_l in [1 - τ, 1 + τ], all found together by M iterations of ZO (SPSA) on the vector r
+    dizo:  the zo step; every κ-th step also a phase: each K, V matrix l (--lora: adapters) <- θ0_l + r_l(θ_l - θ0_l),
+           θ0 the weights DiZO started from, each r_l in [1 - τ, 1 + τ], found together by M SPSA steps on the vector r
 A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --grad_accum's micro-batches count as one).
 Its cost: a fo step 1 (and a backward); a zo or dizo step 2 (2q with --queries q); a DiZO phase, every κ = --interval
 steps, 2M + 2 (M = --proj_iters): 2 for each of the γ search's M trials, and the loss before and after the phase.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
-- the loop: train_method (train.py:249); one step: take_step (train.py:195), then in dizo.py
+- the loop: train_method (train.py:249); one step: take_step (train.py:194), then in dizo.py
   ZOSGD._zo_step (dizo.py:156), DiZO.step (dizo.py:251), DiZO.project (dizo.py:288); dizo's default optimizer,
-  HeldOutDiZO (train.py:428), also scores each phase on dev data: HeldOutDiZO.project (train.py:442)
-- the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
+  HeldOutDiZO (train.py:429), also scores each phase on dev data: HeldOutDiZO.project (train.py:443)
+- the optimizers and what each trains: make_optimizer (train.py:173), trained_parameters (train.py:161)
 - a batch's loss: TrainLoss (train.py:213), its forward pass in PromptLoss.scores (data.py:361)
 - evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:351)
 - what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:363), Stop (runs.py:477),
@@ -177,7 +176,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
         zo    ZOSGD (dizo.py)
         dizo  DiZO (dizo.py): every κ steps it projects the K and V matrices (dizo_roles; with --lora the adapters of
               the attention roles that have them: PEFT's default on OPT, Q and V), its γ search on batches of its own.
-              By default HeldOutDiZO (train.py:428), which adds each phase's dev loss before and after (--phase_dev
+              By default HeldOutDiZO (train.py:429), which adds each phase's dev loss before and after (--phase_dev
               examples, not training passes; --phase_dev 0: DiZO itself)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
@@ -193,8 +192,9 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
 
 
 def take_step(method, opt, closure, step):
-    """One step, where the methods' updates differ (the module's docstring shows each); returns the loss it logs: fo
-    L(θ), zo and dizo ℓ+ = L(θ + εz). closure(): this step's mini-batch loss (TrainLoss), under no_grad for ZO."""
+    """One step, where the methods' updates differ (the module's docstring shows each; dizo.py's docstring writes a ZO
+    step out as MeZO's four plain passes). Returns the loss it logs: fo L(θ), zo and dizo ℓ+ = L(θ + εz).
+    closure(): this step's mini-batch loss (TrainLoss), under no_grad for ZO."""
     if method != "fo":
         return opt.step(closure)  # ZOSGD.step (dizo.py:186), or DiZO.step (dizo.py:251): + a phase every κ-th step
     opt.zero_grad(set_to_none=True)
@@ -247,10 +247,11 @@ def evaluate(model, setup, split, count=None):
 # The training loop: one method, from the pretrained model or, with --resume, from its last checkpoint.
 
 def train_method(method, model, setup, cfg, folder, saved=None):
-    """Train one method; returns its result: status done, interrupted (a signal stopped it) or diverged (a non-finite
-    loss or weight). Evaluated before training (zero-shot test accuracy; dev; not from a checkpoint), every --eval_every
-    steps and at the last (dev), and at the end (test); each later dev evaluation adds a history entry to results.json
-    (training loss since the last, dev accuracy and loss, forward passes, time) and a checkpoint. saved: --resume's."""
+    """Train one method from the pretrained model, or from --resume's checkpoint (`saved`). Returns its result, with
+    status done, interrupted (a signal stopped it) or diverged (a non-finite loss or weight). It evaluates:
+        before training                 zero-shot test accuracy, and dev as step 0 (not when resuming)
+        every --eval_every, and last    dev: a history entry and a checkpoint (the comment above the loop)
+        at the end                      test accuracy"""
     memory = runs.PeakMemory.start(setup.device)
     torch.manual_seed(cfg.seed)  # FO's dropout; ZO methods run in eval mode and own their generators
     n_train, steps = len(setup.splits["train"].labels), cfg.steps_for(method)
