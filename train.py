@@ -46,8 +46,8 @@ from runs import RANKS
 # ---------------------------------------------------------------------------------------------------------
 # Settings: one dataclass, the command line built from it (config.py); model-dependent defaults: the dicts below.
 
-# Real models: the released READMEs' commands. MeZO / DiZO: ZO lr 1e-6, eps 1e-3, batch 16, constant lr, 20,000 steps;
-# MeZO's fine-tuning (finetune.sh): AdamW lr 1e-5, 625 steps, 5 epochs of 1,000 at its batch 8 (--batch_size 8).
+# Real models: MeZO's README (every weight, ZO lr 1e-6, eps 1e-3, batch 16, constant lr, 20,000 steps; the DiZO logs'
+# lr too, their frozen embedding and decay: --recipe released); MeZO's finetune.sh: AdamW 1e-5, 625 steps at batch 8.
 REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 625, "zo": 20000, "dizo": 20000},
                      eval_every=500, trained="all", lr_schedule="constant")
 # The embedded tiny model: 0.6M parameters take a far larger ZO lr; FO's dev accuracy peaks within 300 steps, ZO's dev
@@ -175,7 +175,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
         fo    torch.optim.AdamW, no weight decay
         zo    ZOSGD (dizo.py)
         dizo  DiZO (dizo.py): every κ steps it projects the K and V matrices (dizo_roles; with --lora the adapters of
-              the attention roles that have them: PEFT's default on OPT, Q and V), its γ search on batches of its own.
+              the attention roles that have them: PEFT's default on OPT, Q and V), its γ search on search_batches.
               By default HeldOutDiZO (train.py:429), which adds each phase's dev loss before and after (--phase_dev
               examples, not training passes; --phase_dev 0: DiZO itself)."""
     params = trained_parameters(model, cfg)
@@ -193,7 +193,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
 
 def take_step(method, opt, closure, step):
     """One step, where the methods' updates differ (the module's docstring shows each; dizo.py's docstring writes a ZO
-    step out as MeZO's four plain passes). Returns the loss it logs: fo L(θ), zo and dizo ℓ+ = L(θ + εz).
+    step out plainly, as MeZO's four sweeps of the weights). Returns the loss it logs: fo L(θ), zo and dizo ℓ+.
     closure(): this step's mini-batch loss (TrainLoss), under no_grad for ZO."""
     if method != "fo":
         return opt.step(closure)  # ZOSGD.step (dizo.py:186), or DiZO.step (dizo.py:251): + a phase every κ-th step
