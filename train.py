@@ -15,7 +15,7 @@ steps, 2M + 2 (M = --proj_iters): 2 for each of the γ search's M trials, and th
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
 - the loop: train_method (train.py:249); one step: take_step (train.py:194), then in dizo.py
   ZOSGD._zo_step (dizo.py:156), DiZO.step (dizo.py:251), DiZO.project (dizo.py:288); dizo's default optimizer,
-  HeldOutDiZO (train.py:429), also scores each phase on dev data: HeldOutDiZO.project (train.py:443)
+  HeldOutDiZO (train.py:427), also scores each phase on dev data: HeldOutDiZO.project (train.py:441)
 - the optimizers and what each trains: make_optimizer (train.py:173), trained_parameters (train.py:161)
 - a batch's loss: TrainLoss (train.py:213), its forward pass in PromptLoss.scores (data.py:361)
 - evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:351)
@@ -176,7 +176,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
         zo    ZOSGD (dizo.py)
         dizo  DiZO (dizo.py): every κ steps it projects the K and V matrices (dizo_roles; with --lora the adapters of
               the attention roles that have them: PEFT's default on OPT, Q and V), its γ search on search_batches.
-              By default HeldOutDiZO (train.py:429), which adds each phase's dev loss before and after (--phase_dev
+              By default HeldOutDiZO (train.py:427), which adds each phase's dev loss before and after (--phase_dev
               examples, not training passes; --phase_dev 0: DiZO itself)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
@@ -271,19 +271,17 @@ def train_method(method, model, setup, cfg, folder, saved=None):
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
     # What the run writes, and what a signal and --resume do (the functions are runs.py's):
-    #   each evaluation  Run.record (runs.py:351) adds a history entry, such as zo's at step 100: {"step": 100, "loss":
-    #                    0.498 (the mean since the last entry), "dev_acc": 0.79, "dev_loss": 0.456, "forward_passes":
-    #                    200, "wall_s": 6.1}; Run.checkpoint (runs.py:363) replaces checkpoints/<method>/ whole:
-    #                    save_pretrained's files (with --lora the adapters'), the tokenizer's, trainer_state.pt
-    #                    (`parts`, DiZO's θ0 in the optimizer's; result, window, tracked_w0, RNGs); then results.json
-    #   first Ctrl-C     (or SIGTERM, SIGHUP) Stop (runs.py:477) sets a flag; the step ends; between evaluations an
-    #                    entry without dev numbers and a checkpoint keeping the losses since the last entry (window)
-    #                    are written; the loop breaks; train_all exits with 128 + the signal
-    #   second Ctrl-C    KeyboardInterrupt: main returns 130 at once (its cleanup runs); the last checkpoint stays
-    #   --resume         check_out_dir (runs.py:132) refuses other flags or process count (in main), other data or
-    #                    model (open_folder); train_all skips finished methods; load_checkpoint (runs.py:99) loads
-    #                    the weights; Run.restore (runs.py:293) the rest of trainer_state.pt, less an entry without
-    #                    dev numbers
+    # Each evaluation: 1. Run.record (runs.py:351) adds a history entry, such as zo's at step 100: {"step": 100,
+    #   "loss": 0.498 (the mean since the last entry), "dev_acc": 0.79, "dev_loss": 0.456, "forward_passes": 200,
+    #   "wall_s": 6.1}; 2. Run.checkpoint (runs.py:363) replaces checkpoints/<method>/ whole: save_pretrained's files
+    #   (with --lora the adapters'), the tokenizer's, trainer_state.pt (`parts`, DiZO's θ0 in the optimizer's; result,
+    #   window, tracked_w0, RNGs); 3. it then writes results.json.
+    # Ctrl-C (or SIGTERM, SIGHUP): 1. Stop (runs.py:477) sets a flag; 2. the step ends; 3. between evaluations an entry
+    #   without dev numbers and a checkpoint keeping the losses since the last entry (window) are written; 4. the loop
+    #   breaks; 5. train_all returns 128 + the signal. A second Ctrl-C: KeyboardInterrupt, main returns 130 at once.
+    # --resume: 1. check_out_dir (runs.py:132) refuses other flags or process count (in main), other data or model
+    #   (open_folder); 2. train_all skips finished methods; 3. load_checkpoint (runs.py:99) loads the weights;
+    #   4. Run.restore (runs.py:293) puts back the rest of trainer_state.pt, less an entry without dev numbers.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:326)
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
