@@ -308,6 +308,12 @@ def test_causal_loss_equals_hand_computation(assets, words):
                 row.append(sum(float(logp[len(prompt) - 1 + j, c]) for j, c in enumerate(cand)) / len(cand))
             scores.append(row)
         expected = torch.nn.functional.cross_entropy(torch.tensor(scores), torch.tensor([1, 0]))
+        if len(tok(words[0], add_special_tokens=False)["input_ids"]) == 1:  # train.py's formula: the words' logits
+            ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
+            last = [model(**tok(data.causal_prompt(task, ex), return_tensors="pt")).logits[0, -1, ids]
+                    for ex in two_examples()]
+            plain = torch.nn.functional.cross_entropy(torch.stack(last), torch.tensor([1, 0]))
+            assert float(plain) == pytest.approx(float(expected), rel=1e-5)
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
 
 

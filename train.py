@@ -6,17 +6,18 @@
 One iteration of each method (take_step, below):
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z (q queries: their mean)
-    dizo:  the zo step; every κ-th step also a phase: each K, V matrix l (--lora: adapters) <- θ0_l + r_l(θ_l - θ0_l),
-           θ0 the weights DiZO started from, each r_l in [1 - τ, 1 + τ], found together by M SPSA steps on the vector r
+    dizo:  the zo step; every κ-th step also a phase: each K, V matrix l (--lora: its adapters, PEFT's on Q and V)
+           <- θ0_l + r_l(θ_l - θ0_l), θ0 the weights DiZO started from; the ratios r_l = γ_l / ‖θ_l - θ0_l‖, each in
+           [1 - τ, 1 + τ], found together by M SPSA steps on the vector r (the "γ search")
 A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --grad_accum's micro-batches count as one).
 Its cost: a fo step 1 (and a backward); a zo or dizo step 2 (2q with --queries q); a DiZO phase, every κ = --interval
-steps, 2M + 2 (M = --proj_iters): 2 for each of the γ search's M trials, and the loss before and after the phase.
+steps, 2M + 2 (M = --proj_iters): 2 for each of the γ search's M trials, and the first search batch's before and after.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
 - the loop: train_method (train.py:249); one step: take_step (train.py:194), then in dizo.py
-  ZOSGD._zo_step (dizo.py:156), DiZO.step (dizo.py:251), DiZO.project (dizo.py:288); dizo's default optimizer,
-  HeldOutDiZO (train.py:427), also scores each phase on dev data: HeldOutDiZO.project (train.py:441)
-- the optimizers and what each trains: make_optimizer (train.py:173), trained_parameters (train.py:161)
+  ZOSGD.step (dizo.py:186) calls ZOSGD._zo_step (dizo.py:156); DiZO.step (dizo.py:251), DiZO.project (dizo.py:288);
+  dizo's default, HeldOutDiZO (train.py:428), also scores each phase on dev data: HeldOutDiZO.project (train.py:442)
+- the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
 - a batch's loss: TrainLoss (train.py:213), its forward pass in PromptLoss.scores (data.py:361)
 - evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:351)
 - what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:363), Stop (runs.py:477),
@@ -171,13 +172,12 @@ def trained_parameters(model, cfg):
 # The methods: AdamW, ZO-SGD (MeZO) and DiZO, and take_step, where their updates differ.
 
 def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
-    """Each method's optimizer; all three train trained_parameters.
+    """Each method's optimizer; all three update trained_parameters (dizo's phases also rescale the projected ones).
         fo    torch.optim.AdamW, no weight decay
         zo    ZOSGD (dizo.py)
-        dizo  DiZO (dizo.py): every κ steps it projects the K and V matrices (dizo_roles; with --lora the adapters of
-              the attention roles that have them: PEFT's default on OPT, Q and V), its γ search on search_batches.
-              By default HeldOutDiZO (train.py:427), which adds each phase's dev loss before and after (--phase_dev
-              examples, not training passes; --phase_dev 0: DiZO itself)."""
+        dizo  DiZO (dizo.py), projecting every κ steps the matrices of dizo_roles (K and V; with --lora their
+              adapters, PEFT's on Q and V), its γ search on search_batches. By default HeldOutDiZO (train.py:428),
+              which adds each phase's dev loss before and after (--phase_dev examples, not counted; 0: DiZO itself)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
@@ -193,8 +193,8 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
 
 def take_step(method, opt, closure, step):
     """One step, where the methods' updates differ (the module's docstring shows each; dizo.py's docstring writes a ZO
-    step out plainly, as MeZO's four sweeps of the weights). Returns the loss it logs: fo L(θ), zo and dizo ℓ+.
-    closure(): this step's mini-batch loss (TrainLoss), under no_grad for ZO."""
+    step out as MeZO's four sweeps of the weights). closure(): this step's mini-batch loss (TrainLoss), under no_grad
+    for ZO. Returns the loss it logs: fo L(θ), zo and dizo ℓ+ = L(θ + εz)."""
     if method != "fo":
         return opt.step(closure)  # ZOSGD.step (dizo.py:186), or DiZO.step (dizo.py:251): + a phase every κ-th step
     opt.zero_grad(set_to_none=True)
@@ -208,7 +208,7 @@ def take_step(method, opt, closure, step):
 # ---------------------------------------------------------------------------------------------------------
 # The loss of a batch (one forward pass) and evaluation. The loss is data.PromptLoss; with one-token label words
 # (" great", " terrible") on a causal LM, prompts left-padded, it is, in at least fp32 (other cases: PromptLoss.scores)
-#   logits = model(**prompts).logits[:, -1]; F.cross_entropy(logits.log_softmax(-1)[:, word_ids], labels)
+#   F.cross_entropy(model(**prompts).logits[:, -1, word_ids], labels)     (a softmax over the label words alone)
 
 class TrainLoss:
     """The loss of a training mini-batch (indices into `enc`, the training split): one forward pass, the unit of cost,
@@ -237,10 +237,10 @@ def evaluate(model, setup, split, count=None):
     n = len(enc.labels) if count is None else min(count, len(enc.labels))
     model.eval()
     try:
-        correct, total = RANKS.total(*setup.loss_fn.score(model, enc, RANKS.shard(range(n))))
+        correct, loss_sum = RANKS.total(*setup.loss_fn.score(model, enc, RANKS.shard(range(n))))
     finally:
         model.train(was_training)
-    return correct / n, total / n
+    return correct / n, loss_sum / n
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,10 +248,11 @@ def evaluate(model, setup, split, count=None):
 
 def train_method(method, model, setup, cfg, folder, saved=None):
     """Train one method from the pretrained model, or from --resume's checkpoint (`saved`). Returns its result, with
-    status done, interrupted (a signal stopped it) or diverged (a non-finite loss or weight). It evaluates:
+    status done, interrupted (a signal before the last step; on it: done, exit 128 + n) or diverged (a non-finite loss
+    or weight). It evaluates:
         before training                 zero-shot test accuracy, and dev as step 0 (not when resuming)
         every --eval_every, and last    dev: a history entry and a checkpoint (the comment above the loop)
-        at the end                      test accuracy"""
+        at the end                      test accuracy, of the last weights (not the best dev's)"""
     memory = runs.PeakMemory.start(setup.device)
     torch.manual_seed(cfg.seed)  # FO's dropout; ZO methods run in eval mode and own their generators
     n_train, steps = len(setup.splits["train"].labels), cfg.steps_for(method)
@@ -265,8 +266,8 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / max(1, steps))
     parts = {"optimizer": opt, "schedule": schedule, "batches": batches, "search_batches": search_batches}
     run = new_run(method, model, setup, cfg, folder, opt, batch_loss, parts)  # parts: what a checkpoint holds
-    if saved is not None:  # --resume: the optimizer, schedule, data orders, RNGs and results of the checkpoint
-        run.restore(saved)  # (less a cut interval's entry); the steps go on after its last
+    if saved is not None:  # --resume: the checkpoint's optimizer, schedule, data orders, RNGs and results, less an
+        run.restore(saved)  # entry without dev numbers (a signal's); the steps go on after its last
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
@@ -274,14 +275,14 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     # Each evaluation: 1. Run.record (runs.py:351) adds a history entry, such as zo's at step 100: {"step": 100,
     #   "loss": 0.498 (the mean since the last entry), "dev_acc": 0.79, "dev_loss": 0.456, "forward_passes": 200,
     #   "wall_s": 6.1}; 2. Run.checkpoint (runs.py:363) replaces checkpoints/<method>/ whole: save_pretrained's files
-    #   (with --lora the adapters'), the tokenizer's, trainer_state.pt (`parts`, DiZO's θ0 in the optimizer's; result,
-    #   window, tracked_w0, RNGs); 3. it then writes results.json.
+    #   (--lora: the adapters'), the tokenizer's, trainer_state.pt (`parts`, DiZO's θ0 in the optimizer's state;
+    #   result, window, tracked_w0, RNGs); 3. it then writes results.json.
     # Ctrl-C (or SIGTERM, SIGHUP): 1. Stop (runs.py:477) sets a flag; 2. the step ends; 3. between evaluations an entry
     #   without dev numbers and a checkpoint keeping the losses since the last entry (window) are written; 4. the loop
     #   breaks; 5. train_all returns 128 + the signal. A second Ctrl-C: KeyboardInterrupt, main returns 130 at once.
-    # --resume: 1. check_out_dir (runs.py:132) refuses other flags or process count (in main), other data or model
-    #   (open_folder); 2. train_all skips finished methods; 3. load_checkpoint (runs.py:99) loads the weights;
-    #   4. Run.restore (runs.py:293) puts back the rest of trainer_state.pt, less an entry without dev numbers.
+    # --resume: 1. in main, check_out_dir (runs.py:132) refuses other flags or process count, open_folder other data
+    #   or model; 2. train_all skips finished methods (a diverged one: exit 1); 3. load_checkpoint (runs.py:99) loads
+    #   the weights (none yet: the method starts anew); 4. Run.restore (runs.py:293) puts back the rest.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:326)
         idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
         try:
