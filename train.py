@@ -6,7 +6,7 @@
 One iteration of each method (take_step, below):
     fo:    loss = L(θ; batch); loss.backward(); adamw.step()
     zo:    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z (q queries: their mean)
-    dizo:  the zo step; every κ-th step also a phase: each K, V matrix l (--lora: its adapters, PEFT's on Q and V)
+    dizo:  the zo step; every κ-th step also a phase: each K, V matrix l (--lora: each LoRA factor, PEFT's on Q, V)
            <- θ0_l + r_l(θ_l - θ0_l), θ0 the weights DiZO started from; the ratios r_l = γ_l / ‖θ_l - θ0_l‖, each in
            [1 - τ, 1 + τ], found together by M SPSA steps on the vector r (the "γ search")
 A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --grad_accum's micro-batches count as one).
