@@ -480,7 +480,7 @@ class Stop:
     one: the handler sets Stop.signum -> Run.stop_requested() after the step (every rank agrees) -> Run.record, and
     Run.checkpoint(cut_short=True) keeps the cut interval's losses -> the loop breaks, the method interrupted ->
     train.train_all writes results.json and the figures, returns 128 + signal. Then --resume: check_out_dir (the
-    same flags, data and model) -> train_all skips finished methods -> load_checkpoint -> Run.restore."""
+    same flags), open_folder (data, model) -> train_all skips finished methods -> load_checkpoint -> Run.restore."""
     signum = None
 
     @classmethod

@@ -136,7 +136,7 @@ class Config:
 
     def storage_dtype(self, method):
         """How the weights are held: fp64 with --dtype fp64; else fp32, or with --half_weights in --dtype (not FO's)."""
-        return self.dtype if self.dtype == "fp64" or self.half_weights and method != "fo" else "fp32"
+        return self.dtype if self.dtype == "fp64" or (self.half_weights and method != "fo") else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,16 +175,16 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     """Each method's optimizer; all three update trained_parameters (dizo's phases also rescale the projected ones).
         fo    torch.optim.AdamW, no weight decay
         zo    ZOSGD (dizo.py)
-        dizo  DiZO (dizo.py), projecting every κ steps the matrices of dizo_roles (K and V; with --lora their
-              adapters, PEFT's on Q and V), its γ search on search_batches. By default HeldOutDiZO (train.py:428),
-              which adds each phase's dev loss before and after (--phase_dev examples, not counted; 0: DiZO itself)."""
+        dizo  DiZO (dizo.py), every κ steps projecting dizo_roles' matrices (K, V; --lora: the LoRA factors of each
+              role that has them, PEFT's Q and V), its γ search on search_batches; default HeldOutDiZO (train.py:428),
+              adding each phase's dev loss before and after (--phase_dev examples, not counted; 0: plain DiZO)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
     if method == "zo":
         return ZOSGD(params, **cfg.zo_settings(method))
     pairs = projected_params(model, roles=dizo_roles(cfg, model))
-    search = dict(search_data=search_batches.next, search_loss=batch_loss)  # counted as training's passes
+    search = dict(search_data=search_batches.next, search_loss=batch_loss)  # batch_loss(search_batches.next())
     if not cfg.phase_dev:
         return DiZO(params, pairs, **cfg.zo_settings(method), **search)
     return HeldOutDiZO(params, pairs, **cfg.zo_settings(method), **search,
@@ -280,11 +280,11 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     # Ctrl-C (or SIGTERM, SIGHUP): 1. Stop (runs.py:477) sets a flag; 2. the step ends; 3. between evaluations an entry
     #   without dev numbers and a checkpoint keeping the losses since the last entry (window) are written; 4. the loop
     #   breaks; 5. train_all returns 128 + the signal. A second Ctrl-C: KeyboardInterrupt, main returns 130 at once.
-    # --resume: 1. in main, check_out_dir (runs.py:132) refuses other flags or process count, open_folder other data
-    #   or model; 2. train_all skips finished methods (a diverged one: exit 1); 3. load_checkpoint (runs.py:99) loads
-    #   the weights (none yet: the method starts anew); 4. Run.restore (runs.py:293) puts back the rest.
+    # --resume: 1. in main, check_out_dir (runs.py:132) refuses other flags or process count, open_folder other
+    #   data or model; 2. train_all skips finished methods (a diverged one: exit 1); 3. load_checkpoint (runs.py:99)
+    #   loads the weights (none yet: the method starts anew); 4. Run.restore (runs.py:293) puts back the rest.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:326)
-        idx = batches.next()  # one mini-batch: both forward passes of a ZO step see the same examples
+        idx = batches.next()  # one mini-batch: every forward pass of a ZO step sees the same examples
         try:
             train_loss = take_step(method, opt, lambda: batch_loss(idx), step)
             run.log(train_loss, opt)  # losses, forward passes, DiZO's phase: Run.log (runs.py:332)
@@ -360,7 +360,7 @@ def main(argv=None):
     except OSError as e:  # a full disk, a folder removed under us: the last complete checkpoint stays
         print(f"error: {e}; the last complete checkpoint (if any) is kept", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keep the last checkpoint
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before Stop.install): stop at once
         print("error: interrupted; the last checkpoint (if any) is kept, continue with --resume", file=sys.stderr)
         return 128 + signal.SIGINT
 
