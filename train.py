@@ -13,7 +13,7 @@ A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --g
 Its cost: a fo step 1 (and a backward); a zo or dizo step 2 (2q with --queries q); a DiZO phase, every κ = --interval
 steps, 2M + 2 (M = --proj_iters): 2 for each of the γ search's M trials, and the first search batch's before and after.
 
-It reads top to bottom: Config, the model, the methods, the loss, the loop, main. Where to look (file:line):
+It reads top to bottom: Config, the model, the methods, the loss, the loop, main, main's helpers. Where to look:
 - the loop: train_method (train.py:249); one step: take_step (train.py:194), then in dizo.py
   ZOSGD.step (dizo.py:186) calls ZOSGD._zo_step (dizo.py:156); DiZO.step (dizo.py:251), DiZO.project (dizo.py:288);
   dizo's default, HeldOutDiZO (train.py:428), also scores each phase on dev data: HeldOutDiZO.project (train.py:442)
@@ -48,7 +48,7 @@ from runs import RANKS
 # Settings: one dataclass, the command line built from it (config.py); model-dependent defaults: the dicts below.
 
 # Real models: MeZO's README (every weight, ZO lr 1e-6, eps 1e-3, batch 16, constant lr, 20,000 steps; the DiZO logs'
-# lr too, their frozen embedding and decay: --recipe released); MeZO's finetune.sh: AdamW 1e-5, 625 steps at batch 8.
+# lr too, their frozen embedding and decay: --recipe released); MeZO's finetune.sh: AdamW 1e-5, 625 steps (batch 8).
 REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 625, "zo": 20000, "dizo": 20000},
                      eval_every=500, trained="all", lr_schedule="constant")
 # The embedded tiny model: 0.6M parameters take a far larger ZO lr; FO's dev accuracy peaks within 300 steps, ZO's dev
