@@ -477,10 +477,7 @@ def split_loss(loss_fn, enc, model, idx, micro, backward):
 class Stop:
     """SIGINT (Ctrl-C), SIGTERM or SIGHUP set a flag; the loop finishes its step, checkpoints, and exits non-zero. A
     second Ctrl-C interrupts at once (KeyboardInterrupt; the last checkpoint, written atomically, stays). The path of
-    one: the handler sets Stop.signum -> Run.stop_requested() after the step (every rank agrees) -> Run.record, and
-    Run.checkpoint(cut_short=True) keeps the cut interval's losses -> the loop breaks, the method interrupted ->
-    train.train_all writes results.json and the figures, returns 128 + signal. Then --resume: check_out_dir (the
-    same flags), open_folder (data, model) -> train_all skips finished methods -> load_checkpoint -> Run.restore."""
+    one, and what --resume does: the comment above train.py's loop (train.train_method)."""
     signum = None
 
     @classmethod
