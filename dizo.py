@@ -121,8 +121,8 @@ class ZOSGD(torch.optim.Optimizer):
     def _perturb(self, seed, alpha):
         """θ <- θ + alpha·z, tensor by tensor; _cut and _offsets (scalars, no z) say how far, for _put_back."""
         for i, (_, p, z) in enumerate(self._zs(seed)):
+            self._cut = (seed, alpha, i + 1)  # counted first: a Ctrl-C during add_ is raised as it returns, p moved
             p.add_(z, alpha=alpha)
-            self._cut = (seed, alpha, i + 1)  # if the pass stops here: its first i + 1 tensors moved
         self._cut, self._offsets[seed] = None, self._offsets.get(seed, 0.0) + alpha  # θ_step + Σ offset·z, in queries
 
     def _query(self, closure, seed, eps, back):

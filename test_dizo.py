@@ -843,6 +843,30 @@ def test_a_pass_that_fails_part_way_moves_back_the_tensors_it_moved(monkeypatch,
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("passes_before, tensor", [(0, 2), (1, 3)])  # the 2nd tensor of +εz; the 3rd of -2εz
+def test_a_ctrl_c_as_a_tensor_moves_still_puts_theta_back(monkeypatch, passes_before, tensor):
+    """Python runs a signal handler between bytecodes, so a Ctrl-C that comes while add_ moves a tensor raises as
+    add_ returns: that tensor has moved. The pass counts it as moved before it moves, and θ is put back."""
+    model = tiny_opt()
+    params = list(model.parameters())
+    before, adds, add_ = weights(params), [], torch.Tensor.add_
+
+    def add_then_interrupt(self, *args, **kwargs):
+        out = add_(self, *args, **kwargs)
+        if any(self is p for p in params):
+            adds.append(1)
+            if len(adds) == passes_before * len(params) + tensor:
+                raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "add_", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt) as info:
+        ZOSGD(params, lr=1e-2, seed=0).step(lm_closure(model))
+    assert "θ was put back by replaying z" in " ".join(info.value.__notes__)
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
+
+
 def test_a_g_that_overflows_after_theta_is_back_says_so_truthfully():
     """With q = 2 the first query puts θ back before it computes g; a g that overflows (ℓ± = ±1e308, finite) then
     fails with θ already back: the note says it was put back, and it was, bit for bit."""
