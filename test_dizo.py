@@ -107,17 +107,21 @@ def tiny_model(family, vocab_size=64, seed=0, **settings):
     """The tests' one tiny transformer: 2 layers, width 32, 4 heads, MLP 64, 64 positions, no dropout, in any
     family train.py and projected_params know; `settings` override or add config fields (e.g. pad_token_id)."""
     optional("transformers")  # the test is skipped where transformers cannot be imported
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                              LlamaForCausalLM, OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM)
+    from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, RobertaConfig,
+                              RobertaForMaskedLM)
     torch.manual_seed(seed)
     size = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     if family == "opt":
         cfg = OPTConfig(**size, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0)
-    elif family == "llama":
-        cfg = LlamaConfig(**size, intermediate_size=64, num_key_value_heads=2, max_position_embeddings=64)
-    elif family == "roberta":  # RoBERTa's positions start after the padding index: 64 + 2
-        cfg = RobertaConfig(**size, intermediate_size=64, max_position_embeddings=66, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0)
+    elif family in ("llama", "mistral", "qwen2"):
+        config = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+        cfg = config(**size, intermediate_size=64, num_key_value_heads=2, max_position_embeddings=64)
+    elif family in ("roberta", "bert"):  # RoBERTa's positions start after the padding index: 64 + 2
+        cfg = (RobertaConfig if family == "roberta" else BertConfig)(
+            **size, intermediate_size=64, max_position_embeddings=66, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)
     elif family == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                          embd_pdrop=0.0, attn_pdrop=0.0)
@@ -125,7 +129,8 @@ def tiny_model(family, vocab_size=64, seed=0, **settings):
         cfg = GPTNeoXConfig(**size, intermediate_size=64, max_position_embeddings=64)
     for key, value in settings.items():
         setattr(cfg, key, value)
-    model_class = {"opt": OPTForCausalLM, "llama": LlamaForCausalLM, "roberta": RobertaForMaskedLM,
+    model_class = {"opt": OPTForCausalLM, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
+                   "qwen2": Qwen2ForCausalLM, "roberta": RobertaForMaskedLM, "bert": BertForMaskedLM,
                    "gpt2": GPT2LMHeadModel, "gpt_neox": GPTNeoXForCausalLM}[family]
     return model_class(cfg).eval()
 
@@ -1128,11 +1133,14 @@ def test_search_data_is_drawn_once_per_iteration_and_reiterated_when_exhausted()
 # ---------------------------------------------------------------------------------------------------------
 # dizo.py: which matrices, per architecture family; LoRA; the divergence of §2.2
 
-@pytest.mark.parametrize("family", ["opt", "roberta", "llama", "gpt2"])
+@pytest.mark.parametrize("family", ["opt", "roberta", "bert", "llama", "mistral", "qwen2", "gpt2"])
 def test_projected_params_finds_k_and_v_of_every_layer(family):
     model = tiny_model(family)
     pairs = projected_params(model)
     assert len(pairs) == 2 * 2  # K and V of each of the 2 layers
+    names = {"gpt2": ("[k]", "[v]"), "roberta": ("key", "value"), "bert": ("key", "value")}  # else k_proj, v_proj
+    k, v = names.get(family, ("k_proj", "v_proj"))
+    assert [(k in name, v in name) for name, _ in pairs] == [(True, False), (False, True)] * 2, [n for n, _ in pairs]
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     for _, t in pairs:  # each is the parameter itself or a view of it, so in-place edits reach the model
         assert t.untyped_storage().data_ptr() in storages

@@ -284,7 +284,7 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #   data or model; 2. train_all skips finished methods (a diverged one: exit 1); 3. load_checkpoint (runs.py:99)
     #   loads the weights (none yet: the method starts anew); 4. Run.restore (runs.py:293) puts back the rest.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:326)
-        idx = batches.next()  # one mini-batch: every forward pass of a ZO step sees the same examples
+        idx = batches.next()  # one mini-batch: every pass of the ZO step sees it (a phase draws its own)
         try:
             train_loss = take_step(method, opt, lambda: batch_loss(idx), step)
             run.log(train_loss, opt)  # losses, forward passes, DiZO's phase: Run.log (runs.py:332)
