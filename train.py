@@ -18,7 +18,7 @@ It reads top to bottom: Config, the model, the methods, the loss, the loop, main
   ZOSGD.step (dizo.py:186) calls ZOSGD._zo_step (dizo.py:156); DiZO.step (dizo.py:251), DiZO.project (dizo.py:288);
   dizo's default, HeldOutDiZO (train.py:428), also scores each phase on dev data: HeldOutDiZO.project (train.py:442)
 - the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
-- a batch's loss: TrainLoss (train.py:213), its forward pass in PromptLoss.scores (data.py:361)
+- a batch's loss: TrainLoss (train.py:213), PromptLoss.loss (data.py:384); a forward: PromptLoss.scores (data.py:361)
 - evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:351)
 - what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:363), Stop (runs.py:477),
   check_out_dir (runs.py:132), load_checkpoint (runs.py:99), Run.restore (runs.py:293)
@@ -175,9 +175,9 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     """Each method's optimizer; all three update trained_parameters (dizo's phases also rescale the projected ones).
         fo    torch.optim.AdamW, no weight decay
         zo    ZOSGD (dizo.py)
-        dizo  DiZO (dizo.py), every κ steps projecting dizo_roles' matrices (K, V; --lora: the LoRA factors of each
-              role that has them, PEFT's Q and V), its γ search on search_batches; default HeldOutDiZO (train.py:428),
-              adding each phase's dev loss before and after (--phase_dev examples, not counted; 0: plain DiZO)."""
+        dizo  DiZO (dizo.py), projecting every κ steps projected_params (dizo.py:365) of dizo_roles (config.py:61):
+              K, V, or with --lora each role's LoRA factors (PEFT's Q and V); γ search on search_batches. By default
+              HeldOutDiZO (train.py:428), adding each phase's dev loss before and after (--phase_dev examples)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
@@ -213,7 +213,7 @@ def take_step(method, opt, closure, step):
 class TrainLoss:
     """The loss of a training mini-batch (indices into `enc`, the training split): one forward pass, the unit of cost,
     counted in `calls`; with backward=True (FO) also backpropagated. Under torchrun or --grad_accum the batch is split
-    (runs.split_loss: this rank's share, in micro-batches, a backward each), still the batch's mean loss."""
+    (split_loss (runs.py:458): this rank's share, in micro-batches, a backward each), still the batch's mean loss."""
 
     def __init__(self, loss_fn, enc, model, micro=1, backward=False):
         self.loss_fn, self.enc, self.model, self.micro, self.backward = loss_fn, enc, model, micro, backward
