@@ -179,10 +179,11 @@ def _no_figures(request):
         yield
 
 
-def forked_train(argv, env=(), stderr=os.devnull, hold=None):
+def forked_train(argv, env=(), stderr=os.devnull, hold=None, script=False):
     """Run train.main(argv) in a forked copy of this process, which starts at once (no interpreter to start, no
     imports), with `env` added to its environment and its error output written to `stderr`; returns its pid.
-    hold = (step, path): before that step the child creates file `path` and waits to be killed."""
+    hold = (step, path): before that step the child creates file `path` and waits to be killed. script: run
+    `python train.py argv` instead, train.py as __main__, its exit code from its own sys.exit."""
     if torch.cuda.is_initialized():
         pytest.skip("a forked process cannot use CUDA once the test process has; run this test on its own")
     pid = os.fork()
@@ -202,13 +203,23 @@ def forked_train(argv, env=(), stderr=os.devnull, hold=None):
                     return take_step(method, opt, closure, step)
 
                 train.take_step = held
-            code = train.main(argv)
+            code = as_script(argv) if script else train.main(argv)
         except BaseException:
             traceback.print_exc()
         finally:
             sys.stderr.flush()
             os._exit(code)
     return pid
+
+
+def as_script(argv):
+    """`python train.py argv` in this process: train.py run as __main__; the code its sys.exit(main()) gives."""
+    sys.argv = ["train.py", *argv]
+    try:
+        runpy.run_path(train.__file__, run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return 70  # train.py returned without exiting
 
 
 def running(pid):
@@ -601,25 +612,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, 
 
 
 def test_bad_input_from_the_shell_prints_no_traceback(tmp_path):
-    """`python train.py --method sgd`: train.py run as __main__, its sys.exit, in a forked copy of this process with
-    its error output (file descriptor 2) in a file. A fresh interpreter would spend 3 s on imports; the cross-CPU test
-    starts one, and checks that it prints nothing but progress bars."""
+    """`python train.py --method sgd`, as a forked script (a fresh interpreter would spend 3 s on imports; the
+    cross-CPU test starts one, and checks that it prints nothing but progress bars)."""
     err = tmp_path / "err"
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        try:
-            os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
-            sys.stdout, sys.stderr = open(os.devnull, "w"), open(2, "w", closefd=False)
-            sys.argv = ["train.py", "--method", "sgd", "--out_dir", str(tmp_path / "o")]
-            runpy.run_path(train.__file__, run_name="__main__")
-        except SystemExit as e:
-            code = e.code
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
+    pid = forked_train(["--method", "sgd", "--out_dir", str(tmp_path / "o")], stderr=str(err), script=True)
     assert exit_codes([pid])[0] == 2, err.read_text()
     assert err.read_text().strip() == "error: --method must be one of fo, zo, dizo, all; got 'sgd'"
 

@@ -11,7 +11,7 @@ One iteration of each method (take_step, below):
            [1 - τ, 1 + τ], found together by M SPSA steps on the vector r (the "γ search")
 A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --grad_accum's micro-batches count as one).
 Its cost: a fo step 1 (and a backward); a zo or dizo step 2 (2q with --queries q); a DiZO phase, every κ = --interval
-steps, 2M + 2 (M = --proj_iters): 2 for each of the γ search's M trials, and the first search batch's before and after.
+steps, 2M + 2 (M = --proj_iters): 2 for each of the γ search's M trials, and the first search batch's loss around it.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main, main's helpers. Where to look:
 - the loop: train_method (train.py:249); one step: take_step (train.py:194), then in dizo.py
@@ -175,8 +175,8 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
     """Each method's optimizer; all three update trained_parameters (dizo's phases also rescale the projected ones).
         fo    torch.optim.AdamW, no weight decay
         zo    ZOSGD (dizo.py)
-        dizo  DiZO (dizo.py), projecting every κ steps projected_params (dizo.py:365) of dizo_roles (config.py:61):
-              K, V, or with --lora each role's LoRA factors (PEFT's Q and V); γ search on search_batches. By default
+        dizo  DiZO (dizo.py): every κ steps it projects the matrices of dizo_roles (config.py:61), found by
+              projected_params (dizo.py:365): K, V, or with --lora the roles' LoRA factors (PEFT's Q, V). By default
               HeldOutDiZO (train.py:428), adding each phase's dev loss before and after (--phase_dev examples)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
