@@ -3,15 +3,15 @@
     python train.py                                   # fo vs zo vs dizo on the embedded tiny model, offline
     python train.py --model facebook/opt-1.3b --task sst-2 --data_dir data/SST-2 --method dizo
 
-One iteration of each method (take_step, below):
-    fo:    loss = L(θ; batch); loss.backward(); adamw.step()
-    zo:    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z (q queries: their mean)
-    dizo:  the zo step; every κ-th step also a phase: each K, V matrix l (--lora: each LoRA factor, PEFT's on Q, V)
-           <- θ0_l + r_l(θ_l - θ0_l), θ0 the weights DiZO started from; the ratios r_l = γ_l / ‖θ_l - θ0_l‖, each in
-           [1 - τ, 1 + τ], found together by M SPSA steps on the vector r (the "γ search")
-A forward pass, the common cost, is one mini-batch's loss (a TrainLoss call; --grad_accum's micro-batches count as one).
-Its cost: a fo step 1 (and a backward); a zo or dizo step 2 (2q with --queries q); a DiZO phase, every κ = --interval
-steps, 2M + 2 (M = --proj_iters): 2 for each of the γ search's M trials, and the first search batch's loss around it.
+One training step of each method (take_step), L(θ) being a mini-batch's loss, one forward pass:
+    fo    loss = L(θ); loss.backward(); AdamW step                                           1 forward, 1 backward
+    zo    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z       2 forward passes
+    dizo  the zo step; then every κ steps (--interval) a projection phase                      + 2M + 2 per phase
+The phase moves each attention K and V matrix (--lora: each LoRA factor) along its drift from θ0, the weights before
+training: θ_l <- θ0_l + r_l(θ_l - θ0_l), one ratio r_l in [1 - τ, 1 + τ] per matrix, found by M steps of a zeroth-order
+search (the "γ search": the new distance is γ_l = r_l‖θ_l - θ0_l‖), M = --proj_iters: 2 passes a search step, and 2
+for the loss before and after the phase. --queries q averages q directions (2q passes); --grad_accum's micro-batches
+count as one pass.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main, main's helpers. Where to look:
 - the loop: train_method (train.py:249); one step: take_step (train.py:194), then in dizo.py
@@ -272,17 +272,17 @@ def train_method(method, model, setup, cfg, folder, saved=None):
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
     # What the run writes, and what a signal and --resume do (the functions are runs.py's):
-    # Each evaluation: 1. Run.record (runs.py:351) adds a history entry, such as zo's at step 100: {"step": 100,
-    #   "loss": 0.498 (the mean since the last entry), "dev_acc": 0.79, "dev_loss": 0.456, "forward_passes": 200,
-    #   "wall_s": 6.1}; 2. Run.checkpoint (runs.py:363) replaces checkpoints/<method>/ whole: save_pretrained's files
-    #   (--lora: the adapters'), the tokenizer's, trainer_state.pt (`parts`, DiZO's θ0 in the optimizer's state;
-    #   result, window, tracked_w0, RNGs); 3. it then writes results.json.
-    # Ctrl-C (or SIGTERM, SIGHUP): 1. Stop (runs.py:477) sets a flag; 2. the step ends; 3. between evaluations an entry
-    #   without dev numbers and a checkpoint keeping the losses since the last entry (window) are written; 4. the loop
-    #   breaks; 5. train_all returns 128 + the signal. A second Ctrl-C: KeyboardInterrupt, main returns 130 at once.
-    # --resume: 1. in main, check_out_dir (runs.py:132) refuses other flags or process count, open_folder other
-    #   data or model; 2. train_all skips finished methods (a diverged one: exit 1); 3. load_checkpoint (runs.py:99)
-    #   loads the weights (none yet: the method starts anew); 4. Run.restore (runs.py:293) puts back the rest.
+    # - each evaluation: a history entry (Run.record (runs.py:351)), such as zo's at step 100: {"step": 100, "loss":
+    #   0.498 (the mean since the last entry), "dev_acc": 0.79, "dev_loss": 0.456, "forward_passes": 200, "wall_s":
+    #   6.1}; the checkpoint (Run.checkpoint (runs.py:363)): checkpoints/<method>/ replaced whole by the weights
+    #   (--lora: the adapters), the tokenizer and trainer_state.pt (`parts`, DiZO's θ0 in the optimizer's state, the
+    #   RNGs, the result so far); then results.json.
+    # - Ctrl-C, SIGTERM or SIGHUP: Stop (runs.py:477) sets a flag; the step finishes; an entry (between evaluations,
+    #   without dev numbers) and a checkpoint are written; the loop breaks; main exits 128 + the signal. A second
+    #   Ctrl-C exits at once.
+    # - --resume: main refuses changed flags, data, model or process count (check_out_dir (runs.py:132), open_folder);
+    #   finished methods are skipped; load_checkpoint (runs.py:99) loads the weights and Run.restore (runs.py:293) the
+    #   rest (no checkpoint yet: the method starts anew); the loop goes on after the saved step.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:326)
         idx = batches.next()  # one mini-batch: every pass of the ZO step sees it (a phase draws its own)
         try:
