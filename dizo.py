@@ -135,23 +135,6 @@ class ZOSGD(torch.optim.Optimizer):
             self._perturb(seed, eps)
         return _scalar((loss_plus - loss_minus) / (2 * eps), "g = (ℓ+ - ℓ-) / 2ε"), loss_plus  # g: eq. (1)
 
-    def _put_back(self, error):
-        """After a failed query, θ put back where the step began (to rounding) by replaying z: first the tensors a pass
-        cut short had moved, then each whole pass still applied; a note says whether it was (θ finite)."""
-        try:
-            if self._cut:
-                seed, alpha, moved = self._cut
-                for _, (_, p, z) in zip(range(moved), self._zs(seed)):
-                    p.add_(z, alpha=-alpha)
-                self._cut = None
-            for seed, offset in [(seed, a) for seed, a in self._offsets.items() if a]:
-                self._perturb(seed, -offset)
-            restored = all(bool(torch.isfinite(p).all()) for _, p in self._params())  # an ε that overflowed: no
-        except BaseException:  # out of memory again, Ctrl-C: θ stays where this failure left it, even part-way
-            restored = False
-        error.add_note(f"ZO step {self.steps_done + 1} stopped; θ " + ("was put back by replaying z" if restored
-                                                                      else "could NOT be put back: reload it"))
-
     @torch.no_grad()
     def _zo_step(self, closure=None):
         """One ZO-SGD step, eq. (1) and (2) with q queries, all at the same θ; returns ℓ+ = L(θ + εz_1), not L(θ)."""
@@ -196,6 +179,24 @@ class ZOSGD(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in ("zo", "dizo")})
         self.steps_done = state_dict["zo"]["steps_done"]
         self._seeds.set_state(state_dict["zo"]["seeds"])
+
+    # Recovery: a step that fails part-way (out of memory, Ctrl-C, a non-finite loss) puts θ back, or says it cannot.
+    def _put_back(self, error):
+        """After a failed query, θ put back where the step began (to rounding) by replaying z: first the tensors a pass
+        cut short had moved, then each whole pass still applied; a note says whether it was (θ finite)."""
+        try:
+            if self._cut:
+                seed, alpha, moved = self._cut
+                for _, (_, p, z) in zip(range(moved), self._zs(seed)):
+                    p.add_(z, alpha=-alpha)
+                self._cut = None
+            for seed, offset in [(seed, a) for seed, a in self._offsets.items() if a]:
+                self._perturb(seed, -offset)
+            restored = all(bool(torch.isfinite(p).all()) for _, p in self._params())  # an ε that overflowed: no
+        except BaseException:  # out of memory again, Ctrl-C: θ stays where this failure left it, even part-way
+            restored = False
+        error.add_note(f"ZO step {self.steps_done + 1} stopped; θ " + ("was put back by replaying z" if restored
+                                                                      else "could NOT be put back: reload it"))
 
 
 class DiZO(ZOSGD):

@@ -1,7 +1,15 @@
-"""The run's folder: everything a run writes and reads back, and what keeps it safe. Files are written atomically
-and never through a symbolic link; the folder is one run's at a time (a lock); nothing train.py did not write is
-replaced or removed; a resume is refused when its flags, data, base model or world size differ; signals stop a run
-at the end of a step with a checkpoint."""
+"""The run's folder: everything a run writes and reads back, and what keeps it safe.
+
+    out_dir/results.json            the run's flags, data and model hashes; each method's result and history
+    out_dir/checkpoints/<method>/   the last checkpoint, replaced whole (Run.checkpoint): the weights (--lora: the
+                                    adapters), the tokenizer, trainer_state.pt (Run.state: the optimizer's state,
+                                    DiZO's θ0 in it; the schedule, the data orders, the result so far, the RNGs)
+    out_dir/model/ (--save), curves.png, projection.png, divergence.png, .lock (one run at a time)
+
+At each evaluation the loop writes a history entry, then the checkpoint, then results.json. --resume refuses other
+flags or world size (check_out_dir), other data or base model (open_folder); then load_checkpoint loads the weights and
+Run.restore the rest. Files are written atomically and never through a symbolic link; nothing train.py did not write
+is replaced or removed; signals (Stop) end a run at the end of a step, with a checkpoint."""
 import contextlib
 import datetime
 import ctypes

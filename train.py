@@ -15,13 +15,13 @@ count as one pass.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main, main's helpers. Where to look:
 - the loop: train_method (train.py:249); one step: take_step (train.py:194), then in dizo.py
-  ZOSGD.step (dizo.py:186) calls ZOSGD._zo_step (dizo.py:156); DiZO.step (dizo.py:251), DiZO.project (dizo.py:288);
+  ZOSGD.step (dizo.py:169) calls ZOSGD._zo_step (dizo.py:139); DiZO.step (dizo.py:252), DiZO.project (dizo.py:289);
   dizo's default, HeldOutDiZO (train.py:428), also scores each phase on dev data: HeldOutDiZO.project (train.py:442)
 - the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
 - a batch's loss: TrainLoss (train.py:213), PromptLoss.loss (data.py:384); a forward: PromptLoss.scores (data.py:361)
-- evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:351)
-- what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:363), Stop (runs.py:477),
-  check_out_dir (runs.py:132), load_checkpoint (runs.py:99), Run.restore (runs.py:293)
+- evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:359)
+- what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:371), Stop (runs.py:485),
+  check_out_dir (runs.py:140), load_checkpoint (runs.py:107), Run.restore (runs.py:301)
 Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
 """
 
@@ -160,7 +160,7 @@ def load_model(cfg, setup, method):
 
 
 def trained_parameters(model, cfg):
-    """What every method trains, fo too: with --lora the adapters alone; otherwise every weight, except the token
+    """What every method trains, fo too: with --lora the adapters alone; otherwise every parameter, except the token
     embedding (and an output head tied to it: the same tensor) with --trained no_embed, the released set."""
     if cfg.lora:
         return [p for name, p in model.named_parameters() if "lora_" in name]
@@ -176,7 +176,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
         fo    torch.optim.AdamW, no weight decay
         zo    ZOSGD (dizo.py)
         dizo  DiZO (dizo.py): every κ steps it projects the matrices of dizo_roles (config.py:61), found by
-              projected_params (dizo.py:365): K, V, or with --lora the roles' LoRA factors (PEFT's Q, V). By default
+              projected_params (dizo.py:366): K, V, or with --lora the roles' LoRA factors (PEFT's Q, V). By default
               HeldOutDiZO (train.py:428), adding each phase's dev loss before and after (--phase_dev examples)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
@@ -196,7 +196,7 @@ def take_step(method, opt, closure, step):
     step out as MeZO's four sweeps of the weights). closure(): this step's mini-batch loss (TrainLoss), under no_grad
     for ZO. Returns the loss it logs: fo L(θ), zo and dizo ℓ+ = L(θ + εz)."""
     if method != "fo":
-        return opt.step(closure)  # ZOSGD.step (dizo.py:186), or DiZO.step (dizo.py:251): + a phase every κ-th step
+        return opt.step(closure)  # ZOSGD.step (dizo.py:169), or DiZO.step (dizo.py:252): + a phase every κ-th step
     opt.zero_grad(set_to_none=True)
     loss = closure()  # FO: forward and backward (--grad_accum: micro-batch by micro-batch; torchrun: each rank's share)
     if not math.isfinite(float(loss)):
@@ -213,7 +213,7 @@ def take_step(method, opt, closure, step):
 class TrainLoss:
     """The loss of a training mini-batch (indices into `enc`, the training split): one forward pass, the unit of cost,
     counted in `calls`; with backward=True (FO) also backpropagated. Under torchrun or --grad_accum the batch is split
-    (split_loss (runs.py:458): this rank's share, in micro-batches, a backward each), still the batch's mean loss."""
+    (split_loss (runs.py:466): this rank's share, in micro-batches, a backward each), still the batch's mean loss."""
 
     def __init__(self, loss_fn, enc, model, micro=1, backward=False):
         self.loss_fn, self.enc, self.model, self.micro, self.backward = loss_fn, enc, model, micro, backward
@@ -272,25 +272,25 @@ def train_method(method, model, setup, cfg, folder, saved=None):
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
     # What the run writes, and what a signal and --resume do (the functions are runs.py's):
-    # - each evaluation: a history entry (Run.record (runs.py:351)), such as zo's at step 100: {"step": 100, "loss":
+    # - each evaluation: a history entry (Run.record (runs.py:359)), such as zo's at step 100: {"step": 100, "loss":
     #   0.498 (the mean since the last entry), "dev_acc": 0.79, "dev_loss": 0.456, "forward_passes": 200, "wall_s":
-    #   6.1}; the checkpoint (Run.checkpoint (runs.py:363)): checkpoints/<method>/ replaced whole by the weights
+    #   6.1}; the checkpoint (Run.checkpoint (runs.py:371)): checkpoints/<method>/ replaced whole by the weights
     #   (--lora: the adapters), the tokenizer and trainer_state.pt (`parts`, DiZO's θ0 in the optimizer's state, the
     #   RNGs, the result so far); then results.json.
-    # - Ctrl-C, SIGTERM or SIGHUP: Stop (runs.py:477) sets a flag; the step finishes; an entry (between evaluations,
+    # - Ctrl-C, SIGTERM or SIGHUP: Stop (runs.py:485) sets a flag; the step finishes; an entry (between evaluations,
     #   without dev numbers) and a checkpoint are written; the loop breaks; main exits 128 + the signal. A second
     #   Ctrl-C exits at once.
-    # - --resume: main refuses changed flags, data, model or process count (check_out_dir (runs.py:132), open_folder);
-    #   finished methods are skipped; load_checkpoint (runs.py:99) loads the weights and Run.restore (runs.py:293) the
+    # - --resume: main refuses changed flags, data, model or process count (check_out_dir (runs.py:140), open_folder);
+    #   finished methods are skipped; load_checkpoint (runs.py:107) loads the weights and Run.restore (runs.py:301) the
     #   rest (no checkpoint yet: the method starts anew); the loop goes on after the saved step.
-    for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:326)
+    for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:334)
         idx = batches.next()  # one mini-batch: every pass of the ZO step sees it (a phase draws its own)
         try:
             train_loss = take_step(method, opt, lambda: batch_loss(idx), step)
-            run.log(train_loss, opt)  # losses, forward passes, DiZO's phase: Run.log (runs.py:332)
+            run.log(train_loss, opt)  # losses, forward passes, DiZO's phase: Run.log (runs.py:340)
             schedule.step()
             evaluating = step % cfg.eval_every == 0 or step == steps
-            stopping = run.stop_requested()  # a signal, here or on another rank: Run.stop_requested (runs.py:347)
+            stopping = run.stop_requested()  # a signal, here or on another rank: Run.stop_requested (runs.py:355)
             if evaluating or stopping:
                 run.record(evaluate(model, setup, "dev") if evaluating else (None, None))  # a history entry
                 run.checkpoint(cut_short=not evaluating)  # checkpoints/<method>/ (weights, state), then results.json
