@@ -14,7 +14,7 @@ for the loss before and after the phase. --queries q averages q directions (2q p
 count as one pass.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main, main's helpers. Where to look:
-- the loop: train_method (train.py:249); one step: take_step (train.py:194), then in dizo.py
+- the loop: train_method (train.py:249), its `for step` after the setup; one step: take_step (train.py:194), then
   ZOSGD.step (dizo.py:169) calls ZOSGD._zo_step (dizo.py:139); DiZO.step (dizo.py:252), DiZO.project (dizo.py:289);
   dizo's default, HeldOutDiZO (train.py:428), also scores each phase on dev data: HeldOutDiZO.project (train.py:442)
 - the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
@@ -192,9 +192,9 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
 
 
 def take_step(method, opt, closure, step):
-    """One step, where the methods' updates differ (the module's docstring shows each; dizo.py's docstring writes a ZO
-    step out as MeZO's four sweeps of the weights). closure(): this step's mini-batch loss (TrainLoss), under no_grad
-    for ZO. Returns the loss it logs: fo L(θ), zo and dizo ℓ+ = L(θ + εz)."""
+    """One step, where the methods' updates differ; closure(): this step's mini-batch loss (TrainLoss). zo and dizo
+    (dizo.py, no_grad), z redrawn from the step's seed at each use: θ += εz; ℓ+ = closure(); θ -= 2εz; ℓ- = closure();
+    g = (ℓ+ - ℓ-) / 2ε; θ += εz - lr·g·z (dizo: a phase every κ-th step). Returns L(θ) (fo) or ℓ+ (zo, dizo)."""
     if method != "fo":
         return opt.step(closure)  # ZOSGD.step (dizo.py:169), or DiZO.step (dizo.py:252): + a phase every κ-th step
     opt.zero_grad(set_to_none=True)
