@@ -5,18 +5,18 @@
 
 One training step of each method (take_step), L(θ) being a mini-batch's loss, one forward pass:
     fo    loss = L(θ); loss.backward(); AdamW step                                           1 forward, 1 backward
-    zo    z ~ N(0, I) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z       2 forward passes
+    zo    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  2 forward passes
     dizo  the zo step; then every κ steps (--interval) a projection phase                      + 2M + 2 per phase
 The phase moves each attention K and V matrix (--lora: each LoRA factor) along its drift from θ0, the weights before
-training: θ_l <- θ0_l + r_l(θ_l - θ0_l), one ratio r_l in [1 - τ, 1 + τ] per matrix, found by M steps of a zeroth-order
-search (the "γ search": the new distance is γ_l = r_l‖θ_l - θ0_l‖), M = --proj_iters: 2 passes a search step, and 2
-for the loss before and after the phase. --queries q averages q directions (2q passes); --grad_accum's micro-batches
-count as one pass.
+training: θ_l <- θ0_l + r_l(θ_l - θ0_l), one ratio r_l in [1 - τ, 1 + τ] per matrix, found by M = --proj_iters steps
+of a zeroth-order search (the "γ search": the new distance is γ_l = r_l‖θ_l - θ0_l‖), 2 passes each, and 2 for the
+loss before and after. --queries q averages q directions (2q passes); --grad_accum's micro-batches count as one.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main, main's helpers. Where to look:
 - the loop: train_method (train.py:249), its `for step` after the setup; one step: take_step (train.py:194), then
-  ZOSGD.step (dizo.py:169) calls ZOSGD._zo_step (dizo.py:139); DiZO.step (dizo.py:252), DiZO.project (dizo.py:289);
-  dizo's default, HeldOutDiZO (train.py:428), also scores each phase on dev data: HeldOutDiZO.project (train.py:442)
+  ZOSGD.step (dizo.py:169) calls ZOSGD._zo_step (dizo.py:139), the ±εz passes ZOSGD._query (dizo.py:128); DiZO.step
+  (dizo.py:252), DiZO.project (dizo.py:289); dizo's default, HeldOutDiZO (train.py:428), also scores each phase on
+  dev data: HeldOutDiZO.project (train.py:442)
 - the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
 - a batch's loss: TrainLoss (train.py:213), PromptLoss.loss (data.py:384); a forward: PromptLoss.scores (data.py:361)
 - evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:359)
@@ -281,8 +281,8 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #   without dev numbers) and a checkpoint are written; the loop breaks; main exits 128 + the signal. A second
     #   Ctrl-C exits at once.
     # - --resume: main refuses changed flags, data, model or process count (check_out_dir (runs.py:140), open_folder);
-    #   finished methods are skipped; load_checkpoint (runs.py:107) loads the weights and Run.restore (runs.py:301) the
-    #   rest (no checkpoint yet: the method starts anew); the loop goes on after the saved step.
+    #   train_all skips finished methods, and its load_checkpoint (runs.py:107) loads the weights; here Run.restore
+    #   (runs.py:301) puts back the rest (no checkpoint yet: the method starts anew); the loop goes on after its step.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:334)
         idx = batches.next()  # one mini-batch: every pass of the ZO step sees it (a phase draws its own)
         try:
