@@ -14,9 +14,9 @@ loss before and after. --queries q averages q directions (2q passes); --grad_acc
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main, main's helpers. Where to look:
 - the loop: train_method (train.py:249), its `for step` after the setup; one step: take_step (train.py:194), then
-  ZOSGD.step (dizo.py:169) calls ZOSGD._zo_step (dizo.py:139), the ±εz passes ZOSGD._query (dizo.py:128); DiZO.step
-  (dizo.py:252), DiZO.project (dizo.py:289); dizo's default, HeldOutDiZO (train.py:428), also scores each phase on
-  dev data: HeldOutDiZO.project (train.py:442)
+  ZOSGD.step (dizo.py:169) calls ZOSGD._zo_step (dizo.py:139), the ±εz passes ZOSGD._query (dizo.py:128);
+  DiZO.step (dizo.py:252), DiZO.project (dizo.py:289); dizo's default, HeldOutDiZO (train.py:428), also scores each
+  phase on dev data: HeldOutDiZO.project (train.py:442)
 - the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
 - a batch's loss: TrainLoss (train.py:213), PromptLoss.loss (data.py:384); a forward: PromptLoss.scores (data.py:361)
 - evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:359)
@@ -281,8 +281,8 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #   without dev numbers) and a checkpoint are written; the loop breaks; main exits 128 + the signal. A second
     #   Ctrl-C exits at once.
     # - --resume: main refuses changed flags, data, model or process count (check_out_dir (runs.py:140), open_folder);
-    #   train_all skips finished methods, and its load_checkpoint (runs.py:107) loads the weights; here Run.restore
-    #   (runs.py:301) puts back the rest (no checkpoint yet: the method starts anew); the loop goes on after its step.
+    #   train_all skips finished methods, and its load_checkpoint (runs.py:107) loads the weights (none yet: the
+    #   method starts anew); here Run.restore (runs.py:301) puts back the rest; the loop goes on after its step.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:334)
         idx = batches.next()  # one mini-batch: every pass of the ZO step sees it (a phase draws its own)
         try:
