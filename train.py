@@ -16,7 +16,7 @@ It reads top to bottom: Config, the model, the methods, the loss, the loop, main
 - the loop: train_method (train.py:249), its `for step` after the setup; one step: take_step (train.py:194), then
   ZOSGD.step (dizo.py:169) calls ZOSGD._zo_step (dizo.py:139), the ±εz passes ZOSGD._query (dizo.py:128);
   DiZO.step (dizo.py:252), DiZO.project (dizo.py:289); dizo's default, HeldOutDiZO (train.py:428), also scores each
-  phase on dev data: HeldOutDiZO.project (train.py:442)
+  phase on dev data, not counted as training passes: HeldOutDiZO.project (train.py:442)
 - the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
 - a batch's loss: TrainLoss (train.py:213), PromptLoss.loss (data.py:384); a forward: PromptLoss.scores (data.py:361)
 - evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:359)
