@@ -291,7 +291,7 @@ class Run:
     """One method's training as its folder records it: the result (its entry in results.json: history, cost,
     DiZO's phases) and what a checkpoint holds besides the weights (`parts`: optimizer, schedule, data orders;
     the RNG; --track_divergence's W0, `tracked_w0`: not DiZO's θ0, which is in the optimizer's state). The loop
-    calls log() after each step, record() and checkpoint() at each evaluation, and stop_requested() to end early."""
+    calls log() and stop_requested() after each step, record() and checkpoint() at each evaluation or stop."""
 
     def __init__(self, folder, method, model, tokenizer, parts, passes, result, tracked_w0=None, track=None):
         self.folder, self.method, self.model, self.tokenizer = folder, method, model, tokenizer

@@ -9,19 +9,19 @@ One training step of each method (take_step), L(θ) being a mini-batch's loss, o
     dizo  the zo step; then every κ steps (--interval) a projection phase                      + 2M + 2 per phase
 The phase moves each attention K and V matrix (--lora: the adapters' factors, PEFT's on Q and V) along its drift from
 θ0, the weights before training: θ_l <- θ0_l + r_l(θ_l - θ0_l), one ratio r_l in [1 - τ, 1 + τ] per matrix, found by
-M = --proj_iters steps of a zeroth-order search, the "γ search" (γ_l = r_l‖θ_l - θ0_l‖), 2 passes each, 2 more for the
-loss before and after. --queries q: q directions averaged (2q passes); --grad_accum's micro-batches: one pass.
+a zeroth-order search, the "γ search" (γ_l = r_l‖θ_l - θ0_l‖): M = --proj_iters steps of 2 passes, and 2 passes to log
+the loss before and after. --queries q averages q directions (2q passes); --grad_accum's micro-batches count as one.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main, main's helpers. Where to look:
-- the loop: train_method (train.py:249), its `for step` after the setup; one step: take_step (train.py:194), then
-  ZOSGD.step (dizo.py:169) calls ZOSGD._zo_step (dizo.py:139), the ±εz passes ZOSGD._query (dizo.py:128);
-  DiZO.step (dizo.py:252), DiZO.project (dizo.py:289); dizo's default, HeldOutDiZO (train.py:428), also scores each
-  phase on dev data, not counted as training passes: HeldOutDiZO.project (train.py:442)
-- the optimizers and what each trains: make_optimizer (train.py:174), trained_parameters (train.py:162)
-- a batch's loss: TrainLoss (train.py:213), PromptLoss.loss (data.py:384); a forward: PromptLoss.scores (data.py:361)
-- evaluation: evaluate (train.py:233), its history entry Run.record (runs.py:359)
-- what is written, Ctrl-C, --resume (the comment above the loop): Run.checkpoint (runs.py:371), Stop (runs.py:485),
-  check_out_dir (runs.py:140), load_checkpoint (runs.py:107), Run.restore (runs.py:301)
+  the loop        train_method (train.py:249), its `for step`; one step of each method: take_step (train.py:194)
+  a ZO step       ZOSGD.step (dizo.py:169) -> ZOSGD._zo_step (dizo.py:139); the ±εz passes: ZOSGD._query (dizo.py:128)
+  a DiZO step     DiZO.step (dizo.py:252): the ZO step, then every κ steps DiZO.project (dizo.py:289); here
+                  HeldOutDiZO.project (train.py:443) wraps it to also score dev data (not counted as training passes)
+  optimizers      make_optimizer (train.py:174); what each method trains: trained_parameters (train.py:162)
+  a batch's loss  TrainLoss (train.py:213) -> PromptLoss.loss (data.py:384); a forward: PromptLoss.scores (data.py:361)
+  evaluation      evaluate (train.py:233); what is recorded: Run.record (runs.py:359)
+  the run folder  the comment above the loop; a checkpoint: Run.checkpoint (runs.py:371); Ctrl-C: Stop (runs.py:485);
+                  --resume: check_out_dir (runs.py:140), load_checkpoint (runs.py:107), Run.restore (runs.py:301)
 Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
 """
 
@@ -47,12 +47,12 @@ from runs import RANKS
 # ---------------------------------------------------------------------------------------------------------
 # Settings: one dataclass, the command line built from it (config.py); model-dependent defaults: the dicts below.
 
-# Real models: MeZO's README (every weight, ZO lr 1e-6, eps 1e-3, batch 16, constant lr, 20,000 steps; the DiZO logs'
-# lr too, their frozen embedding and decay: --recipe released); MeZO's finetune.sh: AdamW 1e-5, 625 steps (batch 8).
+# Real models: MeZO's README (every weight, ZO lr 1e-6 as DiZO's logs, eps 1e-3, batch 16, constant lr, 20,000 steps);
+# FO: MeZO's finetune.sh, AdamW 1e-5 for 625 steps (at its batch 8; ours 16). DiZO's logs' setup: --recipe released.
 REAL_DEFAULTS = dict(lr={"fo": 1e-5, "zo": 1e-6, "dizo": 1e-6}, steps={"fo": 625, "zo": 20000, "dizo": 20000},
                      eval_every=500, trained="all", lr_schedule="constant")
 # The embedded tiny model: 0.6M parameters take a far larger ZO lr; FO's dev accuracy peaks within 300 steps, ZO's dev
-# loss levels off near 1,000 (3 min on 2 cores). Trained as the released code and logs (else ZO collapses).
+# loss levels off near 1,000 (3 min on 2 cores). Frozen embedding, decaying lr, as released: without them ZO collapses.
 BUILTIN_DEFAULTS = dict(lr={"fo": 3e-4, "zo": 1.5e-4, "dizo": 1.5e-4}, steps={"fo": 300, "zo": 1000, "dizo": 1000},
                         eval_every=100, trained="no_embed", lr_schedule="linear")
 
@@ -68,7 +68,7 @@ class Config:
     batch_size: int = flag(16, "examples per mini-batch")
     lr: float | None = flag(None, "learning rate (default per method and model)", float)
     eps: float = flag(1e-3, "ZO perturbation scale ε")
-    seed: int = flag(0, "seed of the data order and the ZO directions")
+    seed: int = flag(0, "seed of all that is random: data order, ZO directions, γ search, LoRA init, FO dropout")
     data_seed: int = flag(42, "seed of the train/dev/test sampling of --data_dir (built-in splits are fixed)")
     k: int | None = flag(None, "training examples per class (LM-BFF)", int)
     num_train: int | None = flag(None, "training examples (MeZO: 1000)", int)
@@ -76,8 +76,8 @@ class Config:
     num_test: int | None = flag(None, "test examples (MeZO: 1000)", int)
     eval_every: int | None = flag(None, "steps between dev evaluations and checkpoints (builtin 100, real 500)", int)
     out_dir: str = flag("runs/default", "where results.json, plots, checkpoints and --save go")
-    dtype: str | None = flag(None, "fp32; bf16 / fp16 (fp16: GPU only): fp32 weights, every forward under autocast; "
-                             "fp64. Default: fp64 for the embedded model; real models bf16 on a GPU, else fp32", str)
+    dtype: str | None = flag(None, "fp32, fp64, or bf16 / fp16 (fp16: GPU only): fp32 weights, forwards under "
+                             "autocast. Default: fp64 for the embedded model; real ones bf16 on a GPU, else fp32", str)
     half_weights: bool = flag(False, "store the weights in --dtype and step them in place (MeZO, the released "
                                      "--load_float16): 2 bytes per parameter, ZO steps round; FO keeps fp32")
     save: bool = flag(False, "save the final model(s) to out_dir/model/")
@@ -177,7 +177,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
         zo    ZOSGD (dizo.py)
         dizo  DiZO (dizo.py): every κ steps it projects the matrices of dizo_roles (config.py:61), found by
               projected_params (dizo.py:366): K, V, or with --lora the roles' LoRA factors (PEFT's Q, V). By default
-              HeldOutDiZO (train.py:428), adding each phase's dev loss before and after (--phase_dev examples)."""
+              HeldOutDiZO (train.py:429), adding each phase's dev loss before and after (--phase_dev examples)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
         return torch.optim.AdamW(params, lr=cfg.lr_for(method), weight_decay=0.0)
@@ -206,8 +206,8 @@ def take_step(method, opt, closure, step):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The loss of a batch (one forward pass) and evaluation. The loss is data.PromptLoss; with one-token label words
-# (" great", " terrible") on a causal LM, prompts left-padded, it is, in at least fp32 (other cases: PromptLoss.scores)
+# The loss of a batch (one forward pass) and evaluation. The loss is data.PromptLoss. For a causal LM with one-token
+# label words (" great", " terrible") and left-padded prompts, in fp32 or fp64, it equals (others: PromptLoss.scores)
 #   F.cross_entropy(model(**prompts).logits[:, -1, word_ids], labels)     (a softmax over the label words alone)
 
 class TrainLoss:
@@ -248,8 +248,8 @@ def evaluate(model, setup, split, count=None):
 
 def train_method(method, model, setup, cfg, folder, saved=None):
     """Train one method from the pretrained model, or from --resume's checkpoint (`saved`). Returns its result, with
-    status done, interrupted (a signal before the last step; on it: done, exit 128 + n) or diverged (a non-finite loss
-    or weight). It evaluates:
+    status done, interrupted (a signal stopped it before the last step) or diverged (a non-finite loss or weight); a
+    signal during the last step leaves it done, and main still exits 128 + n. It evaluates:
         before training                 zero-shot test accuracy, and dev as step 0 (not when resuming)
         every --eval_every, and last    dev: a history entry and a checkpoint (the comment above the loop)
         at the end                      test accuracy, of the last weights (not the best dev's)"""
@@ -266,23 +266,24 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - decay * t / max(1, steps))
     parts = {"optimizer": opt, "schedule": schedule, "batches": batches, "search_batches": search_batches}
     run = new_run(method, model, setup, cfg, folder, opt, batch_loss, parts)  # parts: what a checkpoint holds
-    if saved is not None:  # --resume: the checkpoint's optimizer, schedule, data orders, RNGs and results, less an
-        run.restore(saved)  # entry without dev numbers (a signal's); the steps go on after its last
+    if saved is not None:  # --resume: put back the checkpoint's optimizer (DiZO: its θ0), schedule, data orders, RNGs
+        run.restore(saved)  # and results (less a signal's entry, which has no dev numbers)
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
     # What the run writes, and what a signal and --resume do (the functions are runs.py's):
     # - each evaluation: a history entry (Run.record (runs.py:359)), such as zo's at step 100: {"step": 100, "loss":
     #   0.498 (the mean since the last entry), "dev_acc": 0.79, "dev_loss": 0.456, "forward_passes": 200, "wall_s":
-    #   6.1}; the checkpoint (Run.checkpoint (runs.py:371)): checkpoints/<method>/ replaced whole by the weights
+    #   6.1}; the checkpoint (Run.checkpoint (runs.py:371)): checkpoints/<method>/ replaced whole by the model
     #   (--lora: the adapters), the tokenizer and trainer_state.pt (`parts`, DiZO's θ0 in the optimizer's state, the
     #   RNGs, the result so far); then results.json.
     # - Ctrl-C, SIGTERM or SIGHUP: Stop (runs.py:485) sets a flag; the step finishes; an entry (between evaluations,
     #   without dev numbers) and a checkpoint are written; the loop breaks; main exits 128 + the signal. A second
     #   Ctrl-C exits at once.
-    # - --resume: main refuses changed flags, data, model or process count (check_out_dir (runs.py:140), open_folder);
-    #   train_all skips finished methods, and its load_checkpoint (runs.py:107) loads the weights (none yet: the
-    #   method starts anew); here Run.restore (runs.py:301) puts back the rest; the loop goes on after its step.
+    # - --resume, in order: 1. main refuses changed flags, data, model or process count (check_out_dir (runs.py:140),
+    #   open_folder). 2. train_all skips finished methods; load_checkpoint (runs.py:107) loads the weights (none yet:
+    #   the method starts anew). 3. Here Run.restore (runs.py:301) puts back the rest, DiZO's saved θ0 over the one
+    #   make_optimizer took. 4. The loop goes on after the saved step.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:334)
         idx = batches.next()  # one mini-batch: every pass of the ZO step sees it (a phase draws its own)
         try:
