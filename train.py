@@ -68,7 +68,7 @@ class Config:
     batch_size: int = flag(16, "examples per mini-batch")
     lr: float | None = flag(None, "learning rate (default per method and model)", float)
     eps: float = flag(1e-3, "ZO perturbation scale ε")
-    seed: int = flag(0, "seed of all that is random: data order, ZO directions, γ search, LoRA init, FO dropout")
+    seed: int = flag(0, "seed of the data order, the ZO directions, the γ search, LoRA's init and FO's dropout")
     data_seed: int = flag(42, "seed of the train/dev/test sampling of --data_dir (built-in splits are fixed)")
     k: int | None = flag(None, "training examples per class (LM-BFF)", int)
     num_train: int | None = flag(None, "training examples (MeZO: 1000)", int)
