@@ -7,10 +7,10 @@ One training step of each method (take_step), L(θ) being a mini-batch's loss, o
     fo    loss = L(θ); loss.backward(); AdamW step                                           1 forward, 1 backward
     zo    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  2 forward passes
     dizo  the zo step; then every κ steps (--interval) a projection phase                      + 2M + 2 per phase
-The phase moves each attention K and V matrix (--lora: the adapters' factors, PEFT's on Q and V) along its drift from
+The phase moves each attention K and V matrix (--lora: the adapted ones' factors, PEFT's Q, V) along its drift from
 θ0, the weights before training: θ_l <- θ0_l + r_l(θ_l - θ0_l), one ratio r_l in [1 - τ, 1 + τ] per matrix, found by
 a zeroth-order search, the "γ search" (γ_l = r_l‖θ_l - θ0_l‖): M = --proj_iters steps of 2 passes, and 2 passes to log
-the loss before and after. --queries q averages q directions (2q passes); --grad_accum's micro-batches count as one.
+the loss before and after. --queries q averages q directions (2q passes); --grad_accum's micro-batches: one pass.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main, main's helpers. Where to look:
   the loop        train_method (train.py:249), its `for step`; one step of each method: take_step (train.py:194)
@@ -92,8 +92,8 @@ class Config:
     tau: float = flag(0.2, "DiZO τ: ratio clipped to [1-τ, 1+τ]")
     phase_dev: int = flag(256, "DiZO: dev examples scored before and after each phase (telemetry; 0: off)")
     anchor_device: str | None = flag(None, "DiZO: where θ0 lives, e.g. cpu to keep it off the GPU", str)
-    trained: str | None = flag(None, "what every method (fo too) trains: all, or no_embed (the token embedding and a "
-                                     "head tied to it frozen, as released); builtin no_embed, real all", str)
+    trained: str | None = flag(None, "what every method trains (--lora: the adapters): all (real models), or no_embed "
+                                     "(the token embedding and a head tied to it frozen, as released; builtin)", str)
     lr_schedule: str | None = flag(None, "constant, or linear from lr to lr/2; builtin linear, real constant", str)
     lora: int = flag(0, "rank of PEFT LoRA adapters on the attention (0: fine-tune the weights themselves)")
     lora_alpha: float = flag(16.0, "LoRA scale alpha (the update is alpha/rank · BA)")
@@ -176,7 +176,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
         fo    torch.optim.AdamW, no weight decay
         zo    ZOSGD (dizo.py)
         dizo  DiZO (dizo.py): every κ steps it projects the matrices of dizo_roles (config.py:61), found by
-              projected_params (dizo.py:366): K, V, or with --lora the roles' LoRA factors (PEFT's Q, V). By default
+              projected_params (dizo.py:366): K, V, or with --lora the adapted roles' LoRA factors. By default
               HeldOutDiZO (train.py:429), adding each phase's dev loss before and after (--phase_dev examples)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
@@ -267,7 +267,7 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     parts = {"optimizer": opt, "schedule": schedule, "batches": batches, "search_batches": search_batches}
     run = new_run(method, model, setup, cfg, folder, opt, batch_loss, parts)  # parts: what a checkpoint holds
     if saved is not None:  # --resume: put back the checkpoint's optimizer (DiZO: its θ0), schedule, data orders, RNGs
-        run.restore(saved)  # and results (less a signal's entry, which has no dev numbers)
+        run.restore(saved)  # and results (without a signal's entry: it has no dev numbers)
     else:  # before training: zero-shot test accuracy, dev accuracy and loss
         run.begin(evaluate(model, setup, "test")[0], evaluate(model, setup, "dev"))
     model.train(method == "fo")  # dropout as in ordinary fine-tuning; ZO in eval mode, as MeZO's and DiZO's code
@@ -278,12 +278,12 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #   (--lora: the adapters), the tokenizer and trainer_state.pt (`parts`, DiZO's θ0 in the optimizer's state, the
     #   RNGs, the result so far); then results.json.
     # - Ctrl-C, SIGTERM or SIGHUP: Stop (runs.py:485) sets a flag; the step finishes; an entry (between evaluations,
-    #   without dev numbers) and a checkpoint are written; the loop breaks; main exits 128 + the signal. A second
-    #   Ctrl-C exits at once.
+    #   without dev numbers) and a checkpoint are written; the loop breaks; train_all returns 128 + the signal, the
+    #   exit code. A second Ctrl-C raises KeyboardInterrupt: the run stops at once, with no new checkpoint.
     # - --resume, in order: 1. main refuses changed flags, data, model or process count (check_out_dir (runs.py:140),
-    #   open_folder). 2. train_all skips finished methods; load_checkpoint (runs.py:107) loads the weights (none yet:
-    #   the method starts anew). 3. Here Run.restore (runs.py:301) puts back the rest, DiZO's saved θ0 over the one
-    #   make_optimizer took. 4. The loop goes on after the saved step.
+    #   open_folder). 2. train_all skips finished methods (a diverged one: exit 1); load_checkpoint (runs.py:107) loads
+    #   the weights (none yet: the method starts anew). 3. Here Run.restore (runs.py:301) puts back the rest, DiZO's
+    #   saved θ0 over the one make_optimizer took. 4. The loop goes on after the saved step.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:334)
         idx = batches.next()  # one mini-batch: every pass of the ZO step sees it (a phase draws its own)
         try:
@@ -428,7 +428,7 @@ def prepare(cfg):
 
 class HeldOutDiZO(DiZO):
     """DiZO that also measures each phase on held-out data: held_out(), the loss on the first --phase_dev dev examples,
-    before and after it (last_phase's dev_loss_before/after). Not training: not counted, their time in held_out_s."""
+    before and after it (last_phase's dev_loss_before/after); not training passes, not counted; timed in held_out_s."""
 
     def __init__(self, *args, held_out, **kwargs):
         super().__init__(*args, **kwargs)
