@@ -287,41 +287,40 @@ class DiZO(ZOSGD):
 
     @torch.no_grad()
     def project(self, next_closure):
-        """One projection phase (§3): M iterations of clipped SPSA on the ratios r_l = γ_l / s_l, then θ_l <- θ0_l +
-        r_l Δ_l for good; a phase that fails is undone exactly. The released code searches γ_l; divided by s_l, its
-        trial γ_l ± ε_γ u_l is r_l ± δ_l (δ_l = ε_γ u_l / s_l, |δ_l| <= τ: trials reach 1 ± 2τ, the accepted r_l stays
-        in [1 - τ, 1 + τ]) and its step the one below. next_closure() gives iteration i's closure, on batch B_i, for ℓ±;
-        B_1 also gives loss_before and loss_after (`last_phase`): 2M + 2 forward passes (the released code's 2M)."""
+        """One projection phase (§3), as the released code runs it: M iterations of SPSA on the distances γ_l, each
+        kept in [(1 - τ) s_l, (1 + τ) s_l], then θ_l <- θ0_l + (γ_l / s_l) Δ_l for good; a phase that fails is undone
+        exactly. next_closure() gives iteration i's closure, on batch B_i, for ℓ±; B_1 also gives loss_before and
+        loss_after (`last_phase`): 2M + 2 forward passes (the released code's 2M)."""
         start = [m.detach().to(a.device, copy=True) for m, a in zip(self.matrices, self.anchors)]  # θ_start
         s = self.distances()                      # s_l = ||θ_l - θ0_l||, fixed for the phase (trials start at θ_start)
-        r = torch.ones_like(s)                    # re-initialisation: γ_l = s_l, r_l = 1, the identity
-        moving = s > 0                            # a matrix that has not moved has no direction to rescale
+        gamma = s.clone()                         # re-initialisation: γ_l = s_l, the identity
+
+        def ratio(g):  # r_l = γ_l / s_l; 1 for a matrix that has not moved (s_l = 0: no direction to rescale)
+            return torch.where(s > 0, g / s.where(s > 0, 1.0), 1.0)
         try:
             first = next_closure()  # every pass of the phase draws the same dropout masks (the RNG is forked)
             loss_before = self._forked(first, "the loss before the projection phase")
             for it in range(self.proj_iters):
                 closure, where = first if it == 0 else next_closure(), f"γ-search iteration {it + 1}"
-                # u_l ~ N(0, 1), clipped to ±bound_l, bound_l = τ s_l / ε_γ
+                # u_l ~ N(0, 1), clipped to ±τ s_l / ε_γ: a trial γ_l ± ε_γ u_l is within τ s_l of γ_l
                 bound = self.tau / self.proj_eps * s
                 u = torch.randn(len(s), generator=self._u_gen, dtype=torch.float64).clamp(-bound, bound)
-                # δ_l = ε_γ u_l / s_l: the trial γ_l ± ε_γ u_l as a ratio r_l ± δ_l
-                delta = torch.where(moving, self.proj_eps * u / s.where(moving, 1.0), 0.0)
-                self._set_ratios(r + delta, start)
-                loss_plus = self._forked(closure, where)         # ℓ+ = L(θ0 + (r + δ) Δ)
-                self._set_ratios(r - delta, start)
-                loss_minus = self._forked(closure, where)        # ℓ- = L(θ0 + (r - δ) Δ)
+                self._set_ratios(ratio(gamma + self.proj_eps * u), start)
+                loss_plus = self._forked(closure, where)         # ℓ+ = L(θ0 + ((γ + ε_γ u) / s) Δ)
+                self._set_ratios(ratio(gamma - self.proj_eps * u), start)
+                loss_minus = self._forked(closure, where)        # ℓ- = L(θ0 + ((γ - ε_γ u) / s) Δ)
                 g_hat = (loss_plus - loss_minus) / (2 * self.proj_eps)  # ĝ = (ℓ+ - ℓ-) / (2 ε_γ)
-                # r_l <- clip(r_l - η_γ ĝ u_l, 1 - τ, 1 + τ): released γ_l <- clip(γ_l - η_γ s_l ĝ u_l, ...), over s_l
-                r = (r - self.proj_lr * g_hat * u).clamp(1 - self.tau, 1 + self.tau)
-            self._set_ratios(r, start)                   # θ_l <- θ0_l + r_l Δ_l, for good
+                # γ_l <- clip(γ_l - η_γ s_l ĝ u_l, (1 - τ) s_l, (1 + τ) s_l): the released step (s_l in it)
+                gamma = torch.clamp(gamma - self.proj_lr * s * g_hat * u, (1 - self.tau) * s, (1 + self.tau) * s)
+            self._set_ratios(ratio(gamma), start)        # θ_l <- θ0_l + (γ_l / s_l) Δ_l, for good
             loss_after = self._forked(first, "the loss after the projection phase")
         except BaseException as error:
             self._set_ratios(torch.ones_like(s), start)
             error.add_note(f"the projection phase after ZO step {self.steps_done} failed; the projected matrices "
                            f"were put back exactly (the step's ZO update stays)")
             raise
-        self.ratios, self.gammas = r, r * s                       # γ_l = r_l s_l
-        self.last_phase = {"step": self.steps_done, "ratios": r.tolist(), "distances": s.tolist(),
+        self.ratios, self.gammas = ratio(gamma), gamma
+        self.last_phase = {"step": self.steps_done, "ratios": self.ratios.tolist(), "distances": s.tolist(),
                            "loss_before": loss_before, "loss_after": loss_after}
 
     def state_dict(self):  # ZOSGD's, the anchors (no pretrained model needed), the u generator, r, γ, batches drawn

@@ -1586,8 +1586,9 @@ def test_a_step_calls_the_closure_2q_times_each_pair_from_one_rng_state():
 
 
 def test_trial_ratios_reach_1_plus_2tau_while_the_accepted_ratio_stays_within_1_plus_tau():
-    """project()'s algebra: |δ_l| = ε_γ |u_l| / s_l <= τ, so from an accepted r_l at 1 + τ a trial reaches
-    1 + 2τ. A matrix that moved s = 0.01 (u's clip binds: |δ| = τ) and a loss that wants r = 3."""
+    """project()'s algebra: |ε_γ u_l| <= τ s_l, so a trial γ_l ± ε_γ u_l is within τ of the ratio r_l = γ_l / s_l,
+    and from an accepted r_l at 1 + τ it reaches 1 + 2τ. A matrix that moved s = 0.01 (u's clip binds) and a loss
+    that wants r = 3."""
     anchor = torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     direction = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     direction *= 0.01 / direction.norm()
