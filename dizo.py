@@ -12,7 +12,7 @@ Equation map (the DiZO paper's sections)                                      wh
   s_l = ||θ_l - θ0_l||_F, the layer-wise divergence                             DiZO.distances    §2.2
   θ_l <- θ0_l + (γ_l / s_l)(θ_l - θ0_l) = θ0_l + r_l Δ_l                         DiZO._set_ratios  §3
   a phase after every κ-th ZO step (released: in zo_update)                     DiZO.step         §3
-  M iterations of SPSA on γ, batches from _search_closure; r_l in [1-τ, 1+τ]    DiZO.project      §3
+  M SPSA steps on γ, batches: search_data or the step's; r_l in [1-τ, 1+τ]    DiZO.project      §3
   which matrices: attention K and V (or their LoRA factors)                     projected_params  trainer.py
 Tests check the rows against references (pytest -k NAME): test_fused_step_equals_the_four_pass_reference (MeZO),
 test_q_queries_follow_the_direct_computation, test_the_projection_phase_follows_the_released_gamma_search (a port).
@@ -21,7 +21,7 @@ Usage (ZOSGD: the same without the matrices, search_data and search_loss); the c
     opt = DiZO(model.parameters(), projected_params(model), lr=1e-6, search_data=batches, search_loss=loss_fn)
     for batch in loader: loss = opt.step(lambda: loss_fn(batch))   # two forward passes; loss: L(θ + εz), not L(θ)
 
-Check a step by hand (q = 1, no weight decay, model.eval(): dropout would give the two calls other masks): with seed,
+Check a step by hand (q = 1, no weight decay, model.eval(): unlike step(), this does not replay dropout): with seed,
 lr, eps the optimizer's, params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad] (the
 trained tensors), from the θ the FIRST opt.step(closure) starts from, this gives that step's g and θ, to rounding:
 
@@ -290,7 +290,8 @@ class DiZO(ZOSGD):
         """One projection phase (§3), as the released code runs it: M iterations of SPSA on the distances γ_l, each
         kept in [(1 - τ) s_l, (1 + τ) s_l], then θ_l <- θ0_l + (γ_l / s_l) Δ_l for good; a phase that fails is undone
         exactly. next_closure() gives iteration i's closure, on batch B_i, for ℓ±; B_1 also gives loss_before and
-        loss_after (`last_phase`): 2M + 2 forward passes (the released code's 2M)."""
+        loss_after (`last_phase`): 2M + 2 forward passes (the released code's 2M). Each trial is set from θ_start, a
+        copy of the matrices, where the released code undoes the last one: θ the same to rounding, one more copy."""
         start = [m.detach().to(a.device, copy=True) for m, a in zip(self.matrices, self.anchors)]  # θ_start
         s = self.distances()                      # s_l = ||θ_l - θ0_l||, fixed for the phase (trials start at θ_start)
         gamma = s.clone()                         # re-initialisation: γ_l = s_l, the identity

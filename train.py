@@ -176,7 +176,7 @@ def make_optimizer(method, model, setup, cfg, batch_loss, search_batches):
         fo    torch.optim.AdamW, no weight decay
         zo    ZOSGD (dizo.py)
         dizo  DiZO (dizo.py): every κ steps it projects the matrices of dizo_roles (config.py:61), found by
-              projected_params (dizo.py:365): K, V, or with --lora the adapted roles' LoRA factors. By default
+              projected_params (dizo.py:366): K, V, or with --lora the adapted roles' LoRA factors. By default
               HeldOutDiZO (train.py:429), adding each phase's dev loss before and after (--phase_dev examples)."""
     params = trained_parameters(model, cfg)
     if method == "fo":
