@@ -7,7 +7,7 @@ One training step of each method (take_step), L(θ) being a mini-batch's loss, o
     fo    loss = L(θ); loss.backward(); AdamW step                                           1 forward, 1 backward
     zo    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  2 forward passes
     dizo  the zo step; then every κ steps (--interval) a projection phase                      + 2M + 2 per phase
-The phase moves each attention K and V matrix (--lora: the adapted ones' factors, PEFT's Q, V) along its drift from
+The phase moves each attention K and V matrix (--lora: each adapter's factors) along its drift from
 θ0, the weights before training: θ_l <- θ0_l + r_l(θ_l - θ0_l), one ratio r_l in [1 - τ, 1 + τ] per matrix, found by
 a zeroth-order search, the "γ search" (γ_l = r_l‖θ_l - θ0_l‖): M = --proj_iters steps of 2 passes, and 2 passes to log
 the loss before and after. --queries q averages q directions (2q passes); --grad_accum's micro-batches: one pass.
@@ -92,8 +92,8 @@ class Config:
     tau: float = flag(0.2, "DiZO τ: ratio clipped to [1-τ, 1+τ]")
     phase_dev: int = flag(256, "DiZO: dev examples scored before and after each phase (telemetry; 0: off)")
     anchor_device: str | None = flag(None, "DiZO: where θ0 lives, e.g. cpu to keep it off the GPU", str)
-    trained: str | None = flag(None, "what every method trains (--lora: the adapters): all (real models), or no_embed "
-                                     "(the token embedding and a head tied to it frozen, as released; builtin)", str)
+    trained: str | None = flag(None, "what every method trains (--lora: the adapters): all (real models' default), or "
+                                     "no_embed (the token embedding and a head tied to it frozen, as released; builtin's)", str)
     lr_schedule: str | None = flag(None, "constant, or linear from lr to lr/2; builtin linear, real constant", str)
     lora: int = flag(0, "rank of PEFT LoRA adapters on the attention (0: fine-tune the weights themselves)")
     lora_alpha: float = flag(16.0, "LoRA scale alpha (the update is alpha/rank · BA)")
