@@ -92,8 +92,8 @@ class Config:
     tau: float = flag(0.2, "DiZO τ: ratio clipped to [1-τ, 1+τ]")
     phase_dev: int = flag(256, "DiZO: dev examples scored before and after each phase (telemetry; 0: off)")
     anchor_device: str | None = flag(None, "DiZO: where θ0 lives, e.g. cpu to keep it off the GPU", str)
-    trained: str | None = flag(None, "what every method trains (--lora: the adapters): all (real models' default), or "
-                                     "no_embed (the token embedding and a head tied to it frozen, as released; builtin's)", str)
+    trained: str | None = flag(None, "what every method trains (--lora: the adapters): all (real default), or no_embed "
+                                     "(the token embedding and a head tied to it frozen, as released; builtin)", str)
     lr_schedule: str | None = flag(None, "constant, or linear from lr to lr/2; builtin linear, real constant", str)
     lora: int = flag(0, "rank of PEFT LoRA adapters on the attention (0: fine-tune the weights themselves)")
     lora_alpha: float = flag(16.0, "LoRA scale alpha (the update is alpha/rank · BA)")
