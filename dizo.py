@@ -63,7 +63,7 @@ def _wide(t):  # the dtype in which a difference of two values of t's dtype keep
 
 
 class ZOSGD(torch.optim.Optimizer):
-    """ZO-SGD with MeZO's seed replay: two forward passes per step (2q with q queries), no gradient, no state.
+    """ZO-SGD with MeZO's seed replay: two forward passes a step (2q with q queries), no gradient, no per-weight state.
     step(closure) calls the closure (one scalar loss, under torch.no_grad()) 2q times, each ± pair from one global RNG
     state (dropout masks agree); returns ℓ+ = L(θ + εz) of the first query, not L(θ); an error says if θ was put back.
 
@@ -203,8 +203,8 @@ class DiZO(ZOSGD):
     """ZO-SGD plus DiZO's projection (§3): every κ ZO steps, each projected matrix's distance from its anchor θ0 is
     rescaled by a searched ratio r_l = γ_l / s_l:
         θ_l <- θ0_l + r_l Δ_l,   Δ_l = θ_l - θ0_l,   s_l = ||Δ_l||_F,   r_l in [1 - τ, 1 + τ]
-    θ0: the projected matrices as the first step finds them (after a checkpoint is loaded: its matrices), copied at
-    construction and again at the first step unless a project() ran before it; a resume keeps its saved θ0.
+    θ0: the projected matrices as the first step finds them (copied at construction, and again at the first step
+    unless a project() ran before it); load_state_dict() puts back a saved θ0 instead.
 
     Arguments beyond ZOSGD's (defaults: Skilteee/DiZO's large_models/trainer.py and README):
         projected     the matrices, as projected_params(model) gives: trained parameters or views (re-taken at use).

@@ -19,7 +19,7 @@ It reads top to bottom: Config, the model, the methods, the loss, the loop, main
                   HeldOutDiZO.project (train.py:443) wraps it to also score dev data (not counted as training passes)
   optimizers      make_optimizer (train.py:174); what each method trains: trained_parameters (train.py:162)
   a batch's loss  TrainLoss (train.py:213) -> PromptLoss.loss (data.py:384); a forward: PromptLoss.scores (data.py:361)
-  evaluation      evaluate (train.py:233); what is recorded: Run.record (runs.py:359)
+  evaluation      evaluate (train.py:233); what is recorded: new_run (train.py:309), Run.record (runs.py:359)
   the run folder  the comment above the loop; a checkpoint: Run.checkpoint (runs.py:371); Ctrl-C: Stop (runs.py:485);
                   --resume: check_out_dir (runs.py:140), load_checkpoint (runs.py:107), Run.restore (runs.py:301)
 Elsewhere: runs.py the run folder, data.py data and models, config.py flags and their checks, plots.py figures.
@@ -211,9 +211,9 @@ def take_step(method, opt, closure, step):
 #   F.cross_entropy(model(**prompts).logits[:, -1, word_ids], labels)     (a softmax over the label words alone)
 
 class TrainLoss:
-    """The loss of a training mini-batch (indices into `enc`, the training split): one forward pass, the unit of cost,
-    counted in `calls`; with backward=True (FO) also backpropagated. Under torchrun or --grad_accum the batch is split
-    (split_loss (runs.py:466): this rank's share, in micro-batches, a backward each), still the batch's mean loss."""
+    """A training mini-batch's loss (indices into `enc`, the training split): one forward pass, the unit of cost,
+    counted in `calls` (one call however the batch is split); with backward=True (FO) also backpropagated. Under
+    torchrun or --grad_accum, split_loss (runs.py:466) takes this rank's share, a backward per micro-batch."""
 
     def __init__(self, loss_fn, enc, model, micro=1, backward=False):
         self.loss_fn, self.enc, self.model, self.micro, self.backward = loss_fn, enc, model, micro, backward
