@@ -282,8 +282,8 @@ def train_method(method, model, setup, cfg, folder, saved=None):
     #   exit code. A second Ctrl-C raises KeyboardInterrupt: the run stops at once, with no new checkpoint.
     # - --resume, in order: 1. main refuses changed flags, data, model or process count (check_out_dir (runs.py:140),
     #   open_folder). 2. train_all skips finished methods (a diverged one: exit 1); load_checkpoint (runs.py:107) loads
-    #   the weights (none yet: the method starts anew). 3. Here Run.restore (runs.py:301) puts back the rest, DiZO's
-    #   saved θ0 over the one make_optimizer took. 4. The loop goes on after the saved step.
+    #   the weights (none yet: the method starts anew). 3. Here Run.restore (runs.py:301) puts back the rest; DiZO's
+    #   saved θ0 replaces make_optimizer's in DiZO.load_state_dict (dizo.py:332). 4. The loop goes on after that step.
     for step in run.steps(steps):  # 1..steps, or from the restored step + 1; Run.steps (runs.py:334)
         idx = batches.next()  # one mini-batch: every pass of the ZO step sees it (a phase draws its own)
         try:
