@@ -12,7 +12,7 @@ Equation map (the DiZO paper's sections)                                      wh
   s_l = ||θ_l - θ0_l||_F, the layer-wise divergence                             DiZO.distances    §2.2
   θ_l <- θ0_l + (γ_l / s_l)(θ_l - θ0_l) = θ0_l + r_l Δ_l                         DiZO._set_ratios  §3
   a phase after every κ-th ZO step (released: in zo_update)                     DiZO.step         §3
-  M SPSA steps on γ, batches: search_data or the step's; r_l in [1-τ, 1+τ]    DiZO.project      §3
+  M SPSA steps on γ, batches: search_data or the step's; r_l in [1-τ, 1+τ]      DiZO.project      §3
   which matrices: attention K and V (or their LoRA factors)                     projected_params  trainer.py
 Tests check the rows against references (pytest -k NAME): test_fused_step_equals_the_four_pass_reference (MeZO),
 test_q_queries_follow_the_direct_computation, test_the_projection_phase_follows_the_released_gamma_search (a port).
