@@ -7,10 +7,10 @@ One training step of each method (take_step), L(θ) being a mini-batch's loss, o
     fo    loss = L(θ); loss.backward(); AdamW step                                           1 forward, 1 backward
     zo    z ~ N(0, I) (or ±1) from a fresh seed; g = (L(θ + εz) - L(θ - εz)) / 2ε; θ -= lr·g·z  2 forward passes
     dizo  the zo step; then every κ steps (--interval) a projection phase                      + 2M + 2 per phase
-The phase moves each attention K and V matrix (--lora: each adapter's factors) along its drift from
-θ0, the weights before training: θ_l <- θ0_l + r_l(θ_l - θ0_l), one ratio r_l in [1 - τ, 1 + τ] per matrix, found by
-a zeroth-order search, the "γ search" (γ_l = r_l‖θ_l - θ0_l‖): M = --proj_iters steps of 2 passes, and 2 passes to log
-the loss before and after. --queries q averages q directions (2q passes); --grad_accum's micro-batches: one pass.
+A phase moves each attention K and V matrix (--lora: each adapter's factors) along its drift from θ0, the weights before
+training: θ_l <- θ0_l + r_l(θ_l - θ0_l), with one ratio r_l in [1 - τ, 1 + τ] per matrix. A zeroth-order search, the
+"γ search" (γ_l = r_l‖θ_l - θ0_l‖), picks the ratios in M = --proj_iters steps of 2 passes; 2 more passes log the loss
+before and after. --queries q averages q directions (2q passes); --grad_accum's micro-batches count as one pass.
 
 It reads top to bottom: Config, the model, the methods, the loss, the loop, main, main's helpers. Where to look:
   the loop        train_method (train.py:249), its `for step`; one step of each method: take_step (train.py:194)
