@@ -267,8 +267,8 @@ def run_train(assets, out, *extra, kind="causal"):
     return train.main(args)
 
 
-@pytest.mark.parametrize("kind", ["causal", "masked"])
-def test_train_runs_every_method_and_writes_results(assets, tmp_path, kind, figures):
+@pytest.mark.parametrize("kind, draws", [("causal", True), ("masked", False)])  # the figures: the same for both
+def test_train_runs_every_method_and_writes_results(assets, tmp_path, kind, draws):
     assert run_train(assets, tmp_path / "out", "--method", "all", "--steps", "3", "--eval_every", "2",
                      "--save", kind=kind) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -283,7 +283,7 @@ def test_train_runs_every_method_and_writes_results(assets, tmp_path, kind, figu
         assert all(0 <= r[k] <= 1 for k in ("zero_shot_acc", "best_dev_acc", "test_acc"))
     passes = {m: r["forward_passes"] for m, r in results["methods"].items()}
     assert passes == {"fo": 3, "zo": 6, "dizo": 6 + 2 * 2 + 2}  # one projection phase (κ = 2) of M = 2, + 2
-    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+    assert not draws or (tmp_path / "out" / "curves.png").stat().st_size > 1000
     cls = OPTForCausalLM if kind == "causal" else RobertaForMaskedLM
     saved = cls.from_pretrained(tmp_path / "out" / "model" / "dizo").eval()  # --save wrote a loadable model
     task = data.get_task("sst-2")  # the final dev loss: the training loss of the saved model on the whole split
@@ -631,9 +631,9 @@ def test_existing_run_is_not_overwritten_without_overwrite(assets, tmp_path, cap
     assert json.loads((out / "results.json").read_text())["methods"]["zo"]["steps"] == 2
 
 
-@pytest.mark.parametrize("method", ["zo", "fo"])
+@pytest.mark.parametrize("method, draws", [("zo", True), ("fo", False)])  # the figures: the same for both
 def test_non_finite_loss_stops_with_diverged_results_and_keeps_checkpoint(assets, tmp_path, capsys, monkeypatch,
-                                                                          method, figures):
+                                                                          method, draws):
     original = data.PromptLoss.loss
     calls = {"n": 0}
 
@@ -652,7 +652,7 @@ def test_non_finite_loss_stops_with_diverged_results_and_keeps_checkpoint(assets
     assert r["status"] == "diverged" and "non-finite loss" in r["error"]
     state = torch.load(out / "checkpoints" / method / "trainer_state.pt", weights_only=True)
     assert state["result"]["steps"] == (4 if method == "fo" else 2)  # the last step before the NaN
-    assert (out / "curves.png").stat().st_size > 1000  # drawn up to the last finite step
+    assert not draws or (out / "curves.png").stat().st_size > 1000  # drawn up to the last finite step
 
 
 def interrupt_at_call(monkeypatch, n):
