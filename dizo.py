@@ -21,9 +21,9 @@ Usage (ZOSGD: the same without the matrices, search_data and search_loss); the c
     opt = DiZO(model.parameters(), projected_params(model), lr=1e-6, search_data=batches, search_loss=loss_fn)
     for batch in loader: loss = opt.step(lambda: loss_fn(batch))   # two forward passes; loss: L(θ + εz), not L(θ)
 
-Check a step by hand (q = 1, no weight decay, model.eval(): unlike step(), this does not replay dropout): with seed,
-lr, eps the optimizer's, params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad] (the
-trained tensors), from the θ the FIRST opt.step(closure) starts from, this gives that step's g and θ, to rounding:
+Check a step by hand. With q = 1, no weight decay, model.eval() (this loop does not replay dropout as step() does),
+the optimizer's seed, lr and eps, and params = [p for group in opt.param_groups for p in group["params"] if
+p.requires_grad] (the trained tensors), from the same θ the loop gives the FIRST opt.step's g and θ, to rounding:
 
     step_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
     def perturb(alpha):                                    # θ <- θ + alpha z, one generator per device
