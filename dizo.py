@@ -1,6 +1,6 @@
 """Zeroth-order fine-tuning: ZO-SGD with seed replay (MeZO) and DiZO's layer-wise divergence projection.
 
-Torch only: copy it into any project. Read it beside the papers and released code (the README: where it departs):
+Torch only: copy it into any project. Read it beside the papers and the released code (the README lists departures):
   MeZO  Malladi et al., arXiv 2305.17333; princeton-nlp/MeZO, large_models/trainer.py.
   DiZO  Tan et al., "Harmony in Divergence", arXiv 2502.03304 (NeurIPS 2025); Skilteee/DiZO (b05e73d), the same file:
         zo_step, zo_update (eq. (1), (2)), dizo_trainer.dizo_zo_iters (a phase), DiZO.zo_forward (a γ-search step).
@@ -123,7 +123,7 @@ class ZOSGD(torch.optim.Optimizer):
         for i, (_, p, z) in enumerate(self._zs(seed)):
             self._cut = (seed, alpha, i + 1)  # counted first: a Ctrl-C during add_ is raised as it returns, p moved
             p.add_(z, alpha=alpha)
-        self._cut, self._offsets[seed] = None, self._offsets.get(seed, 0.0) + alpha  # θ_step + Σ offset·z, in queries
+        self._cut, self._offsets[seed] = None, self._offsets.get(seed, 0.0) + alpha  # θ is now θ_step + Σ offset·z
 
     def _query(self, closure, seed, eps, back):
         """ℓ± = L(θ ± εz), z of `seed`; returns g (eq. (1)) and ℓ+; leaves θ - εz (back: θ; failing: see _put_back)."""
@@ -166,7 +166,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.projected_grads, self.projected_grad = list(grads), sum(grads) / q
         return losses[0]  # ℓ+ of the first query
 
-    def step(self, closure=None):  # torch.optim wraps `step` in its hooks; DiZO.step calls _zo_step: they run once
+    def step(self, closure=None):  # torch.optim wraps `step` in hooks; DiZO.step calls _zo_step, so hooks run once
         return self._zo_step(closure)
 
     def state_dict(self):  # torch.optim's (the groups' settings), the step count and the seed generator
